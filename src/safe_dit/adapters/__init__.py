@@ -1,0 +1,4 @@
+"""Backbone adapters, registered by model class. Importing this package registers them."""
+
+from .base import Adapter, Handle, Runtime, adapter_for, supported_classes  # noqa: F401
+from . import lumina_next  # noqa: F401  (registers the Lumina-Next adapter)

@@ -1,0 +1,119 @@
+"""Backbone adapter contract and registry (by model class)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..config import SafeConfig, SafeDitError
+from ..masks import KeyPaddingPlan, MaskDecision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardState:
+    """Per-forward scratch state: lives from the model's forward pre-hook to its post-hook."""
+
+    certified: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
+    decisions: dict[int, tuple[torch.Tensor, MaskDecision]] = field(default_factory=dict)
+
+    def certify(self, mask: torch.Tensor, why: str) -> None:
+        """Record that ``mask`` (this very tensor object) is all-valid by construction."""
+        self.certified[id(mask)] = (mask, why)
+
+    def certification(self, mask: torch.Tensor) -> str | None:
+        hit = self.certified.get(id(mask))
+        return hit[1] if hit is not None and hit[0] is mask else None
+
+    def key_padding_decision(self, mask: torch.Tensor, rewrite: bool) -> MaskDecision:
+        """Decide once per forward for a compact key-padding mask [B, Lk] of unknown origin."""
+        hit = self.decisions.get(id(mask))
+        if hit is not None and hit[0] is mask:
+            return hit[1]
+        decision = decide_key_padding(mask, rewrite)
+        self.decisions[id(mask)] = (mask, decision)
+        return decision
+
+
+def decide_key_padding(mask: torch.Tensor, rewrite: bool) -> MaskDecision:
+    plan = KeyPaddingPlan.from_key_mask(mask)
+    if plan is None:
+        return MaskDecision("kept: semantic (a sample has no valid key)")
+    if plan.elide:
+        return MaskDecision("elided: all-valid (by value, once per forward)", plan)
+    if not rewrite:
+        return MaskDecision("kept: padding")
+    return MaskDecision(plan.verdict + " (exact)", plan)
+
+
+class Runtime:
+    """What a patched model carries: its config, its per-forward state, an optional trace."""
+
+    def __init__(self, config: SafeConfig):
+        self.config = config
+        self.state: ForwardState | None = None
+        # Set to a list by `safe_dit.audit` to collect (module name, verdict) per attention call.
+        self.trace: list[tuple[str, str]] | None = None
+
+    def begin(self, *_args, **_kwargs) -> None:
+        self.state = ForwardState()
+
+    def end(self, *_args, **_kwargs) -> None:
+        self.state = None
+
+    def record(self, name: str, verdict: str) -> None:
+        if self.trace is not None:
+            self.trace.append((name, verdict))
+
+
+class Handle:
+    """Undo log for one applied model: restores processors and removes hooks."""
+
+    def __init__(self, config: SafeConfig, runtime: Runtime, adapter_name: str):
+        self.config = config
+        self.runtime = runtime
+        self.adapter_name = adapter_name
+        self._undo: list[Callable[[], None]] = []
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+class Adapter:
+    """One backbone: knows its blocks, its masks' provenance and how its pipeline runs."""
+
+    name: str = "base"
+    model_classes: tuple[type, ...] = ()
+
+    def attach(self, model: torch.nn.Module, config: SafeConfig) -> Handle:  # pragma: no cover
+        raise NotImplementedError
+
+
+_REGISTRY: list[Adapter] = []
+
+
+def register(adapter: Adapter) -> Adapter:
+    _REGISTRY.append(adapter)
+    return adapter
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    for adapter in _REGISTRY:
+        if isinstance(model, adapter.model_classes):
+            return adapter
+    supported = ", ".join(c.__name__ for a in _REGISTRY for c in a.model_classes) or "none"
+    raise SafeDitError(
+        f"safe-dit has no adapter for {type(model).__name__}; supported model classes: {supported}"
+    )
+
+
+def supported_classes() -> list[str]:
+    return [c.__name__ for a in _REGISTRY for c in a.model_classes]

@@ -1,0 +1,172 @@
+"""Lumina-Next adapter (diffusers ``LuminaNextDiT2DModel``).
+
+Mask provenance in the stock model: ``LuminaPatchEmbed.forward`` returns ``torch.ones(B, N)``
+as the image mask (every patch of a same-size batch is valid) and the stock model forward hands
+that very tensor to every block's self-attention, whose processor expands it to [B, H, N, N].
+The adapter certifies that tensor object as it leaves the patch embedder; the self-attention
+processor drops it by identity, without reading values. Caption padding (``encoder_mask``)
+reaches cross-attention: it is semantic and is either kept or rewritten exactly (gather the
+valid caption tokens, split the CFG batch by caption length), decided once per forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
+from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
+
+from ..config import SafeConfig
+from ..masks import sdpa_with_plan
+from .base import Adapter, ForwardState, Handle, Runtime, register
+
+logger = logging.getLogger(__name__)
+
+CERTIFIED_BY = "certified: LuminaPatchEmbed builds it all-valid"
+
+
+class SafeLuminaAttnProcessor:
+    """Drop-in for diffusers' ``LuminaAttnProcessor2_0`` that never hands SDPA a redundant mask.
+
+    Same projections, QK-norm, RoPE, GQA and proportional-attention scale as the stock
+    processor; only the mask handling differs.
+    """
+
+    def __init__(self, runtime: Runtime, name: str, rewrite_padding: bool):
+        self.runtime = runtime
+        self.name = name
+        self.rewrite_padding = rewrite_padding
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        query_rotary_emb: torch.Tensor | None = None,
+        key_rotary_emb: torch.Tensor | None = None,
+        base_sequence_length: int | None = None,
+    ) -> torch.Tensor:
+        if hidden_states.ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape  # [B, Lq, D]
+
+        query = attn.to_q(hidden_states)  # [B, Lq, H*d]
+        key = attn.to_k(encoder_hidden_states)  # [B, Lk, Hkv*d]
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = query.shape[-1] // attn.heads
+        kv_heads = key.shape[-1] // head_dim
+        dtype = query.dtype
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = query.view(batch, -1, attn.heads, head_dim)  # [B, Lq, H, d]
+        key = key.view(batch, -1, kv_heads, head_dim)  # [B, Lk, Hkv, d]
+        value = value.view(batch, -1, kv_heads, head_dim)
+        if query_rotary_emb is not None:
+            query = apply_rotary_emb(query, query_rotary_emb, use_real=False)
+        if key_rotary_emb is not None:
+            key = apply_rotary_emb(key, key_rotary_emb, use_real=False)
+        query, key = query.to(dtype), key.to(dtype)
+
+        # Lumina's proportional attention: only self-attention (RoPE on keys) rescales.
+        if key_rotary_emb is None:
+            scale = None
+        elif base_sequence_length is not None:
+            scale = math.sqrt(math.log(seq_len, base_sequence_length)) * attn.scale
+        else:
+            scale = attn.scale
+
+        n_rep = attn.heads // kv_heads
+        if n_rep >= 1:
+            key = key.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)  # [B, Lk, H, d]
+            value = value.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, d]
+
+        out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, H, Lq, d]
+        return out.transpose(1, 2).to(dtype)  # [B, Lq, H, d]
+
+    def _attend(self, attn, query, key, value, mask, scale):
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        rt = self.runtime
+        if mask is None:
+            rt.record(self.name, "no mask")
+            return sdpa(query, key, value, scale=scale)
+        state = rt.state
+        if state is not None:
+            why = state.certification(mask)
+            if why is not None:
+                rt.record(self.name, "elided: " + why)
+                return sdpa(query, key, value, scale=scale)
+        if state is None:  # called outside a model forward: decide for this call alone
+            state = ForwardState()
+        decision = state.key_padding_decision(mask, self.rewrite_padding)
+        rt.record(self.name, decision.verdict)
+        if decision.keep:
+            b, h, lq = query.shape[:3]
+            full = mask.bool().view(b, 1, 1, -1).expand(-1, h, lq, -1)  # [B, H, Lq, Lk] as stock
+            return sdpa(query, key, value, attn_mask=full, scale=scale)
+        return sdpa_with_plan(query, key, value, decision.plan, scale)
+
+
+class LuminaNextAdapter(Adapter):
+    name = "lumina-next"
+    model_classes = (LuminaNextDiT2DModel,)
+
+    @staticmethod
+    def provenance_holds(model: LuminaNextDiT2DModel) -> bool:
+        """The stock code paths that make the image mask all-valid are the ones in use."""
+        return (
+            type(model).forward is LuminaNextDiT2DModel.forward
+            and type(model.patch_embedder).forward is LuminaPatchEmbed.forward
+            and all(type(layer).forward is LuminaNextDiTBlock.forward for layer in model.layers)
+        )
+
+    def attach(self, model: LuminaNextDiT2DModel, config: SafeConfig) -> Handle:
+        runtime = Runtime(config)
+        handle = Handle(config, runtime, self.name)
+        if not config.fast_path:
+            return handle  # dense: the stock model, untouched
+
+        handle.on_remove(_swap_processors(model, runtime, config))
+        hooks = [
+            model.register_forward_pre_hook(runtime.begin),
+            model.register_forward_hook(runtime.end, always_call=True),
+        ]
+        if self.provenance_holds(model):
+
+            def certify(_module, _inputs, outputs):
+                if runtime.state is not None:
+                    runtime.state.certify(outputs[1], CERTIFIED_BY)
+
+            hooks.append(model.patch_embedder.register_forward_hook(certify))
+        else:
+            logger.warning(
+                "%s: custom forward/patch embedder; image masks will be checked by value once per forward",
+                type(model).__name__,
+            )
+        handle.on_remove(lambda: [h.remove() for h in hooks])
+        return handle
+
+
+def _swap_processors(model, runtime: Runtime, config: SafeConfig):
+    originals = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            originals[name] = module.processor
+            module.set_processor(SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding))
+
+    def restore():
+        modules = dict(model.named_modules())
+        for name, proc in originals.items():
+            modules[name].set_processor(proc)
+
+    return restore
+
+
+register(LuminaNextAdapter())

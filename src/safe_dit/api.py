@@ -1,0 +1,65 @@
+"""apply_safe_dit / remove_safe_dit: diffusers-style entry points."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .adapters import Handle, adapter_for
+from .config import SafeConfig, SafeDitError
+
+logger = logging.getLogger(__name__)
+
+_ATTR = "_safe_dit_handle"
+
+
+def _transformer(obj) -> torch.nn.Module:
+    """Accept a pipeline (anything with ``.transformer``) or the transformer itself."""
+    model = getattr(obj, "transformer", obj)
+    if not isinstance(model, torch.nn.Module):
+        raise SafeDitError(
+            f"expected a diffusers pipeline or transformer model, got {type(obj).__name__}"
+        )
+    return model
+
+
+def apply_safe_dit(pipe_or_transformer, config: SafeConfig | None = None):
+    """Patch the model in place for ``config`` (default: ``dense-fp``) and return the input.
+
+    Idempotent: applying the same config again does nothing; another config replaces the first.
+    """
+    config = SafeConfig() if config is None else config
+    if not isinstance(config, SafeConfig):
+        raise SafeDitError(f"config must be a SafeConfig, got {type(config).__name__}")
+    model = _transformer(pipe_or_transformer)
+    current: Handle | None = getattr(model, _ATTR, None)
+    if current is not None:
+        if current.config == config:
+            return pipe_or_transformer
+        remove_safe_dit(model)
+    adapter = adapter_for(model)
+    handle = adapter.attach(model, config)
+    setattr(model, _ATTR, handle)
+    logger.info("safe-dit applied to %s (%s, mode=%s)", type(model).__name__, adapter.name, config.mode)
+    return pipe_or_transformer
+
+
+def remove_safe_dit(pipe_or_transformer):
+    """Undo :func:`apply_safe_dit` exactly (original processors, no hooks). No-op if not applied."""
+    model = _transformer(pipe_or_transformer)
+    handle: Handle | None = getattr(model, _ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(model, _ATTR)
+    return pipe_or_transformer
+
+
+def is_safe_dit_applied(pipe_or_transformer) -> bool:
+    return getattr(_transformer(pipe_or_transformer), _ATTR, None) is not None
+
+
+def runtime_of(pipe_or_transformer):
+    """The applied handle's runtime (for tracing), or None."""
+    handle = getattr(_transformer(pipe_or_transformer), _ATTR, None)
+    return None if handle is None else handle.runtime

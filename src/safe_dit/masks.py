@@ -1,0 +1,217 @@
+"""Attention masks: the exact-elision criterion and exact mask-free rewrites.
+
+Model-agnostic. Softmax is invariant to adding a constant to a whole row, so a mask whose
+every query row is one finite constant changes nothing and can be dropped. Key-padding masks
+(the same valid key set for every query of a sample) change the result, but attending to only
+the valid keys is exactly the same computation without a mask.
+
+Reading mask values is a host synchronisation: the functions here that read values are meant
+to run once per model forward on a compact mask, never per attention call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import SafeDitError
+
+
+def validate_mask(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:
+    """Check that ``mask`` is an SDPA-compatible mask for ``query``/``key`` (no value reads)."""
+    if not isinstance(mask, torch.Tensor):
+        raise SafeDitError(f"attention mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise SafeDitError(
+            f"attention mask must be bool (True = attend) or floating (additive), got {mask.dtype}"
+        )
+    b, h, lq, _ = query.shape
+    lk = key.shape[-2]
+    full = (b, h, lq, lk)
+    if mask.dim() > 4 or mask.dim() < 1:
+        raise SafeDitError(f"attention mask must have 1 to 4 dims, got shape {tuple(mask.shape)}")
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    for got, want in zip(shape, full):
+        if got not in (1, want):
+            raise SafeDitError(
+                f"attention mask of shape {tuple(mask.shape)} does not broadcast to "
+                f"[B, H, Lq, Lk] = {list(full)}"
+            )
+
+
+def _as4d(mask: torch.Tensor) -> torch.Tensor:
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def _check_nan(mask: torch.Tensor) -> None:
+    if mask.dtype.is_floating_point and bool(torch.isnan(mask).any()):
+        raise SafeDitError("attention mask contains NaN; refusing to guess what it means")
+
+
+def is_row_constant(mask: torch.Tensor) -> bool:
+    """True iff every query row of ``mask`` adds one finite constant to the logits.
+
+    A bool row qualifies only if it is all True; an all-False row turns the output into
+    NaN/undefined, which differs from the mask-free result. Reads values (host sync).
+    """
+    _check_nan(mask)
+    m = _as4d(mask)
+    if m.dtype == torch.bool:
+        return bool(m.all())
+    if not bool(torch.isfinite(m).all()):
+        return False
+    return bool((m == m[..., :1]).all())
+
+
+@dataclass(frozen=True)
+class _Group:
+    samples: torch.Tensor | None  # [G] batch indices, None = the whole batch in order
+    keys: torch.Tensor | slice  # valid key positions: a prefix slice or an index tensor [L]
+
+
+@dataclass(frozen=True)
+class KeyPaddingPlan:
+    """Exact mask-free execution of a key-padding mask.
+
+    ``groups`` partition the batch by their valid key set; each group becomes one SDPA call on
+    its valid keys only. An empty tuple means the mask is all-valid: drop it.
+    """
+
+    batch: int
+    groups: tuple[_Group, ...]
+    verdict: str  # "elided: all-valid", "rewritten: slice", "rewritten: gather", "rewritten: split-batch"
+
+    @property
+    def elide(self) -> bool:
+        return not self.groups
+
+    @staticmethod
+    def from_key_mask(valid: torch.Tensor) -> "KeyPaddingPlan | None":
+        """Plan for a compact key-padding mask ``valid`` [B, Lk] (True/nonzero = attend).
+
+        Returns None when no exact rewrite exists (a sample with no valid key). Host sync.
+        """
+        if valid.dim() != 2:
+            raise SafeDitError(f"key-padding mask must be [B, Lk], got shape {tuple(valid.shape)}")
+        if valid.dtype.is_floating_point:
+            _check_nan(valid)
+        v = valid.bool().cpu()  # [B, Lk], the one host sync
+        b, lk = v.shape
+        if bool(v.all()):
+            return KeyPaddingPlan(b, (), "elided: all-valid")
+        counts = v.sum(1)
+        if bool((counts == 0).any()):
+            return None
+        device = valid.device
+        by_pattern: dict[bytes, list[int]] = {}
+        for i in range(b):
+            by_pattern.setdefault(v[i].numpy().tobytes(), []).append(i)
+        groups = []
+        gathered = False
+        for members in by_pattern.values():
+            row = v[members[0]]
+            n = int(row.sum())
+            if bool(row[:n].all()):
+                keys: torch.Tensor | slice = slice(0, n)
+            else:
+                keys = row.nonzero().flatten().to(device)
+                gathered = True
+            samples = None if len(members) == b else torch.tensor(members, device=device)
+            groups.append(_Group(samples, keys))
+        if len(groups) > 1:
+            verdict = "rewritten: split-batch"
+        else:
+            verdict = "rewritten: gather" if gathered else "rewritten: slice"
+        return KeyPaddingPlan(b, tuple(groups), verdict)
+
+
+def key_padding_form(mask: torch.Tensor, batch: int, key_len: int) -> torch.Tensor | None:
+    """If a bool mask is the same for every head and query of a sample, return it as [B, Lk]."""
+    if mask.dtype != torch.bool:
+        return None
+    m = _as4d(mask).expand(batch, -1, -1, key_len)  # [B, h, q, Lk]
+    first = m[:, :1, :1, :]
+    if not bool((m == first).all()):
+        return None
+    return first.reshape(batch, key_len)
+
+
+def sdpa_with_plan(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    plan: KeyPaddingPlan,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Run SDPA mask-free according to ``plan``; equal to SDPA with the planned-away mask.
+
+    query [B, H, Lq, D], key/value [B, H, Lk, D] -> [B, H, Lq, Dv]. No host sync.
+    """
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if plan.elide:
+        return sdpa(query, key, value, scale=scale)
+    if len(plan.groups) == 1:
+        g = plan.groups[0]
+        return sdpa(query, _take_keys(key, g.keys), _take_keys(value, g.keys), scale=scale)
+    out = query.new_empty(query.shape[:-1] + (value.shape[-1],))  # [B, H, Lq, Dv]
+    for g in plan.groups:
+        q = query.index_select(0, g.samples)
+        k = _take_keys(key.index_select(0, g.samples), g.keys)
+        v = _take_keys(value.index_select(0, g.samples), g.keys)
+        out.index_copy_(0, g.samples, sdpa(q, k, v, scale=scale))
+    return out
+
+
+def _take_keys(t: torch.Tensor, keys: torch.Tensor | slice) -> torch.Tensor:
+    if isinstance(keys, slice):
+        return t[:, :, keys]
+    return t.index_select(2, keys)
+
+
+@dataclass(frozen=True)
+class MaskDecision:
+    """What to do with one mask: drop it, rewrite it exactly, or pass it through unchanged."""
+
+    verdict: str
+    plan: KeyPaddingPlan | None = None
+
+    @property
+    def keep(self) -> bool:
+        return self.plan is None
+
+
+def decide(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor, rewrite: bool = True) -> MaskDecision:
+    """Decide by value, for a mask of unknown origin (host sync; call once per forward)."""
+    validate_mask(mask, query, key)
+    b, lk = query.shape[0], key.shape[-2]
+    if is_row_constant(mask):
+        return MaskDecision("elided: row-constant (by value)", KeyPaddingPlan(b, (), "elided: all-valid"))
+    if rewrite:
+        kp = key_padding_form(mask, b, lk)
+        if kp is not None:
+            plan = KeyPaddingPlan.from_key_mask(kp)
+            if plan is not None:
+                return MaskDecision(plan.verdict + " (by value)", plan)
+    return MaskDecision("kept: semantic")
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    rewrite: bool = True,
+) -> torch.Tensor:
+    """SDPA that drops redundant masks and rewrites padding masks exactly (decides by value).
+
+    The standalone entry point for masks of unknown origin; model adapters decide once per
+    forward instead and call :func:`sdpa_with_plan` per layer.
+    """
+    if mask is None:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+    d = decide(mask, query, key, rewrite)
+    if d.keep:
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return sdpa_with_plan(query, key, value, d.plan, scale)

@@ -1,0 +1,78 @@
+"""Randomly initialised Lumina-Next transformers built from configs, and matching inputs.
+
+Tests and benchmarks need no hub: ``tiny`` is for unit tests, ``lumina-next-2b`` is the real
+model's attention shape (hidden 2304, 32 heads of dim 72) with as many layers as asked.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import LuminaNextDiT2DModel
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2, cross_attention_dim=32),
+    # Lumina-Next-SFT 2B: hidden 2304, 24 layers, 32 heads (head dim 72), Gemma-2B text states (2048).
+    "lumina-next-2b": dict(
+        hidden_size=2304, num_layers=24, num_attention_heads=32, num_kv_heads=8, cross_attention_dim=2048
+    ),
+}
+
+
+def build_lumina_next(
+    preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> LuminaNextDiT2DModel:
+    """A seeded random LuminaNextDiT2DModel; cross-attention gates are made nonzero so that
+    the caption path (and its padding mask) really influences the output."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = dict(sample_size=32, patch_size=2, in_channels=4, learn_sigma=True, qk_norm=True)
+    cfg.update(PRESETS[preset])
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LuminaNextDiT2DModel(**cfg)
+    with torch.no_grad():
+        model.pad_token.normal_()  # allocated with torch.empty upstream; keep it deterministic
+        for layer in model.layers:
+            layer.gate.normal_(0.0, 1.0)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def lumina_inputs(
+    model: LuminaNextDiT2DModel,
+    height_tokens: int,
+    width_tokens: int,
+    batch: int = 1,
+    text_len: int = 8,
+    valid_lens: list[int] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Keyword inputs for ``model(**inputs)``: latents [B, C, h*p, w*p], captions [B, T, Dc]
+    with a prefix padding mask (``valid_lens`` per sample, default all valid), timestep, RoPE."""
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    p = cfg.patch_size
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, cfg.in_channels, height_tokens * p, width_tokens * p, generator=g)
+    captions = torch.randn(batch, text_len, cfg.cross_attention_dim, generator=g)
+    valid_lens = valid_lens or [text_len] * batch
+    if len(valid_lens) != batch:
+        raise ValueError("valid_lens needs one length per sample")
+    mask = torch.arange(text_len)[None, :] < torch.tensor(valid_lens)[:, None]  # [B, T]
+    timestep = torch.rand(batch, generator=g)
+    rope = get_2d_rotary_pos_embed_lumina(
+        model.head_dim, max(height_tokens, 1) + 1, max(width_tokens, 1) + 1
+    )
+    return dict(
+        hidden_states=latents.to(device, dtype),
+        timestep=timestep.to(device, dtype),
+        encoder_hidden_states=captions.to(device, dtype),
+        encoder_mask=mask.to(device, torch.int64),
+        image_rotary_emb=rope.to(device),
+        cross_attention_kwargs={},
+        return_dict=False,
+    )
