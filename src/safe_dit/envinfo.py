@@ -62,3 +62,29 @@ def median_time(fn: Callable[[], object], device: str = "cpu", warmup: int = 1, 
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Peak memory allocated during one call of ``fn()`` beyond what was live before, in MiB.
+
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events,
+    replayed in time order (torch allocations only, which is what attention masks cost).
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
