@@ -19,7 +19,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
 
-from ..config import SafeConfig
+from ..config import SafeConfig, SafeDitError
 from ..masks import sdpa_with_plan
 from .base import Adapter, ForwardState, Handle, Runtime, register
 
@@ -135,6 +135,7 @@ class LuminaNextAdapter(Adapter):
 
         handle.on_remove(_swap_processors(model, runtime, config))
         hooks = [
+            model.register_forward_pre_hook(_validate_inputs, with_kwargs=True),
             model.register_forward_pre_hook(runtime.begin),
             model.register_forward_hook(runtime.end, always_call=True),
         ]
@@ -152,6 +153,23 @@ class LuminaNextAdapter(Adapter):
             )
         handle.on_remove(lambda: [h.remove() for h in hooks])
         return handle
+
+
+def _validate_inputs(_model, args, kwargs):
+    """Clear errors for caption masks the stock model would silently misread (once per forward)."""
+    names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_mask")
+    given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
+    mask, text = given.get("encoder_mask"), given.get("encoder_hidden_states")
+    if mask is None or text is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(text.shape[:2]):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise SafeDitError(f"encoder_mask must be [B, T] = {list(text.shape[:2])} like the captions, got {shape}")
+    if mask.dtype.is_floating_point and bool(torch.isnan(mask).any()):
+        raise SafeDitError("encoder_mask contains NaN; refusing to guess which caption tokens are valid")
+    if mask.dtype.is_complex:
+        raise SafeDitError(f"encoder_mask must be bool, integer or float, got {mask.dtype}")
+    return None
 
 
 def _swap_processors(model, runtime: Runtime, config: SafeConfig):

@@ -1,0 +1,249 @@
+"""Forward-pass benchmark: stock ``dense`` vs the exact fast path ``dense-fp`` on Lumina-Next.
+
+One process, one model, modes interleaved repeat by repeat (these machines are shared and
+noisy), warm-up first, medians reported, peak memory measured on a separate call. A third
+column, ``maskless-oracle``, hard-wires every attention call to SDPA with no mask and no
+decision logic at all: ``dense-fp / maskless-oracle - 1`` is the overhead of the certified fast
+path itself (the target is within noise, <= 2%).
+
+A correctness check (dense-fp vs dense, max abs error) runs before any timing is printed.
+Default model: the Lumina-Next-2B attention shape (hidden 2304, 32 heads of dim 72, 8 KV
+heads) with random weights and 2 blocks on CPU; image token counts 1024, 4096, 9216 are the
+1024², 2048², 3072² resolutions of the real model's latent grid (VAE 8, patch 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from .adapters.lumina_next import SafeLuminaAttnProcessor
+from .api import apply_safe_dit, remove_safe_dit
+from .config import SafeConfig, SafeDitError
+from .envinfo import environment, peak_memory_mb
+
+MODES = ("dense", "dense-fp", "maskless-oracle")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _OracleProcessor(SafeLuminaAttnProcessor):
+    """Every attention call is plain SDPA without a mask: the floor the fast path must meet."""
+
+    def __init__(self):
+        super().__init__(runtime=None, name="oracle", rewrite_padding=False)
+
+    def _attend(self, attn, query, key, value, mask, scale):
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+
+
+def _set_mode(model, mode: str, originals: dict) -> None:
+    remove_safe_dit(model)
+    for name, module in model.named_modules():
+        if name in originals:
+            module.set_processor(originals[name])
+    if mode == "dense-fp":
+        apply_safe_dit(model, SafeConfig("dense-fp"))
+    elif mode == "maskless-oracle":
+        for name, module in model.named_modules():
+            if name in originals:
+                module.set_processor(_OracleProcessor())
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def run_forward_bench(
+    tokens: list[int], preset: str = "lumina-next-2b", layers: int = 2, batch: int = 1,
+    dtype: str = "float32", repeats: int = 3, warmup: int = 1, device: str = "cpu", progress: bool = True,
+) -> dict:
+    from .models import build_lumina_next, lumina_inputs
+
+    torch_dtype = DTYPES[dtype]
+    model = build_lumina_next(preset, num_layers=layers, dtype=torch_dtype).to(device)
+    originals = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    rows = []
+    bar = tqdm(total=len(tokens) * len(MODES) * (warmup + repeats + 1), disable=not progress,
+               desc="bench forward", file=sys.stderr)
+    for n_tokens in tokens:
+        side = math.isqrt(n_tokens)
+        h, w = side, math.ceil(n_tokens / side)
+        inputs = lumina_inputs(model, h, w, batch=batch, text_len=32, valid_lens=[32] * batch,
+                               dtype=torch_dtype, device=device)
+        row_base = {"tokens": h * w, "grid": [h, w], "batch": batch}
+
+        def forward():
+            with torch.no_grad():
+                return model(**inputs)[0]
+
+        status = {m: "ok" for m in MODES}
+        outputs = {}
+        # correctness first (this call also warms each mode up)
+        for mode in MODES:
+            _set_mode(model, mode, originals)
+            try:
+                outputs[mode] = forward().float()
+            except RuntimeError as err:
+                if not _is_oom(err):
+                    raise
+                status[mode] = "oom"
+            bar.update(1)
+        err = None
+        if "dense" in outputs and "dense-fp" in outputs:
+            err = (outputs["dense"] - outputs["dense-fp"]).abs().max().item()
+            tol = 1e-4 if dtype == "float32" else 3e-2
+            if not err <= tol * max(1.0, outputs["dense"].abs().max().item()):
+                raise SafeDitError(f"dense-fp differs from dense by {err:.3g} at {n_tokens} tokens; not timing it")
+        outputs.clear()
+        times: dict[str, list[float]] = {m: [] for m in MODES}
+        for i in range(warmup + repeats):
+            for mode in MODES:  # interleaved: noise hits every mode alike
+                if status[mode] != "ok":
+                    bar.update(1)
+                    continue
+                _set_mode(model, mode, originals)
+                t0 = time.perf_counter()
+                forward()
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times[mode].append(time.perf_counter() - t0)
+                bar.update(1)
+        for mode in MODES:
+            peak = None
+            if status[mode] == "ok":
+                _set_mode(model, mode, originals)
+                peak = peak_memory_mb(forward, device)
+            rows.append(row_base | {
+                "mode": mode, "status": status[mode],
+                "seconds": statistics.median(times[mode]) if times[mode] else None,
+                "all_seconds": times[mode], "peak_memory_mb": peak,
+                "max_abs_err_vs_dense": err if mode == "dense-fp" else None,
+            })
+    bar.close()
+    _set_mode(model, "dense", originals)
+    return {
+        "benchmark": "forward",
+        "environment": environment(device),
+        "settings": {"preset": preset, "layers": layers, "batch": batch, "dtype": dtype, "repeats": repeats,
+                     "warmup": warmup, "hidden_size": model.config.hidden_size,
+                     "heads": model.config.num_attention_heads, "kv_heads": model.config.num_kv_heads,
+                     "head_dim": model.head_dim, "text_len": 32},
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for n in sorted({r["tokens"] for r in rows}):
+        by = {r["mode"]: r for r in rows if r["tokens"] == n}
+        s = {"tokens": n}
+        d, fp, orc = (by[m]["seconds"] for m in MODES)
+        if d and fp:
+            s["dense_over_dense_fp"] = d / fp
+        if fp and orc:
+            s["fast_path_overhead_vs_oracle"] = fp / orc - 1
+        pd, pfp = by["dense"]["peak_memory_mb"], by["dense-fp"]["peak_memory_mb"]
+        if pd and pfp:
+            s["peak_memory_ratio"] = pd / pfp
+        out.append(s)
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'tokens':>7} {'mode':<16} {'status':<6} {'median s':>9} {'peak MB':>10}"]
+    for r in result["rows"]:
+        sec = f"{r['seconds']:.4f}" if r["seconds"] is not None else "-"
+        mem = f"{r['peak_memory_mb']:.1f}" if r["peak_memory_mb"] is not None else "-"
+        lines.append(f"{r['tokens']:>7} {r['mode']:<16} {r['status']:<6} {sec:>9} {mem:>10}")
+    lines.append("")
+    for s in result["summary"]:
+        parts = [f"tokens {s['tokens']}"]
+        if "dense_over_dense_fp" in s:
+            parts.append(f"dense/dense-fp {s['dense_over_dense_fp']:.2f}x")
+        if "peak_memory_ratio" in s:
+            parts.append(f"peak memory dense/dense-fp {s['peak_memory_ratio']:.2f}x")
+        if "fast_path_overhead_vs_oracle" in s:
+            parts.append(f"fast-path overhead vs maskless oracle {100 * s['fast_path_overhead_vs_oracle']:+.1f}%")
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = [s for s in result["summary"] if "dense_over_dense_fp" in s]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [s["tokens"] for s in summ]
+    axes[0].plot(x, [s["dense_over_dense_fp"] for s in summ], "o-", label="dense / dense-fp")
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("image tokens")
+    axes[0].set_ylabel("speedup (median latency ratio)")
+    axes[0].set_title("fast-path gain, forward pass")
+    axes[0].legend()
+    for mode in ("dense", "dense-fp"):
+        pts = [(r["tokens"], r["peak_memory_mb"]) for r in result["rows"] if r["mode"] == mode and r["peak_memory_mb"]]
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("image tokens")
+    axes[1].set_ylabel("peak memory (MiB)")
+    axes[1].set_title("peak memory, forward pass")
+    axes[1].legend()
+    env, st = result["environment"], result["settings"]
+    fig.suptitle(f"Lumina-Next {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {st['dtype']}, "
+                 f"{env['device']} ({env['processor'][:40]}), torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 9216],
+                   help="image token counts (grid ~sqrt x sqrt); default 1024 4096 9216")
+    p.add_argument("--preset", default="lumina-next-2b", help="model preset: lumina-next-2b or tiny")
+    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2 on CPU; real model: 24)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (2 = the CFG batch)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="CI-sized run: tiny model, 64 and 256 tokens")
+    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG plot here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.quick:
+        args.tokens, args.preset, args.layers, args.repeats = [64, 256], "tiny", 2, 3
+    if any(t < 1 for t in args.tokens) or args.layers < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SafeDitError("--tokens, --layers, --batch and --repeats must be >= 1, --warmup >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SafeDitError("--device cuda requested but CUDA is not available")
+    if args.dtype == "float16" and not args.device.startswith("cuda"):
+        raise SafeDitError("float16 is only benchmarked on CUDA; use float32 or bfloat16 on CPU")
+    result = run_forward_bench(args.tokens, args.preset, args.layers, args.batch, args.dtype, args.repeats,
+                               args.warmup, args.device, progress=not args.no_progress)
+    print(format_table(result))
+    if args.plot:
+        plot(result, args.plot)
+    text = json.dumps(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
