@@ -76,3 +76,22 @@ def lumina_inputs(
         cross_attention_kwargs={},
         return_dict=False,
     )
+
+
+def build_lumina_pipeline(transformer: LuminaNextDiT2DModel | None = None, seed: int = 0):
+    """A diffusers ``LuminaPipeline`` around ``transformer`` with a tiny random VAE and no text
+    encoder: call it with ``prompt_embeds``/``prompt_attention_mask`` (and negative ones for CFG)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, LuminaPipeline
+
+    transformer = transformer if transformer is not None else build_lumina_next("tiny", seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=transformer.config.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
+    ).eval()
+    pipe = LuminaPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
