@@ -202,8 +202,8 @@ def test_bad_input_gets_clear_errors():
         apply_safe_dit(torch.nn.Linear(2, 2), SafeConfig())
     with pytest.raises(SafeDitError, match="invalid mode 'fast'"):
         SafeConfig("fast")
-    with pytest.raises(SafeDitError, match="not implemented"):
-        SafeConfig("safe-core")
+    with pytest.raises(SafeDitError, match="keep_ratio"):
+        SafeConfig("safe-core", keep_ratio=0.0)
     with pytest.raises(SafeDitError, match="must be a SafeConfig"):
         apply_safe_dit(build_lumina_next("tiny"), {"mode": "dense-fp"})
     with pytest.raises(SafeDitError, match="pipeline or transformer"):

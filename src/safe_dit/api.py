@@ -39,7 +39,8 @@ def apply_safe_dit(pipe_or_transformer, config: SafeConfig | None = None):
             return pipe_or_transformer
         remove_safe_dit(model)
     adapter = adapter_for(model)
-    handle = adapter.attach(model, config)
+    pipe = pipe_or_transformer if pipe_or_transformer is not model else None
+    handle = adapter.attach(model, config, pipe=pipe)
     setattr(model, _ATTR, handle)
     logger.info("safe-dit applied to %s (%s, mode=%s)", type(model).__name__, adapter.name, config.mode)
     return pipe_or_transformer
@@ -63,3 +64,33 @@ def runtime_of(pipe_or_transformer):
     """The applied handle's runtime (for tracing), or None."""
     handle = getattr(_transformer(pipe_or_transformer), _ATTR, None)
     return None if handle is None else handle.runtime
+
+
+class generation:
+    """Context for running a bare transformer under ``safe-core``/``safe-sw`` without a pipeline:
+    ``with safe_dit.generation(transformer, num_steps=30) as g: ...``, one transformer call per
+    step; ``g.report()`` afterwards. Releases the partition and caches on exit."""
+
+    def __init__(self, pipe_or_transformer, num_steps: int):
+        from .selective import Generation
+
+        self.runtime = runtime_of(pipe_or_transformer)
+        if self.runtime is None or not self.runtime.config.scheduled:
+            raise SafeDitError("safe_dit.generation(...) needs a model with safe-core or safe-sw applied")
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise SafeDitError(f"num_steps must be an int >= 1, got {num_steps!r}")
+        self._gen = Generation(self.runtime.config, num_steps)
+
+    def __enter__(self):
+        self.runtime.generation = self._gen
+        self.runtime.explicit_generation = True
+        return self
+
+    def __exit__(self, *exc):
+        self.runtime.last_report = self._gen.report()
+        self.runtime.generation = None
+        self.runtime.explicit_generation = False
+        return False
+
+    def report(self) -> dict:
+        return self._gen.report()

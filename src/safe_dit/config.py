@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
-IMPLEMENTED_MODES = ("dense", "dense-fp")
 
 
 class SafeDitError(ValueError):
@@ -20,32 +20,82 @@ class SafeConfig:
         ``dense``     the stock model, masks as shipped (baseline; applying it changes nothing).
         ``dense-fp``  the exact fast path: provenance-certified redundant masks are elided,
                       semantics-bearing masks are kept or rewritten exactly.
-        ``safe-core`` / ``safe-sw``: spatial scheduling (not available in this release).
+        ``safe-core`` fast path + PCSP partition + SRSU selective updates + CAR anchors.
+        ``safe-sw``   ``safe-core`` + sensitivity-weighted CFG (``cfg_context``/``cfg_sensitive``).
     rewrite_padding:
-        In ``dense-fp``, rewrite key-padding masks (e.g. caption padding in cross-attention)
-        into exact mask-free calls by gathering each sample's valid keys. ``False`` keeps them.
+        Rewrite key-padding masks (e.g. caption padding in cross-attention) into exact mask-free
+        calls by gathering each sample's valid keys. ``False`` keeps them as shipped.
+    keep_ratio:
+        Fraction of image tokens marked sensitive and recomputed at selective steps (0, 1].
+    warmup_steps:
+        Leading dense steps whose image->text attention builds the partition (>= 1).
+    anchor_interval:
+        After warm-up, every ``anchor_interval``-th step is a dense anchor refreshing all tokens
+        and the K/V caches (>= 1; 1 means every step is dense).
+    tail_dense_steps:
+        Trailing dense steps (>= 0).
+    smooth_radius:
+        Box-filter radius on the token grid for the sensitivity map (>= 0).
+    pcsp_blocks:
+        Indices of the blocks whose cross-attention feeds PCSP; ``None`` = all blocks.
+    text_importance:
+        Optional per-caption-token weights (one float per token position) for PCSP.
+    cfg_context / cfg_sensitive:
+        ``safe-sw`` only: guidance scale on context (s=0) and on sensitive (s=1) tokens.
     """
 
     mode: str = "dense-fp"
     rewrite_padding: bool = True
+    keep_ratio: float = 0.25
+    warmup_steps: int = 2
+    anchor_interval: int = 4
+    tail_dense_steps: int = 1
+    smooth_radius: int = 1
+    pcsp_blocks: tuple[int, ...] | None = None
+    text_importance: tuple[float, ...] | None = None
+    cfg_context: float = 3.0
+    cfg_sensitive: float = 5.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise SafeDitError(f"invalid mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.mode not in IMPLEMENTED_MODES:
-            raise SafeDitError(
-                f"mode {self.mode!r} is part of SAFE-DiT but not implemented in safe-dit "
-                f"{_version()} yet; available modes: {', '.join(IMPLEMENTED_MODES)}"
-            )
-        if not isinstance(self.rewrite_padding, bool):
-            raise SafeDitError(f"rewrite_padding must be a bool, got {type(self.rewrite_padding).__name__}")
+        _check(isinstance(self.rewrite_padding, bool), "rewrite_padding must be a bool")
+        _check(_real(self.keep_ratio) and 0 < self.keep_ratio <= 1, f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        _check(_int(self.warmup_steps) and self.warmup_steps >= 1, f"warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
+        _check(_int(self.anchor_interval) and self.anchor_interval >= 1,
+               f"anchor_interval must be an int >= 1, got {self.anchor_interval!r}")
+        _check(_int(self.tail_dense_steps) and self.tail_dense_steps >= 0,
+               f"tail_dense_steps must be an int >= 0, got {self.tail_dense_steps!r}")
+        _check(_int(self.smooth_radius) and self.smooth_radius >= 0, f"smooth_radius must be an int >= 0, got {self.smooth_radius!r}")
+        if self.pcsp_blocks is not None:
+            _check(isinstance(self.pcsp_blocks, tuple) and len(self.pcsp_blocks) > 0
+                   and all(_int(i) and i >= 0 for i in self.pcsp_blocks),
+                   f"pcsp_blocks must be a non-empty tuple of block indices >= 0, got {self.pcsp_blocks!r}")
+        if self.text_importance is not None:
+            _check(isinstance(self.text_importance, tuple) and len(self.text_importance) > 0
+                   and all(_real(w) and w >= 0 for w in self.text_importance),
+                   "text_importance must be a non-empty tuple of finite weights >= 0")
+        for name in ("cfg_context", "cfg_sensitive"):
+            _check(_real(getattr(self, name)), f"{name} must be a finite number")
 
     @property
     def fast_path(self) -> bool:
         return self.mode != "dense"
 
+    @property
+    def scheduled(self) -> bool:
+        """True for the modes that partition tokens and update only the sensitive ones."""
+        return self.mode in ("safe-core", "safe-sw")
 
-def _version() -> str:
-    from . import __version__
 
-    return __version__
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SafeDitError(message)
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

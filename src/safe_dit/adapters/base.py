@@ -53,11 +53,29 @@ def decide_key_padding(mask: torch.Tensor, rewrite: bool) -> MaskDecision:
 class Runtime:
     """What a patched model carries: its config, its per-forward state, an optional trace."""
 
-    def __init__(self, config: SafeConfig):
+    def __init__(self, config: SafeConfig, special_leading_tokens: int = 0):
         self.config = config
         self.state: ForwardState | None = None
         # Set to a list by `safe_dit.audit` to collect (module name, verdict) per attention call.
         self.trace: list[tuple[str, str]] | None = None
+        # safe-core / safe-sw: the running generation, where its steps come from, its last report.
+        self.generation = None
+        self.scheduler = None  # a pipeline's scheduler: its step_index tells the step
+        self.pipe = None
+        self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
+        self.last_report: dict | None = None
+        self.special_leading_tokens = special_leading_tokens
+
+    def text_weights(self, mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
+        """PCSP weights over caption tokens [B, T]: 0 on padding and special tokens, else importance."""
+        batch = 1 if mask is None else mask.shape[0]
+        w = torch.ones(batch, length, device=device) if mask is None else mask.bool().float()
+        w[:, : self.special_leading_tokens] = 0
+        imp = self.config.text_importance
+        if imp is not None:
+            n = min(len(imp), length)
+            w[:, :n] = w[:, :n] * torch.tensor(imp[:n], device=device)
+        return w
 
     def begin(self, *_args, **_kwargs) -> None:
         self.state = ForwardState()
@@ -93,7 +111,7 @@ class Adapter:
     name: str = "base"
     model_classes: tuple[type, ...] = ()
 
-    def attach(self, model: torch.nn.Module, config: SafeConfig) -> Handle:  # pragma: no cover
+    def attach(self, model: torch.nn.Module, config: SafeConfig, pipe=None) -> Handle:  # pragma: no cover
         raise NotImplementedError
 
 

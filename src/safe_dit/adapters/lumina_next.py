@@ -21,6 +21,9 @@ from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel,
 
 from ..config import SafeConfig, SafeDitError
 from ..masks import sdpa_with_plan
+from ..partition import image_to_text_probs
+from ..schedule import ANCHOR, SELECTIVE
+from ..selective import Generation
 from .base import Adapter, ForwardState, Handle, Runtime, register
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,9 @@ class SafeLuminaAttnProcessor:
         self.runtime = runtime
         self.name = name
         self.rewrite_padding = rewrite_padding
+        parts = name.split(".")
+        self.layer = int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else -1
+        self.is_self = parts[-1] == "attn1"
 
     def __call__(
         self,
@@ -74,6 +80,16 @@ class SafeLuminaAttnProcessor:
             key = apply_rotary_emb(key, key_rotary_emb, use_real=False)
         query, key = query.to(dtype), key.to(dtype)
 
+        gen = self.runtime.generation if self.runtime is not None else None
+        if gen is not None and self.is_self:
+            if gen.kind == SELECTIVE:  # SRSU: sensitive rows attend to fresh + cached context K/V
+                key, value = gen.merged_kv(self.layer, key, value)  # [B, N, Hkv, d]
+                seq_len = key.shape[1]  # the proportional scale follows the full sequence
+            elif gen.kind == ANCHOR:
+                gen.store_kv(self.layer, key, value)
+        elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
+            self._collect_probs(gen, attn, query, key, attention_mask)
+
         # Lumina's proportional attention: only self-attention (RoPE on keys) rescales.
         if key_rotary_emb is None:
             scale = None
@@ -90,6 +106,13 @@ class SafeLuminaAttnProcessor:
 
         out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, H, Lq, d]
         return out.transpose(1, 2).to(dtype)  # [B, Lq, H, d]
+
+    def _collect_probs(self, gen, attn, query, key, mask):
+        n_rep = attn.heads // key.shape[2]
+        k = key.repeat_interleave(n_rep, dim=2) if n_rep > 1 else key  # [B, T, H, d]
+        valid = None if mask is None else mask.bool()  # [B, T]
+        probs = image_to_text_probs(query.transpose(1, 2), k.transpose(1, 2), valid)  # [B, N, T]
+        gen.collect(probs, self.runtime.text_weights(mask, probs.shape[-1], probs.device))
 
     def _attend(self, attn, query, key, value, mask, scale):
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -127,8 +150,11 @@ class LuminaNextAdapter(Adapter):
             and all(type(layer).forward is LuminaNextDiTBlock.forward for layer in model.layers)
         )
 
-    def attach(self, model: LuminaNextDiT2DModel, config: SafeConfig) -> Handle:
-        runtime = Runtime(config)
+    def attach(self, model: LuminaNextDiT2DModel, config: SafeConfig, pipe=None) -> Handle:
+        # Gemma (Lumina-Next's text encoder) starts every caption with <bos>: not a prompt word.
+        runtime = Runtime(config, special_leading_tokens=1)
+        runtime.pipe = pipe
+        runtime.scheduler = getattr(pipe, "scheduler", None)
         handle = Handle(config, runtime, self.name)
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
@@ -139,20 +165,110 @@ class LuminaNextAdapter(Adapter):
             model.register_forward_pre_hook(runtime.begin),
             model.register_forward_hook(runtime.end, always_call=True),
         ]
-        if self.provenance_holds(model):
-
-            def certify(_module, _inputs, outputs):
-                if runtime.state is not None:
-                    runtime.state.certify(outputs[1], CERTIFIED_BY)
-
-            hooks.append(model.patch_embedder.register_forward_hook(certify))
-        else:
+        certified = self.provenance_holds(model)
+        if not certified:
             logger.warning(
                 "%s: custom forward/patch embedder; image masks will be checked by value once per forward",
                 type(model).__name__,
             )
+
+        def on_patch_embed(_module, _inputs, outputs):
+            x, mask, img_size, rope = outputs  # [B, N, D], [B, N], sizes, [1, N, d/2]
+            gen = runtime.generation
+            if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows enter the blocks
+                x, mask, rope = gen.gather(x), gen.gather(mask), gen.gather(rope)
+            if certified and runtime.state is not None:
+                runtime.state.certify(mask, CERTIFIED_BY)
+            return x, mask, img_size, rope
+
+        hooks.append(model.patch_embedder.register_forward_hook(on_patch_embed))
+        if config.scheduled:
+            hooks.append(model.register_forward_pre_hook(_StepTracker(runtime, model.config.patch_size), with_kwargs=True))
+            hooks.append(model.norm_out.register_forward_hook(_on_norm_out(runtime)))
+            hooks.append(model.register_forward_hook(_finish_step(runtime), always_call=True))
         handle.on_remove(lambda: [h.remove() for h in hooks])
         return handle
+
+
+class _StepTracker:
+    """Forward pre-hook: which step of which generation this forward is, and what kind of step."""
+
+    def __init__(self, runtime: Runtime, patch: int):
+        self.runtime, self.patch = runtime, patch
+
+    def __call__(self, _model, args, kwargs):
+        rt = self.runtime
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
+        grid = (latents.shape[-2] // self.patch, latents.shape[-1] // self.patch)
+        if rt.explicit_generation:
+            gen = rt.generation
+            step = gen.step + 1
+        elif rt.scheduler is not None:
+            index = rt.scheduler.step_index
+            if index is None or rt.generation is None:  # a new pipeline call
+                rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
+            step = 0 if index is None else index
+            gen = rt.generation
+        else:
+            raise SafeDitError(
+                f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
+                "transformer inside `with safe_dit.generation(transformer, num_steps=...)`"
+            )
+        if step == 0:
+            b = latents.shape[0]
+            gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
+        gen.begin_step(step, grid[0] * grid[1], grid)
+        return None
+
+
+def _on_norm_out(runtime: Runtime):
+    def hook(_module, _inputs, out):  # out [B, N or K, p*p*C]
+        gen = runtime.generation
+        if gen is None:
+            return None
+        if gen.kind == SELECTIVE:
+            return gen.scatter_output(out)  # context tokens reuse the anchor's output
+        gen.store_output(out)
+        return None
+
+    return hook
+
+
+def _finish_step(runtime: Runtime):
+    def hook(_model, _inputs, output):
+        gen = runtime.generation
+        if gen is None:
+            return None
+        if runtime.config.mode == "safe-sw" and gen.sensitivity is not None:
+            output = _sensitivity_weighted(runtime, gen, output)
+        if gen.is_last_step and not runtime.explicit_generation:
+            runtime.last_report = gen.report()
+            runtime.generation = None  # release partition and caches with the pipeline call
+        return output
+
+    return hook
+
+
+def _sensitivity_weighted(runtime: Runtime, gen, output):
+    """SW-CFG where Lumina's pipeline guides (first 3 channels of the cond half): rewrite the cond
+    prediction c' = u + (gamma_i / g)(c - u) so that the pipeline's u + g(c' - u) = u + gamma_i (c - u)."""
+    g = float(getattr(runtime.pipe, "guidance_scale", 0.0) or 0.0)
+    if not gen.cfg_batch or g <= 1.0:
+        return output
+    sample = output[0] if isinstance(output, tuple) else output.sample  # [B, 2C, H, W]
+    half = sample.shape[0] // 2
+    cfg = runtime.config
+    h, w = gen.grid
+    p = sample.shape[-1] // w
+    gamma = cfg.cfg_context + (cfg.cfg_sensitive - cfg.cfg_context) * gen.sensitivity[:half]  # [b, N]
+    gamma = gamma.view(half, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).to(sample.dtype)
+    cond, uncond = sample[:half, :3], sample[half:, :3]
+    guided = sample.clone()
+    guided[:half, :3] = uncond + (gamma / g) * (cond - uncond)
+    if isinstance(output, tuple):
+        return (guided,) + tuple(output[1:])
+    output.sample = guided
+    return output
 
 
 def _validate_inputs(_model, args, kwargs):

@@ -1,0 +1,81 @@
+"""PCSP: prompt-conditioned sensitive-token partition from image->text attention.
+
+Model-agnostic: adapters hand in per-block query/key projections; everything here works on
+[B, H, N, T] probabilities and [B, N] scores on an (h, w) token grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def image_to_text_probs(
+    query: torch.Tensor, key: torch.Tensor, key_valid: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q kᵀ·scale) over the valid text keys, averaged over heads: [B, N, T].
+
+    query [B, H, N, d], key [B, H, T, d], key_valid [B, T] bool. Computed on its own (small N x T)
+    so that the main attention stays a mask-free SDPA call.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.einsum("bhnd,bhtd->bhnt", query.float(), key.float()) * scale  # [B, H, N, T]
+    if key_valid is not None:
+        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    return logits.softmax(-1).mean(1)  # [B, N, T]
+
+
+class SensitivityAccumulator:
+    """Running mean over blocks and warm-up steps of each image token's attention to the prompt.
+
+    ``text_weights`` [B, T] is 0 for padding and special tokens (BOS/CLS/SEP), else the word's
+    importance (1 by default): score_i = sum_t w_t p_it, the attention mass on the prompt's
+    content words."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None  # [B, N]
+        self.count = 0
+
+    def add(self, probs: torch.Tensor, text_weights: torch.Tensor) -> None:
+        score = (probs * text_weights[:, None, :].to(probs.dtype)).sum(-1)  # [B, N]
+        self.total = score if self.total is None else self.total + score
+        self.count += 1
+
+    def mean(self) -> torch.Tensor:
+        if self.total is None:
+            raise RuntimeError("no image->text attention was collected during warm-up")
+        return self.total / self.count
+
+
+def normalize(score: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max to [0, 1] ([B, N]); a flat map becomes all zeros."""
+    lo = score.amin(1, keepdim=True)
+    hi = score.amax(1, keepdim=True)
+    return (score - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def smooth(score: torch.Tensor, grid: tuple[int, int], radius: int = 1) -> torch.Tensor:
+    """Box-smooth a [B, N] map on its (h, w) token grid (N = h*w, row-major), edges renormalised."""
+    h, w = grid
+    if radius <= 0:
+        return score
+    x = score.float().view(-1, 1, h, w)
+    k = 2 * radius + 1
+    ones = torch.ones_like(x)
+    num = F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=True)
+    den = F.avg_pool2d(ones, k, stride=1, padding=radius, count_include_pad=True)
+    return (num / den).view(score.shape[0], h * w).to(score.dtype)
+
+
+def sensitivity_map(score: torch.Tensor, grid: tuple[int, int], radius: int = 1) -> torch.Tensor:
+    """Normalised, smoothed, renormalised sensitivity s in [0, 1], [B, N]."""
+    return normalize(smooth(normalize(score), grid, radius))
+
+
+def select_sensitive(sensitivity: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Indices [B, K] (ascending) of the top ``keep_ratio`` tokens; K = ceil(keep_ratio * N) >= 1."""
+    b, n = sensitivity.shape
+    k = max(1, min(n, int(-(-keep_ratio * n // 1))))
+    # stable tie-break by position keeps the partition deterministic
+    order = torch.argsort(sensitivity, dim=1, descending=True, stable=True)[:, :k]
+    return order.sort(dim=1).values

@@ -1,0 +1,37 @@
+"""CAR: which sampling steps are dense and which update only the sensitive tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WARMUP, ANCHOR, SELECTIVE, TAIL = "warmup", "anchor", "selective", "tail"
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Steps ``0..warmup_steps-1`` are dense and feed PCSP; afterwards every ``anchor_interval``-th
+    step is a dense anchor (refreshing all tokens and the K/V caches), the others are selective;
+    the last ``tail_dense_steps`` are dense again. The first step after warm-up is an anchor, so
+    caches always come from the current partition's own dense step."""
+
+    num_steps: int
+    warmup_steps: int
+    anchor_interval: int
+    tail_dense_steps: int = 0
+
+    def kind(self, step: int) -> str:
+        if not 0 <= step < self.num_steps:
+            raise IndexError(f"step {step} outside 0..{self.num_steps - 1}")
+        if step < self.warmup_steps:
+            return WARMUP
+        if step >= self.num_steps - self.tail_dense_steps:
+            return TAIL
+        return ANCHOR if (step - self.warmup_steps) % self.anchor_interval == 0 else SELECTIVE
+
+    def kinds(self) -> list[str]:
+        return [self.kind(i) for i in range(self.num_steps)]
+
+    def dense_fraction(self, keep_ratio: float) -> float:
+        """Fraction of dense token-steps (a FLOP proxy for linear layers): 1 for dense sampling."""
+        ks = self.kinds()
+        return sum(1.0 if k != SELECTIVE else keep_ratio for k in ks) / max(1, len(ks))

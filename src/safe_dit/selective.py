@@ -1,0 +1,125 @@
+"""SRSU + CAR runtime state: one generation's partition and caches, model-agnostic.
+
+Adapters call into a :class:`Generation` from their hooks: ``begin_step`` at each model forward,
+``collect`` from cross-attention during warm-up, ``store_kv``/``merged_kv`` from self-attention,
+``gather``/``scatter_output`` around the block stack. Created at a generation's first step and
+dropped after its last, so nothing leaks from one pipeline call into the next.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import SafeConfig
+from .partition import SensitivityAccumulator, select_sensitive, sensitivity_map
+from .schedule import ANCHOR, SELECTIVE, WARMUP, StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, N, ...], index [B, K] -> [B, K, ...]. A batch-1 x is broadcast to index's batch."""
+    if x.shape[0] != index.shape[0]:
+        x = x.expand(index.shape[0], *x.shape[1:])
+    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A copy of base [B, N, ...] with rows [B, K, ...] written at index [B, K]."""
+    idx = index.view(*index.shape, *([1] * (base.dim() - 2))).expand(-1, -1, *base.shape[2:])
+    return base.scatter(1, idx, rows.to(base.dtype))
+
+
+class Generation:
+    """State of one sampling run under ``safe-core``/``safe-sw``."""
+
+    def __init__(self, config: SafeConfig, num_steps: int):
+        self.config = config
+        self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps)
+        self.step = -1
+        self.kind = WARMUP
+        self.accumulator = SensitivityAccumulator()
+        self.grid: tuple[int, int] | None = None
+        self.cfg_batch = False  # batch = [cond; uncond] with identical latents
+        self.sensitivity: torch.Tensor | None = None  # [B, N] in [0, 1]
+        self.index: torch.Tensor | None = None  # [B, K] sensitive token positions
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> K, V [B, N, Hkv, d]
+        self.output: torch.Tensor | None = None  # per-token model output at the last anchor [B, N, C]
+        self.tokens_per_step: list[int] = []
+        self.kinds: list[str] = []
+
+    # -- step control -------------------------------------------------------------------------
+    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int]) -> str:
+        if self.grid is not None and grid != self.grid:
+            raise RuntimeError(f"token grid changed from {self.grid} to {grid} inside one generation")
+        self.grid = grid
+        self.step = step
+        kind = self.plan.kind(step)
+        if kind != WARMUP and self.index is None:
+            self._finish_partition()
+        if kind == SELECTIVE and (self.output is None or not self.kv):
+            kind = ANCHOR  # no anchor cache yet (e.g. anchor_interval larger than the run): stay dense
+        self.kind = kind
+        self.kinds.append(kind)
+        self.tokens_per_step.append(self.index.shape[1] if kind == SELECTIVE else num_tokens)
+        return kind
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step >= self.plan.num_steps - 1
+
+    # -- PCSP ---------------------------------------------------------------------------------
+    def wants_probs(self, layer: int) -> bool:
+        blocks = self.config.pcsp_blocks
+        return self.kind == WARMUP and (blocks is None or layer in blocks)
+
+    def collect(self, probs: torch.Tensor, text_weights: torch.Tensor) -> None:
+        self.accumulator.add(probs, text_weights)
+
+    def _finish_partition(self) -> None:
+        score = self.accumulator.mean()  # [B, N]
+        if self.cfg_batch:
+            half = score.shape[0] // 2
+            score = torch.cat([score[:half], score[:half]])  # the unconditional half has no prompt
+        self.sensitivity = sensitivity_map(score, self.grid, self.config.smooth_radius)
+        self.index = select_sensitive(self.sensitivity, self.config.keep_ratio)
+        self.accumulator = SensitivityAccumulator()
+        logger.info("PCSP: %d of %d tokens sensitive", self.index.shape[1], score.shape[1])
+
+    # -- SRSU caches --------------------------------------------------------------------------
+    def store_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        if self.kind == ANCHOR:
+            self.kv[layer] = (key, value)
+
+    def merged_kv(self, layer: int, key_rows: torch.Tensor, value_rows: torch.Tensor):
+        """Full K/V [B, N, Hkv, d]: fresh sensitive rows over the anchor's cached context rows."""
+        k, v = self.kv[layer]
+        return scatter_rows(k, self.index, key_rows), scatter_rows(v, self.index, value_rows)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        return gather_rows(x, self.index)
+
+    def scatter_output(self, rows: torch.Tensor) -> torch.Tensor:
+        return scatter_rows(self.output, self.index, rows)
+
+    def store_output(self, out: torch.Tensor) -> None:
+        if self.kind == ANCHOR:
+            self.output = out
+
+    def cache_bytes(self) -> int:
+        kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
+        out = 0 if self.output is None else self.output.numel() * self.output.element_size()
+        return kv + out
+
+    def report(self) -> dict:
+        n = max(self.tokens_per_step) if self.tokens_per_step else 0
+        return {
+            "steps": self.kinds,
+            "tokens_per_step": self.tokens_per_step,
+            "token_fraction": (sum(self.tokens_per_step) / (n * len(self.tokens_per_step))) if n else 1.0,
+            "sensitive_tokens": None if self.index is None else int(self.index.shape[1]),
+            "cache_mb": self.cache_bytes() / 2**20,
+        }
