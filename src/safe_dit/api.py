@@ -87,9 +87,7 @@ class generation:
         return self
 
     def __exit__(self, *exc):
-        self.runtime.last_report = self._gen.report()
-        self.runtime.generation = None
-        self.runtime.explicit_generation = False
+        self.runtime.finish_generation()
         return False
 
     def report(self) -> dict:

@@ -64,7 +64,18 @@ class Runtime:
         self.pipe = None
         self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
         self.last_report: dict | None = None
+        self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
+        self.last_index: torch.Tensor | None = None  # [B, K] its sensitive tokens
         self.special_leading_tokens = special_leading_tokens
+
+    def finish_generation(self) -> None:
+        """Keep the small report and partition; drop the caches with the generation."""
+        gen = self.generation
+        if gen is not None:
+            self.last_report = gen.report()
+            self.last_sensitivity, self.last_index = gen.sensitivity, gen.index
+        self.generation = None
+        self.explicit_generation = False
 
     def text_weights(self, mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
         """PCSP weights over caption tokens [B, T]: 0 on padding and special tokens, else importance."""

@@ -242,8 +242,7 @@ def _finish_step(runtime: Runtime):
         if runtime.config.mode == "safe-sw" and gen.sensitivity is not None:
             output = _sensitivity_weighted(runtime, gen, output)
         if gen.is_last_step and not runtime.explicit_generation:
-            runtime.last_report = gen.report()
-            runtime.generation = None  # release partition and caches with the pipeline call
+            runtime.finish_generation()  # release partition and caches with the pipeline call
         return output
 
     return hook
