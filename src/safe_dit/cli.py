@@ -13,12 +13,13 @@ safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer infe
   safe-dit midt          measure the Mask-Induced Dispatch Tax of SDPA on this machine
   safe-dit audit         list every attention call of a model: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
+  safe-dit bench e2e     the four modes end to end through the Lumina pipeline, speed and memory
 
 Run 'safe-dit COMMAND --help' for the options of each command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, audit, bench_forward, midt
+    from . import __version__, audit, bench_e2e, bench_forward, midt
 
     parser = argparse.ArgumentParser(
         prog="safe-dit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     bench_forward.configure_parser(
         bench_sub.add_parser("forward", help="dense vs dense-fp forward pass", description=bench_forward.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    )
+    bench_e2e.configure_parser(
+        bench_sub.add_parser("e2e", help="dense / dense-fp / safe-core / safe-sw end to end", description=bench_e2e.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     )
     return parser

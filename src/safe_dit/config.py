@@ -48,7 +48,7 @@ class SafeConfig:
     rewrite_padding: bool = True
     keep_ratio: float = 0.25
     warmup_steps: int = 2
-    anchor_interval: int = 4
+    anchor_interval: int = 5
     tail_dense_steps: int = 1
     smooth_radius: int = 1
     pcsp_blocks: tuple[int, ...] | None = None

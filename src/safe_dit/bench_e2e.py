@@ -1,0 +1,265 @@
+"""End-to-end benchmark: dense, dense-fp, safe-core and safe-sw side by side, in one process.
+
+Runs the real diffusers ``LuminaPipeline`` sampling loop (flow-matching Euler, classifier-free
+guidance batch of 2, padded captions) on a Lumina-Next transformer with the real model's
+attention shape (head dim 72) and random weights; latents are returned (no VAE decode) so the
+transformer is what is timed. Modes alternate repeat by repeat; each is warmed up with a short
+call first; medians are reported. Peak memory is measured on a separate call. A mode that runs
+out of memory is reported as ``oom`` (caught, not crashed), which shows the largest resolution
+each mode reaches in the available memory.
+
+Reports the fast-path gain (dense / dense-fp), the scheduling gain (dense-fp / safe-core) and
+their product (dense / safe-core). Token counts 4096, 9216, 16384, 25600 are the latent grids
+of 1024², 1536², 2048², 2560² images (VAE factor 8, patch 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from .api import apply_safe_dit, remove_safe_dit, runtime_of
+from .bench_forward import DTYPES, _is_oom
+from .config import SafeConfig, SafeDitError
+from .envinfo import environment, peak_memory_mb
+
+MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
+
+
+def _configs(args) -> dict[str, SafeConfig]:
+    sched = dict(keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps, anchor_interval=args.anchor_interval,
+                 tail_dense_steps=args.tail_dense_steps)
+    return {
+        "dense": SafeConfig("dense"),
+        "dense-fp": SafeConfig("dense-fp"),
+        "safe-core": SafeConfig("safe-core", **sched),
+        "safe-sw": SafeConfig("safe-sw", cfg_context=args.guidance - 1.0, cfg_sensitive=args.guidance + 1.0, **sched),
+    }
+
+
+def run_e2e(args, progress: bool = True) -> dict:
+    from .models import build_lumina_next, build_lumina_pipeline
+
+    dtype = DTYPES[args.dtype]
+    overrides = dict(num_layers=args.layers)
+    if args.hidden_size:
+        overrides |= dict(hidden_size=args.hidden_size, num_attention_heads=args.heads, num_kv_heads=args.kv_heads)
+    transformer = build_lumina_next(args.preset, dtype=dtype, **overrides).to(args.device)
+    pipe = build_lumina_pipeline(transformer).to(args.device)
+    cross = transformer.config.cross_attention_dim
+    g = torch.Generator().manual_seed(0)
+    text_len = 32
+    embeds = [torch.randn(1, text_len, cross, generator=g).to(args.device, dtype) for _ in range(2)]
+    masks = [torch.tensor([[1] * 20 + [0] * 12]), torch.tensor([[1] * 3 + [0] * 29])]  # prompt / negative
+    vae_scale = pipe.vae_scale_factor
+    configs = _configs(args)
+    rows = []
+    bar = tqdm(total=len(args.tokens) * len(MODES) * (args.repeats + 2), disable=not progress,
+               desc="bench e2e", file=sys.stderr)
+    for n_tokens in args.tokens:
+        side = math.isqrt(n_tokens)
+        if side * side != n_tokens or side % 8:
+            raise SafeDitError(f"--tokens {n_tokens}: use square grids whose side is a multiple of 8")
+        size = side * transformer.config.patch_size * vae_scale
+
+        def call(steps):
+            return pipe(
+                prompt_embeds=embeds[0], prompt_attention_mask=masks[0].to(args.device),
+                negative_prompt_embeds=embeds[1], negative_prompt_attention_mask=masks[1].to(args.device),
+                height=size, width=size, num_inference_steps=steps, guidance_scale=args.guidance,
+                generator=torch.Generator().manual_seed(0), output_type="latent",
+            ).images
+
+        status, times, reports, peaks = {}, {m: [] for m in MODES}, {}, {}
+        for mode in MODES:  # warm-up (short call) and OOM probe
+            apply_safe_dit(pipe, configs[mode])
+            try:
+                with torch.no_grad():
+                    call(min(args.steps, configs[mode].warmup_steps + 2))
+                status[mode] = "ok"
+            except RuntimeError as err:
+                if not _is_oom(err):
+                    raise
+                status[mode] = "oom"
+            bar.update(1)
+        for _ in range(args.repeats):
+            for mode in MODES:
+                if status[mode] == "ok":
+                    apply_safe_dit(pipe, configs[mode])
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        call(args.steps)
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    times[mode].append(time.perf_counter() - t0)
+                    rt = runtime_of(pipe)
+                    reports[mode] = rt.last_report if rt is not None else None
+                bar.update(1)
+        for mode in MODES:
+            if status[mode] == "ok" and args.memory:
+                apply_safe_dit(pipe, configs[mode])
+                with torch.no_grad():
+                    peaks[mode] = peak_memory_mb(lambda: call(args.steps), args.device)
+            bar.update(1)
+        for mode in MODES:
+            rep = reports.get(mode) or {}
+            rows.append({
+                "tokens": n_tokens, "resolution": side * 16, "mode": mode, "status": status[mode],
+                "seconds": statistics.median(times[mode]) if times[mode] else None, "all_seconds": times[mode],
+                "peak_memory_mb": peaks.get(mode), "token_fraction": rep.get("token_fraction", 1.0),
+                "cache_mb": rep.get("cache_mb", 0.0), "steps": rep.get("steps"),
+                "tokens_per_step": rep.get("tokens_per_step"),
+            })
+    bar.close()
+    remove_safe_dit(pipe)
+    return {
+        "benchmark": "e2e",
+        "environment": environment(args.device),
+        "settings": {
+            "preset": args.preset, "layers": args.layers, "hidden_size": transformer.config.hidden_size,
+            "heads": transformer.config.num_attention_heads, "kv_heads": transformer.config.num_kv_heads,
+            "head_dim": transformer.head_dim, "dtype": args.dtype, "steps": args.steps, "batch": "2 (CFG)",
+            "guidance": args.guidance, "repeats": args.repeats, "text_len": text_len,
+            "configs": {m: c.__dict__ for m, c in configs.items()},
+        },
+        "rows": rows,
+        "summary": summarize(rows),
+    }
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for n in sorted({r["tokens"] for r in rows}):
+        by = {r["mode"]: r for r in rows if r["tokens"] == n}
+        t = {m: by[m]["seconds"] for m in MODES}
+        s = {"tokens": n, "resolution": by["dense"]["resolution"]}
+        if t["dense"] and t["dense-fp"]:
+            s["fast_path_gain"] = t["dense"] / t["dense-fp"]
+        if t["dense-fp"] and t["safe-core"]:
+            s["scheduling_gain"] = t["dense-fp"] / t["safe-core"]
+        if t["dense"] and t["safe-core"]:
+            s["total_gain"] = t["dense"] / t["safe-core"]
+        pd, pc = by["dense"]["peak_memory_mb"], by["safe-core"]["peak_memory_mb"]
+        if pd and pc:
+            s["peak_memory_dense_over_safe_core"] = pd / pc
+        out.append(s)
+    largest = {}
+    for m in MODES:
+        ok = [r["tokens"] for r in rows if r["mode"] == m and r["status"] == "ok"]
+        largest[m] = max(ok) if ok else None
+    out.append({"largest_tokens_that_ran": largest})
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'tokens':>7} {'res':>5} {'mode':<10} {'status':<6} {'median s':>9} {'peak MB':>9} {'token frac':>10} {'cache MB':>9}"]
+    for r in result["rows"]:
+        sec = f"{r['seconds']:.2f}" if r["seconds"] is not None else "-"
+        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        lines.append(f"{r['tokens']:>7} {r['resolution']:>5} {r['mode']:<10} {r['status']:<6} {sec:>9} {mem:>9} "
+                     f"{r['token_fraction']:>10.3f} {r['cache_mb']:>9.1f}")
+    lines.append("")
+    for s in result["summary"]:
+        if "tokens" not in s:
+            lines.append(f"largest token count each mode ran: {s['largest_tokens_that_ran']}")
+            continue
+        parts = [f"{s['tokens']} tokens ({s['resolution']}²)"]
+        for key, label in (("fast_path_gain", "dense/dense-fp"), ("scheduling_gain", "dense-fp/safe-core"),
+                           ("total_gain", "dense/safe-core"), ("peak_memory_dense_over_safe_core", "peak mem dense/safe-core")):
+            if key in s:
+                parts.append(f"{label} {s[key]:.2f}x")
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = [s for s in result["summary"] if "tokens" in s]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("fast_path_gain", "fast path: dense / dense-fp"),
+                       ("scheduling_gain", "scheduling: dense-fp / safe-core"), ("total_gain", "total: dense / safe-core")):
+        pts = [(s["tokens"], s[key]) for s in summ if key in s]
+        if pts:
+            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel("image tokens")
+    axes[0].set_ylabel("speedup (median end-to-end latency ratio)")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("speedup vs resolution")
+    for mode in MODES:
+        pts = [(r["tokens"], r["peak_memory_mb"]) for r in result["rows"] if r["mode"] == mode and r["peak_memory_mb"]]
+        if pts:
+            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+        ooms = [r["tokens"] for r in result["rows"] if r["mode"] == mode and r["status"] == "oom"]
+        for t in ooms:
+            axes[1].annotate(f"{mode}: OOM", (t, axes[1].get_ylim()[1] if pts else 1), fontsize=7, rotation=90)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_yscale("log")
+    axes[1].set_xlabel("image tokens")
+    axes[1].set_ylabel("peak memory (MiB)")
+    axes[1].legend(fontsize=8)
+    axes[1].set_title("peak memory vs resolution")
+    env, st = result["environment"], result["settings"]
+    fig.suptitle(f"Lumina-Next {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {st['steps']} steps, "
+                 f"{st['dtype']}, {env['device']} ({env.get('gpu') or env['processor'][:40]}), torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 9216, 16384],
+                   help="image token counts, square grids (4096 = 1024², 9216 = 1536², 16384 = 2048²)")
+    p.add_argument("--preset", default="lumina-next-2b", help="transformer preset (lumina-next-2b or tiny)")
+    p.add_argument("--layers", type=int, default=1, help="transformer blocks (real model: 24; default 1 on CPU)")
+    p.add_argument("--hidden-size", type=int, default=None, help="override width (keep hidden/heads = 72)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads, with --hidden-size")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads, with --hidden-size")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; safe-sw uses guidance±1")
+    d = SafeConfig("safe-core")
+    p.add_argument("--keep-ratio", type=float, default=d.keep_ratio, help=f"default {d.keep_ratio}")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"default {d.warmup_steps}")
+    p.add_argument("--anchor-interval", type=int, default=d.anchor_interval, help=f"default {d.anchor_interval}")
+    p.add_argument("--tail-dense-steps", type=int, default=d.tail_dense_steps, help=f"default {d.tail_dense_steps}")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
+    p.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 64 and 256 tokens, 6 steps")
+    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG plot here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.quick:
+        args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
+        args.hidden_size = None
+    if args.hidden_size and not (args.heads and args.kv_heads):
+        raise SafeDitError("--hidden-size needs --heads and --kv-heads")
+    if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens):
+        raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SafeDitError("--device cuda requested but CUDA is not available")
+    result = run_e2e(args, progress=not args.no_progress)
+    print(format_table(result))
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
