@@ -6,7 +6,8 @@ attention shape (head dim 72) and random weights; latents are returned (no VAE d
 transformer is what is timed. Modes alternate repeat by repeat; each is warmed up with a short
 call first; medians are reported. Peak memory is measured on a separate call. A mode that runs
 out of memory is reported as ``oom`` (caught, not crashed), which shows the largest resolution
-each mode reaches in the available memory.
+each mode reaches in the available memory. Token counts above ``--time-up-to`` are only probed
+(a short call: does it run, at what peak memory), which keeps CPU runs affordable.
 
 Reports the fast-path gain (dense / dense-fp), the scheduling gain (dense-fp / safe-core) and
 their product (dense / safe-core). Token counts 4096, 9216, 16384, 25600 are the latent grids
@@ -76,19 +77,21 @@ def run_e2e(args, progress: bool = True) -> dict:
                 generator=torch.Generator().manual_seed(0), output_type="latent",
             ).images
 
+        timed = n_tokens <= args.time_up_to
+        short = min(args.steps, configs["safe-core"].warmup_steps + 3)  # warm-up, anchor, selective steps
         status, times, reports, peaks = {}, {m: [] for m in MODES}, {}, {}
         for mode in MODES:  # warm-up (short call) and OOM probe
             apply_safe_dit(pipe, configs[mode])
             try:
                 with torch.no_grad():
-                    call(min(args.steps, configs[mode].warmup_steps + 2))
+                    call(short)
                 status[mode] = "ok"
             except RuntimeError as err:
                 if not _is_oom(err):
                     raise
                 status[mode] = "oom"
             bar.update(1)
-        for _ in range(args.repeats):
+        for _ in range(args.repeats if timed else 0):
             for mode in MODES:
                 if status[mode] == "ok":
                     apply_safe_dit(pipe, configs[mode])
@@ -104,13 +107,13 @@ def run_e2e(args, progress: bool = True) -> dict:
         for mode in MODES:
             if status[mode] == "ok" and args.memory:
                 apply_safe_dit(pipe, configs[mode])
-                with torch.no_grad():
-                    peaks[mode] = peak_memory_mb(lambda: call(args.steps), args.device)
+                with torch.no_grad():  # every step kind occurs in the short call; peaks repeat per kind
+                    peaks[mode] = peak_memory_mb(lambda: call(short), args.device)
             bar.update(1)
         for mode in MODES:
             rep = reports.get(mode) or {}
             rows.append({
-                "tokens": n_tokens, "resolution": side * 16, "mode": mode, "status": status[mode],
+                "tokens": n_tokens, "resolution": side * 16, "mode": mode, "status": status[mode], "timed": timed,
                 "seconds": statistics.median(times[mode]) if times[mode] else None, "all_seconds": times[mode],
                 "peak_memory_mb": peaks.get(mode), "token_fraction": rep.get("token_fraction", 1.0),
                 "cache_mb": rep.get("cache_mb", 0.0), "steps": rep.get("steps"),
@@ -126,6 +129,8 @@ def run_e2e(args, progress: bool = True) -> dict:
             "heads": transformer.config.num_attention_heads, "kv_heads": transformer.config.num_kv_heads,
             "head_dim": transformer.head_dim, "dtype": args.dtype, "steps": args.steps, "batch": "2 (CFG)",
             "guidance": args.guidance, "repeats": args.repeats, "text_len": text_len,
+            "time_up_to_tokens": args.time_up_to,
+            "memory_measured_on": "a short call (warm-up steps + anchor + selective steps) of each mode",
             "configs": {m: c.__dict__ for m, c in configs.items()},
         },
         "rows": rows,
@@ -236,6 +241,8 @@ def configure_parser(p) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--time-up-to", type=int, default=9216, metavar="TOKENS",
+                   help="larger token counts are only probed (runs or OOM, peak memory), not timed (default 9216)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
     p.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 64 and 256 tokens, 6 steps")
     p.add_argument("--json", metavar="PATH", help="write the result JSON here")
