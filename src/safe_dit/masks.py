@@ -49,11 +49,19 @@ def _check_nan(mask: torch.Tensor) -> None:
         raise SafeDitError("attention mask contains NaN; refusing to guess what it means")
 
 
+# Largest |row constant| that is elided. SDPA adds the mask to the logits in float32 (or
+# wider), so a larger constant rounds the logits' low bits away: a row of finfo.min (the usual
+# "masked" sentinel) makes that row uniform, no longer the mask-free result. With |c| <= 2**14
+# the rounding of ``logit + c`` in float32 stays near 2**-10 (diffusers' -10000 still qualifies).
+MAX_ELIDED_ROW_CONSTANT = 2.0**14
+
+
 def is_row_constant(mask: torch.Tensor) -> bool:
     """True iff every query row of ``mask`` adds one finite constant to the logits.
 
     A bool row qualifies only if it is all True; an all-False row turns the output into
-    NaN/undefined, which differs from the mask-free result. Reads values (host sync).
+    NaN/undefined, which differs from the mask-free result. An additive constant also has to be
+    small enough not to swamp the logits (``MAX_ELIDED_ROW_CONSTANT``). Reads values (host sync).
     """
     _check_nan(mask)
     m = _as4d(mask)
@@ -61,7 +69,9 @@ def is_row_constant(mask: torch.Tensor) -> bool:
         return bool(m.all())
     if not bool(torch.isfinite(m).all()):
         return False
-    return bool((m == m[..., :1]).all())
+    if not bool((m == m[..., :1]).all()):
+        return False
+    return bool((m.abs() <= MAX_ELIDED_ROW_CONSTANT).all())
 
 
 @dataclass(frozen=True)
@@ -213,5 +223,8 @@ def attention(
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
     d = decide(mask, query, key, rewrite)
     if d.keep:
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+        # As 4-D: SDPA rejects a 1-D mask that validate_mask (and broadcasting) accepts.
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=_as4d(mask), scale=scale
+        )
     return sdpa_with_plan(query, key, value, d.plan, scale)
