@@ -18,10 +18,11 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import record_function
 
 from .api import apply_safe_dit, remove_safe_dit, runtime_of
 from .config import SafeConfig
+from .envinfo import quiet_profiler
 
 _TAG = "safe_dit.sdpa#"
 KERNEL_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn")
@@ -117,7 +118,7 @@ def trace_forward(model: torch.nn.Module, inputs: dict) -> list[dict]:
     recorder = _SdpaRecorder(model, runtime)
     try:
         with ExitStack() as stack:
-            prof = stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
+            prof = stack.enter_context(quiet_profiler())
             stack.enter_context(torch.no_grad())
             stack.enter_context(recorder)
             model(**inputs)

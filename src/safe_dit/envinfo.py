@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import sys
 import statistics
 import time
 from typing import Callable
@@ -77,9 +79,7 @@ def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler() as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -88,3 +88,22 @@ def peak_memory_mb(fn: Callable[[], object], device: str = "cpu") -> float:
         current += e.nbytes()
         peak = max(peak, current)
     return peak / 2**20
+
+
+@contextlib.contextmanager
+def quiet_profiler():
+    """A CPU profiler whose native 'USDT ... profiler_start/stop' lines (written straight to fd 2
+    by this torch build, not silenced by any log level) are dropped; Python errors still raise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield prof
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .config import SafeDitError
-from .envinfo import environment, peak_memory_mb, synchronize
+from .envinfo import environment, peak_memory_mb, quiet_profiler, synchronize
 
 MASKS = ("bool-full", "bool-expanded", "additive-zero", "additive-rowconst", "key-padding")
 REDUNDANT = {m: m != "key-padding" for m in MASKS}
@@ -59,10 +59,13 @@ def build_mask(kind: str, batch: int, heads: int, n: int, dtype: torch.dtype, de
 def _kernels(fn, device: str) -> list[str]:
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=acts) as prof:
-        fn()
-        synchronize(device)
+    if device.startswith("cuda"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            synchronize(device)
+    else:
+        with quiet_profiler() as prof:
+            fn()
     names = []
     for ev in prof.events():
         name = ev.name
