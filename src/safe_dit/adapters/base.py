@@ -16,27 +16,40 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ForwardState:
-    """Per-forward scratch state: lives from the model's forward pre-hook to its post-hook."""
+    """Per-forward scratch state: lives from the model's forward pre-hook to its post-hook.
 
-    certified: dict[int, tuple[torch.Tensor, str]] = field(default_factory=dict)
-    decisions: dict[int, tuple[torch.Tensor, MaskDecision]] = field(default_factory=dict)
+    Masks are matched by object identity (``is``), never by value: a handful of entries per
+    forward, and identity checks trace cleanly under torch.compile."""
+
+    certified: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
         """Record that ``mask`` (this very tensor object) is all-valid by construction."""
-        self.certified[id(mask)] = (mask, why)
+        self.certified.append((mask, why))
 
     def certification(self, mask: torch.Tensor) -> str | None:
-        hit = self.certified.get(id(mask))
-        return hit[1] if hit is not None and hit[0] is mask else None
+        for known, why in self.certified:
+            if known is mask:
+                return why
+        return None
 
     def key_padding_decision(self, mask: torch.Tensor, rewrite: bool) -> MaskDecision:
-        """Decide once per forward for a compact key-padding mask [B, Lk] of unknown origin."""
-        hit = self.decisions.get(id(mask))
-        if hit is not None and hit[0] is mask:
-            return hit[1]
+        """Decide once per forward for a compact key-padding mask [B, Lk] of unknown origin.
+
+        Under torch.compile no value is read (that would be a graph break and a host sync per
+        call): the mask is kept as shipped, which is exact by definition."""
+        if torch.compiler.is_compiling():
+            return _KEPT_UNDER_COMPILE
+        for known, decision in self.decisions:
+            if known is mask:
+                return decision
         decision = decide_key_padding(mask, rewrite)
-        self.decisions[id(mask)] = (mask, decision)
+        self.decisions.append((mask, decision))
         return decision
+
+
+_KEPT_UNDER_COMPILE = MaskDecision("kept: padding (torch.compile: no value reads)")
 
 
 def decide_key_padding(mask: torch.Tensor, rewrite: bool) -> MaskDecision:
