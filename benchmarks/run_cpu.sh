@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Regenerates the committed CPU results (run on a quiet machine; ~70 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/results
+mkdir -p "$out"
+tag=${TAG:-cpu}
+# 1. MIDT sweep: N 1024..8192, head dims 64/72/80/128, float32 + bfloat16, 2 heads.
+safe-dit midt --no-progress --json "$out/midt-$tag.json" --plot "$out/midt-$tag.png" > "$out/midt-$tag.txt"
+# 2. Forward pass, stock dense vs dense-fp vs mask-free oracle, Lumina-Next-2B attention shape
+#    (hidden 2304, 32 heads x 72, 8 KV heads), 1 block, batch 1.
+safe-dit bench forward --no-progress --tokens 1024 4096 9216 --layers 1 --repeats 3 \
+  --json "$out/forward-$tag.json" --plot "$out/forward-$tag.png" > "$out/forward-$tag.txt"
+# 3. End to end through LuminaPipeline, CFG batch 2, 20 steps, head dim 72 at half width on CPU.
+safe-dit bench e2e --no-progress --tokens 4096 9216 16384 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
+  --steps 20 --repeats 2 --time-up-to 9216 \
+  --json "$out/e2e-$tag.json" --plot "$out/e2e-$tag.png" > "$out/e2e-$tag.txt"
