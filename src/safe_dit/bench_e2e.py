@@ -16,7 +16,6 @@ of 1024², 1536², 2048², 2560² images (VAE factor 8, patch 2).
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -26,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from .api import apply_safe_dit, remove_safe_dit, runtime_of
-from .bench_forward import DTYPES, _is_oom
 from .config import SafeConfig, SafeDitError
 from .envinfo import environment, peak_memory_mb
+from .report import DTYPES, add_output_arguments, emit, is_oom, pyplot
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
@@ -87,7 +86,7 @@ def run_e2e(args, progress: bool = True) -> dict:
                     call(short)
                 status[mode] = "ok"
             except RuntimeError as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 status[mode] = "oom"
             bar.update(1)
@@ -184,10 +183,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summ = [s for s in result["summary"] if "tokens" in s]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -245,9 +241,7 @@ def configure_parser(p) -> None:
                    help="larger token counts are only probed (runs or OOM, peak memory), not timed (default 9216)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
     p.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 64 and 256 tokens, 6 steps")
-    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG plot here")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -262,11 +256,4 @@ def run(args) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
     result = run_e2e(args, progress=not args.no_progress)
-    print(format_table(result))
-    if args.plot:
-        plot(result, args.plot)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(result, indent=1) + "\n")
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, format_table(result), args, plot)

@@ -14,7 +14,6 @@ heads) with random weights and 2 blocks on CPU; image token counts 1024, 4096, 9
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -27,9 +26,9 @@ from .adapters.lumina_next import SafeLuminaAttnProcessor
 from .api import apply_safe_dit, remove_safe_dit
 from .config import SafeConfig, SafeDitError
 from .envinfo import environment, peak_memory_mb
+from .report import DTYPES, add_output_arguments, emit, is_oom, pyplot
 
 MODES = ("dense", "dense-fp", "maskless-oracle")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class _OracleProcessor(SafeLuminaAttnProcessor):
@@ -53,11 +52,6 @@ def _set_mode(model, mode: str, originals: dict) -> None:
         for name, module in model.named_modules():
             if name in originals:
                 module.set_processor(_OracleProcessor())
-
-
-def _is_oom(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def run_forward_bench(
@@ -91,7 +85,7 @@ def run_forward_bench(
             try:
                 outputs[mode] = forward().float()
             except RuntimeError as err:
-                if not _is_oom(err):
+                if not is_oom(err):
                     raise
                 status[mode] = "oom"
             bar.update(1)
@@ -178,10 +172,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summ = [s for s in result["summary"] if "dense_over_dense_fp" in s]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -221,9 +212,7 @@ def configure_parser(p) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="CI-sized run: tiny model, 64 and 256 tokens")
-    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG plot here")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -238,12 +227,4 @@ def run(args) -> int:
         raise SafeDitError("float16 is only benchmarked on CUDA; use float32 or bfloat16 on CPU")
     result = run_forward_bench(args.tokens, args.preset, args.layers, args.batch, args.dtype, args.repeats,
                                args.warmup, args.device, progress=not args.no_progress)
-    print(format_table(result))
-    if args.plot:
-        plot(result, args.plot)
-    text = json.dumps(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(result, indent=1) + "\n")
-    sys.stdout.write(text + "\n")
-    return 0
+    return emit(result, format_table(result), args, plot)

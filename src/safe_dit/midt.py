@@ -20,7 +20,6 @@ rewrite runs).
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -31,10 +30,10 @@ from tqdm import tqdm
 
 from .config import SafeDitError
 from .envinfo import environment, peak_memory_mb, quiet_profiler, synchronize
+from .report import DTYPES, add_output_arguments, emit, pyplot
 
 MASKS = ("bool-full", "bool-expanded", "additive-zero", "additive-rowconst", "key-padding")
 REDUNDANT = {m: m != "key-padding" for m in MASKS}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 KERNEL_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn")
 GPU_KERNEL_WORDS = ("flash", "fmha", "efficient", "cudnn", "attention")
@@ -181,10 +180,7 @@ def format_table(result: dict) -> str:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["cases"]
     head_dims = sorted({r["head_dim"] for r in rows})
@@ -224,9 +220,7 @@ def configure_parser(p) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a small sweep for a first look (< 1 minute on 2 CPU cores)")
-    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
-    p.add_argument("--plot", metavar="PATH", help="write a PNG of tax vs sequence length here")
-    p.add_argument("--no-progress", action="store_true")
+    add_output_arguments(p, "write a PNG of tax vs sequence length here")
     p.set_defaults(func=run)
 
 
@@ -248,11 +242,4 @@ def run(args) -> int:
     heads = args.heads or (24 if args.devices == ["cuda"] else 2)
     result = run_midt(args.seq_lens, args.head_dims, args.dtypes, args.devices, heads, args.batch, args.masks,
                       args.repeats, args.warmup, progress=not args.no_progress)
-    print(format_table(result))
-    if args.plot:
-        plot(result, args.plot)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(result, indent=1) + "\n")
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+    return emit(result, format_table(result), args, plot)
