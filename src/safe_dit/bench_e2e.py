@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .api import apply_safe_dit, remove_safe_dit, runtime_of
 from .config import SafeConfig, SafeDitError
 from .envinfo import environment, peak_memory_mb
-from .report import DTYPES, add_output_arguments, emit, is_oom, pyplot
+from .report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
@@ -198,25 +198,8 @@ def plot(result: dict, path: str) -> None:
     axes[0].set_ylabel("speedup (median end-to-end latency ratio)")
     axes[0].legend(fontsize=8)
     axes[0].set_title("speedup vs resolution")
-    for mode in MODES:
-        pts = [(r["tokens"], r["peak_memory_mb"]) for r in result["rows"] if r["mode"] == mode and r["peak_memory_mb"]]
-        if pts:
-            axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
-        ooms = [r["tokens"] for r in result["rows"] if r["mode"] == mode and r["status"] == "oom"]
-        for t in ooms:
-            axes[1].annotate(f"{mode}: OOM", (t, axes[1].get_ylim()[1] if pts else 1), fontsize=7, rotation=90)
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("image tokens")
-    axes[1].set_ylabel("peak memory (MiB)")
-    axes[1].legend(fontsize=8)
-    axes[1].set_title("peak memory vs resolution")
-    env, st = result["environment"], result["settings"]
-    fig.suptitle(f"Lumina-Next {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {st['steps']} steps, "
-                 f"{st['dtype']}, {env['device']} ({env.get('gpu') or env['processor'][:40]}), torch {env['torch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    memory_axis(axes[1], result["rows"], MODES, "peak memory vs resolution")
+    save_figure(plt, fig, result, path, f"{result['settings']['steps']} steps, ")
 
 
 def configure_parser(p) -> None:

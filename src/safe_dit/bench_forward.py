@@ -26,7 +26,7 @@ from .adapters.lumina_next import SafeLuminaAttnProcessor
 from .api import apply_safe_dit, remove_safe_dit
 from .config import SafeConfig, SafeDitError
 from .envinfo import environment, peak_memory_mb
-from .report import DTYPES, add_output_arguments, emit, is_oom, pyplot
+from .report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "maskless-oracle")
 
@@ -184,21 +184,8 @@ def plot(result: dict, path: str) -> None:
     axes[0].set_ylabel("speedup (median latency ratio)")
     axes[0].set_title("fast-path gain, forward pass")
     axes[0].legend()
-    for mode in ("dense", "dense-fp"):
-        pts = [(r["tokens"], r["peak_memory_mb"]) for r in result["rows"] if r["mode"] == mode and r["peak_memory_mb"]]
-        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("image tokens")
-    axes[1].set_ylabel("peak memory (MiB)")
-    axes[1].set_title("peak memory, forward pass")
-    axes[1].legend()
-    env, st = result["environment"], result["settings"]
-    fig.suptitle(f"Lumina-Next {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {st['dtype']}, "
-                 f"{env['device']} ({env['processor'][:40]}), torch {env['torch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    memory_axis(axes[1], result["rows"], ("dense", "dense-fp"), "peak memory, forward pass")
+    save_figure(plt, fig, result, path, "")
 
 
 def configure_parser(p) -> None:

@@ -42,3 +42,31 @@ def pyplot():
 def is_oom(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def memory_axis(ax, rows: list[dict], modes, title: str) -> None:
+    """Peak memory vs image tokens, one line per mode, OOM rows marked."""
+    for mode in modes:
+        pts = [(r["tokens"], r["peak_memory_mb"]) for r in rows if r["mode"] == mode and r["peak_memory_mb"]]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+        for r in rows:
+            if r["mode"] == mode and r["status"] == "oom":
+                ax.axvline(r["tokens"], color="red", lw=0.6, ls=":")
+                ax.annotate(f"{mode}: OOM", (r["tokens"], 0.5), xycoords=("data", "axes fraction"), fontsize=7, rotation=90)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("image tokens")
+    ax.set_ylabel("peak memory (MiB)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
+def save_figure(plt, fig, result: dict, path: str, what: str) -> None:
+    """Title names the model shape, dtype, device and torch version; then PNG at 120 dpi."""
+    env, st = result["environment"], result["settings"]
+    fig.suptitle(f"Lumina-Next {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {what}{st['dtype']}, "
+                 f"{env['device']} ({env.get('gpu') or env['processor'][:40]}), torch {env['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
