@@ -10,6 +10,7 @@ DESCRIPTION = """\
 safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer inference
 (SAFE-DiT, arXiv 2606.29360) for PyTorch and diffusers.
 
+  safe-dit generate      one image under dense / dense-fp / safe-core / safe-sw, with its sensitivity map
   safe-dit midt          measure the Mask-Induced Dispatch Tax of SDPA on this machine
   safe-dit audit         list every attention call of a model: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
@@ -19,7 +20,7 @@ Run 'safe-dit COMMAND --help' for the options of each command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, audit, bench_e2e, bench_forward, midt
+    from . import __version__, audit, bench_e2e, bench_forward, generate, midt
 
     parser = argparse.ArgumentParser(
         prog="safe-dit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"safe-dit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what safe-dit does")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    generate.configure_parser(sub.add_parser("generate", help="generate an image under a safe-dit mode",
+                                             description=generate.__doc__,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     midt.configure_parser(sub.add_parser("midt", help="measure the Mask-Induced Dispatch Tax", description=midt.__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter))
     audit.configure_parser(sub.add_parser("audit", help="audit every attention call of a model", description=audit.__doc__,

@@ -95,3 +95,32 @@ def build_lumina_pipeline(transformer: LuminaNextDiT2DModel | None = None, seed:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+TINY_WORDS = (
+    "<pad> <eos> <bos> <unk> a an the and red green blue yellow white black gray orange purple circle square "
+    "triangle at in top bottom left right center middle on background of photo"
+).split()
+
+
+def build_tiny_text_pipeline(seed: int = 0):
+    """A complete, randomly initialised ``LuminaPipeline`` that takes text prompts offline: a
+    word-level tokenizer built in code (Gemma-style ``<bos>`` first), a tiny random Gemma text
+    encoder, the tiny transformer and VAE. For smoke tests of the CLI: it draws noise."""
+    from diffusers import LuminaPipeline
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from transformers import GemmaConfig, GemmaModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_WORDS)}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>", padding_side="right")
+    torch.manual_seed(seed)
+    text_encoder = GemmaModel(GemmaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
+    base = build_lumina_pipeline(seed=seed)
+    pipe = LuminaPipeline(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
+                          text_encoder=text_encoder, tokenizer=tokenizer)
+    return pipe

@@ -79,6 +79,7 @@ class Runtime:
         self.last_report: dict | None = None
         self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
         self.last_index: torch.Tensor | None = None  # [B, K] its sensitive tokens
+        self.last_grid: tuple[int, int] | None = None  # (h, w) token grid of that map
         self.special_leading_tokens = special_leading_tokens
 
     def finish_generation(self) -> None:
@@ -86,7 +87,7 @@ class Runtime:
         gen = self.generation
         if gen is not None:
             self.last_report = gen.report()
-            self.last_sensitivity, self.last_index = gen.sensitivity, gen.index
+            self.last_sensitivity, self.last_index, self.last_grid = gen.sensitivity, gen.index, gen.grid
         self.generation = None
         self.explicit_generation = False
 

@@ -1,0 +1,65 @@
+"""safe-dit generate on the offline tiny-random pipeline: files, summary, atomic writes, errors."""
+
+import json
+
+import pytest
+
+from safe_dit.cli import main
+
+
+def _gen(tmp_path, *extra):
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle at top left", "--model", "tiny-random", "--height", "64", "--width", "96",
+                 "--steps", "6", "--out", str(out), *extra])
+    return code, out
+
+
+def test_safe_core_writes_image_overlay_and_summary(tmp_path, capsys):
+    code, out = _gen(tmp_path)
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out.stat().st_size > 0
+    assert (tmp_path / "img.sensitivity.png").stat().st_size > 0
+    assert json.loads((tmp_path / "img.json").read_text()) == summary
+    assert summary["mode"] == "safe-core" and summary["seconds"] > 0 and summary["peak_memory_mb"] > 0
+    n = summary["tokens_per_step"][0]
+    assert summary["step_kinds"][:2] == ["warmup", "warmup"]
+    assert min(summary["tokens_per_step"]) == -(-n // 4)  # keep_ratio 0.25 at selective steps
+    assert 0 < summary["flop_ratio_vs_dense"] < 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.json", "img.png", "img.sensitivity.png"]  # no temp files
+
+
+def test_dense_fp_has_no_map_and_full_work(tmp_path, capsys):
+    code, out = _gen(tmp_path, "--mode", "dense-fp")
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["flop_ratio_vs_dense"] == 1.0 and summary["tokens_per_step"] is None
+    assert "sensitivity_overlay" not in summary["files"]
+
+
+def test_interrupted_save_leaves_no_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    def boom(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _gen(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--out", "x.gif"], "--out must end in"),
+    (["--height", "50"], "multiples of 16"),
+    (["--keep-ratio", "0"], "keep_ratio"),
+])
+def test_bad_arguments(tmp_path, capsys, extra, match):
+    code, _ = _gen(tmp_path, *extra)
+    assert code == 2 and match in capsys.readouterr().err
+
+
+def test_unloadable_model_is_explained(tmp_path, capsys):
+    code = main(["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")])
+    assert code == 2
+    assert "without downloading" in capsys.readouterr().err
