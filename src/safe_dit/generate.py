@@ -6,9 +6,10 @@ fraction of dense token-work done (the FLOP ratio vs dense: linear layers scale 
 computed, attention with sensitive queries x all keys). Files are written atomically: a
 crashed or interrupted run never leaves a half-written image.
 
---model takes a local diffusers LuminaPipeline directory (or a hub id already in your local
-cache); nothing is downloaded. `--model tiny-random` builds a tiny randomly initialised
-pipeline offline: it exercises every code path in seconds but draws noise.
+--model defaults to the embedded shapes model (``safe_dit.default_model``: a small trained
+Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers LuminaPipeline directory
+(or a hub id already in your local cache; nothing is downloaded), or `tiny-random`, a tiny
+randomly initialised pipeline that exercises every code path in seconds but draws noise.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from .envinfo import environment
 from .report import DTYPES
 
 
+DEFAULT_MODEL = "default"
+
+
 def load_pipeline(model: str, dtype: torch.dtype, device: str):
+    if model == DEFAULT_MODEL:
+        from .default_model import load_default_pipeline
+
+        return load_default_pipeline(dtype=dtype).to(device)
     if model == "tiny-random":
         from .models import build_tiny_text_pipeline
 
@@ -75,12 +83,13 @@ def sensitivity_overlay(image, sensitivity: torch.Tensor, grid: tuple[int, int])
 def configure_parser(p) -> None:
     d = SafeConfig("safe-sw")
     p.add_argument("prompt", help="the text prompt")
-    p.add_argument("--model", required=True,
-                   help="local diffusers LuminaPipeline directory, or tiny-random (no embedded default model yet)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="'default' (the embedded 64x64 shapes model, offline), a local diffusers "
+                        "LuminaPipeline directory, or tiny-random (noise, for smoke tests)")
     p.add_argument("--mode", default="safe-core", choices=MODES, help="default safe-core")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=None, help="pixels; default: the model's native size")
+    p.add_argument("--width", type=int, default=None, help="pixels; default: the model's native size")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
@@ -97,6 +106,9 @@ def configure_parser(p) -> None:
 
 
 def run(args) -> int:
+    native = 64 if args.model == DEFAULT_MODEL else 1024
+    args.height = args.height or native
+    args.width = args.width or native
     if args.height < 16 or args.width < 16 or args.height % 16 or args.width % 16:
         raise SafeDitError("--height and --width must be positive multiples of 16")
     if args.steps < 1:

