@@ -1,0 +1,90 @@
+"""The embedded default model's machinery: text encoder (offline, hash-checked, states exactly as
+the pipeline computes them), the training script end to end on a micro config, the pixel-space
+pipeline under every mode, and the shapes world's captions."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit, shapes
+from safe_dit import default_model as dm
+from safe_dit.config import SafeDitError
+from safe_dit.train import CaptionCache
+from safe_dit.train import main as train_main
+
+MICRO = json.dumps(dict(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=2))
+
+
+@pytest.fixture(scope="module")
+def micro_model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    assert train_main(["--steps", "3", "--batch", "4", "--log-every", "1", "--save-every", "2", "--quiet",
+                       "--config-overrides", MICRO, "--out", str(out)]) == 0
+    return out
+
+
+def test_text_encoder_hash_is_checked(monkeypatch):
+    monkeypatch.setattr(dm, "TEXT_ENCODER_SHA256", "0" * 64)
+    with pytest.raises(SafeDitError, match="sha256"):
+        dm.load_text_encoder()
+
+
+def test_training_writes_a_loadable_fp16_checkpoint_and_log(micro_model_dir):
+    record = json.loads((micro_model_dir / "training.json").read_text())
+    assert record["steps"] == 3 and [e["step"] for e in record["log"]] == [1, 2, 3]
+    assert all(np.isfinite(e["loss"]) for e in record["log"])
+    from safetensors import safe_open
+
+    with safe_open(micro_model_dir / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    pipe = dm.load_default_pipeline(micro_model_dir)
+    assert pipe.transformer.config.hidden_size == 32 and pipe.transformer.dtype == torch.float32
+
+
+def test_caption_cache_matches_the_pipelines_own_text_states(micro_model_dir):
+    pipe = dm.load_default_pipeline(micro_model_dir)
+    prompt = "a red circle at the top left and a blue square at the center on a gray background"
+    pe, pm, ne, nm = pipe.encode_prompt(prompt, True, device="cpu", clean_caption=False)
+    states, mask = CaptionCache(pipe.tokenizer, pipe.text_encoder)([prompt, ""])
+    n = int(pm.sum())
+    assert torch.equal(mask[0], pm[0]) and int(mask[1].sum()) == int(nm.sum()) == 2
+    torch.testing.assert_close(states[0, :n], pe[0, :n], rtol=0, atol=0)
+    torch.testing.assert_close(states[1, :2], ne[0, :2], rtol=0, atol=0)
+
+
+def test_pixel_pipeline_runs_every_mode_at_native_and_other_sizes(micro_model_dir):
+    pipe = dm.load_default_pipeline(micro_model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    outs = {}
+    for mode in ("dense", "dense-fp", "safe-core", "safe-sw"):
+        apply_safe_dit(pipe, SafeConfig(mode))
+        for h, w in ((64, 64), (48, 80)):
+            img = pipe("a red circle at the top left on a gray background", height=h, width=w, num_inference_steps=8,
+                       clean_caption=False, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+            assert img.shape == (h, w, 3) and np.isfinite(img).all()
+            outs[mode, h] = img
+        remove_safe_dit(pipe)
+    np.testing.assert_allclose(outs["dense-fp", 64], outs["dense", 64], atol=1e-5)
+
+
+def test_captions_round_trip_and_renders_are_deterministic():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = shapes.sample_scene(rng)
+        assert shapes.parse_caption(shapes.caption(scene)) == scene
+    scene = shapes.sample_scene(random.Random(1), two_object_prob=1.0)
+    assert np.array_equal(shapes.render(scene, random.Random(3)), shapes.render(scene, random.Random(3)))
+    with pytest.raises(ValueError, match="colour"):
+        shapes.Obj("mauve", "circle", (0, 0))
+    with pytest.raises(ValueError, match="share"):
+        shapes.Scene("white", (shapes.Obj("red", "circle", (0, 0)), shapes.Obj("blue", "square", (0, 0))))
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        shapes.parse_caption("a photo of a cat")
+
+
+def test_missing_weights_get_a_clear_error(tmp_path):
+    with pytest.raises(SafeDitError, match="no trained transformer"):
+        dm.load_default_pipeline(tmp_path)
