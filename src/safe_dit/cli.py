@@ -11,6 +11,7 @@ safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer infe
 (SAFE-DiT, arXiv 2606.29360) for PyTorch and diffusers.
 
   safe-dit generate      one image under dense / dense-fp / safe-core / safe-sw, with its sensitivity map
+  safe-dit eval          prompt alignment, paired PSNR/SSIM and latency of every mode on the embedded model
   safe-dit midt          measure the Mask-Induced Dispatch Tax of SDPA on this machine
   safe-dit audit         list every attention call of a model: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
@@ -20,7 +21,7 @@ Run 'safe-dit COMMAND --help' for the options of each command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, audit, bench_e2e, bench_forward, generate, midt
+    from . import __version__, audit, bench_e2e, bench_forward, evaluate, generate, midt
 
     parser = argparse.ArgumentParser(
         prog="safe-dit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     generate.configure_parser(sub.add_parser("generate", help="generate an image under a safe-dit mode",
                                              description=generate.__doc__,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
+    evaluate.configure_parser(sub.add_parser("eval", help="quality and latency of every mode on the embedded model",
+                                             description=evaluate.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     midt.configure_parser(sub.add_parser("midt", help="measure the Mask-Induced Dispatch Tax", description=midt.__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter))

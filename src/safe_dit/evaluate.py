@@ -1,0 +1,229 @@
+"""Quality of each mode on the embedded shapes model: a fixed, seeded prompt set through dense,
+dense-fp, safe-core and safe-sw, interleaved per prompt on the same pipeline and seeds.
+
+Reported per mode: prompt alignment graded by the automatic checker (background, colour, shape,
+position, object count; `accuracy` = fraction of prompts with every attribute right), paired
+PSNR and SSIM against dense-fp (same prompt, same seed), median seconds per image and the ratio
+to dense. Writes a table, a JSON file, a side-by-side image grid PNG (prompts x modes) and, as the
+last stdout line, one JSON object {"modes": {mode: {accuracy, psnr_vs_dense_fp, ...}}}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checker, shapes
+from .api import apply_safe_dit, remove_safe_dit, runtime_of
+from .config import MODES, SafeConfig, SafeDitError
+from .envinfo import environment
+from .report import add_output_arguments, emit, pyplot
+
+REFERENCE = "dense-fp"
+ATTRIBUTES = ("background", "color", "shape", "position", "count")
+
+
+def prompt_set(n_single: int, n_two: int, seed: int = 0) -> list[shapes.Scene]:
+    """A fixed prompt set: ``n_single`` one-object scenes spread over every colour, shape, cell and
+    background (a seeded shuffle of all of them), then ``n_two`` seeded two-object scenes."""
+    rng = random.Random(seed)
+    singles = shapes.all_single_scenes()
+    rng.shuffle(singles)
+    twos = []
+    while len(twos) < n_two:
+        s = shapes.sample_scene(rng, two_object_prob=1.0)
+        if s not in twos:
+            twos.append(s)
+    return singles[:n_single] + twos
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two uint8 HxWx3 images (Gaussian window 11, sigma 1.5, per channel; Wang et al. 2004)."""
+    x = torch.from_numpy(a).permute(2, 0, 1)[:, None].double()
+    y = torch.from_numpy(b).permute(2, 0, 1)[:, None].double()
+    g = torch.exp(-((torch.arange(11) - 5.0) ** 2) / (2 * 1.5**2)).double()
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :])[None, None]
+    blur = lambda t: torch.nn.functional.conv2d(t, w)  # noqa: E731 - valid window, as in the reference
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def mode_config(mode: str, args) -> SafeConfig:
+    fields = {k: getattr(args, k) for k in ("keep_ratio", "warmup_steps", "anchor_interval", "tail_dense_steps",
+                                             "cfg_context", "cfg_sensitive") if getattr(args, k, None) is not None}
+    return SafeConfig(mode, **fields)
+
+
+def generate(pipe, prompt: str, seed: int, steps: int, guidance: float) -> tuple[np.ndarray, float]:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, clean_caption=False,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    seconds = time.perf_counter() - t0
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), seconds
+
+
+def evaluate(pipe, scenes: list[shapes.Scene], modes: list[str], args, progress: bool = True) -> dict:
+    if REFERENCE not in modes:
+        raise SafeDitError(f"the paired metrics need {REFERENCE!r} among the modes")
+    configs = {m: mode_config(m, args) for m in modes}
+    # one untimed image per mode first: lazy initialisation stays out of the timings
+    for m in modes:
+        apply_safe_dit(pipe, configs[m])
+        generate(pipe, shapes.caption(scenes[0]), args.seed, args.steps, args.guidance)
+        remove_safe_dit(pipe)
+    images = {m: [] for m in modes}
+    rows = []
+    bar = tqdm(total=len(scenes) * len(modes), desc="eval", disable=not progress, file=sys.stderr)
+    for i, scene in enumerate(scenes):
+        prompt = shapes.caption(scene)
+        for m in modes:  # interleaved: every mode sees the same machine state for this prompt
+            apply_safe_dit(pipe, configs[m])
+            img, seconds = generate(pipe, prompt, args.seed + i, args.steps, args.guidance)
+            rt = runtime_of(pipe)
+            report = rt.last_report if rt is not None and configs[m].scheduled else None
+            remove_safe_dit(pipe)
+            images[m].append(img)
+            grade = checker.grade(img, scene)
+            rows.append(dict(index=i, prompt=prompt, objects=len(scene.objects), seed=args.seed + i, mode=m, seconds=seconds,
+                             token_fraction=report["token_fraction"] if report else 1.0,
+                             grade={k: bool(v) for k, v in grade.items()}))
+            bar.update()
+    bar.close()
+    for r in rows:
+        ref, img = images[REFERENCE][r["index"]], images[r["mode"]][r["index"]]
+        r["psnr_vs_dense_fp"], r["ssim_vs_dense_fp"] = psnr(img, ref), ssim(img, ref)
+    summary = {}
+    baseline = "dense" if "dense" in modes else REFERENCE
+    base_s = statistics.median(r["seconds"] for r in rows if r["mode"] == baseline)
+    for m in modes:
+        mr = [r for r in rows if r["mode"] == m]
+        sec = statistics.median(r["seconds"] for r in mr)
+        entry = dict(
+            accuracy=float(np.mean([r["grade"]["all"] for r in mr])),
+            attributes={a: float(np.mean([r["grade"][a] for r in mr])) for a in ATTRIBUTES},
+            psnr_vs_dense_fp=float(np.mean([min(r["psnr_vs_dense_fp"], 100.0) for r in mr])),
+            ssim_vs_dense_fp=float(np.mean([r["ssim_vs_dense_fp"] for r in mr])),
+            seconds=sec, speedup=base_s / sec, speedup_baseline=baseline,
+            token_fraction=float(np.mean([r["token_fraction"] for r in mr])),
+            config=dataclasses.asdict(configs[m]),
+        )
+        for n, name in ((1, "single_object"), (2, "two_object")):
+            sub = [r for r in mr if r["objects"] == n]
+            if sub:
+                entry[f"accuracy_{name}"] = float(np.mean([r["grade"]["all"] for r in sub]))
+                entry[f"attributes_{name}"] = {a: float(np.mean([r["grade"][a] for r in sub])) for a in ATTRIBUTES}
+        summary[m] = entry
+    return dict(benchmark="eval", modes=summary, rows=rows, images=images)
+
+
+def table(result: dict) -> str:
+    modes = result["modes"]
+    head = f"{'mode':10} {'all':>6} {'1-obj':>6} {'2-obj':>6} " + " ".join(f"{a[:5]:>6}" for a in ATTRIBUTES)
+    base = next(iter(modes.values()))["speedup_baseline"]
+    head += f" {'PSNR':>6} {'SSIM':>6} {'s/img':>7} {'vs '+base:>9} {'tokens':>6}"
+    lines = [head]
+    for m, e in modes.items():
+        lines.append(
+            f"{m:10} {e['accuracy']:6.1%} {e.get('accuracy_single_object', float('nan')):6.1%} "
+            f"{e.get('accuracy_two_object', float('nan')):6.1%} "
+            + " ".join(f"{e['attributes'][a]:6.1%}" for a in ATTRIBUTES)
+            + f" {e['psnr_vs_dense_fp']:6.2f} {e['ssim_vs_dense_fp']:6.4f} {e['seconds']:7.3f}"
+            f" {e['speedup']:8.2f}x {e['token_fraction']:6.3f}"
+        )
+    s = result["settings"]
+    lines.append(f"{s['prompts']} prompts ({s['single']} one-object, {s['two']} two-object), {s['steps']} steps, "
+                 f"guidance {s['guidance']}, seed {s['seed']}; PSNR/SSIM paired against {REFERENCE} (identical: PSNR 100)")
+    return "\n".join(lines)
+
+
+def save_grid(result: dict, images: dict, path: str, max_rows: int = 12) -> None:
+    plt = pyplot()
+    modes = list(images)
+    prompts = [r["prompt"] for r in result["rows"] if r["mode"] == modes[0]][:max_rows]
+    fig, axes = plt.subplots(len(prompts), len(modes), figsize=(1.6 * len(modes) + 2.6, 1.6 * len(prompts)),
+                             squeeze=False)
+    for i, prompt in enumerate(prompts):
+        for j, m in enumerate(modes):
+            ax = axes[i][j]
+            ax.imshow(images[m][i], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            ok = next(r["grade"]["all"] for r in result["rows"] if r["mode"] == m and r["prompt"] == prompt)
+            for side in ax.spines.values():
+                side.set_color("green" if ok else "red")
+                side.set_linewidth(2)
+            if i == 0:
+                ax.set_title(m, fontsize=9)
+        axes[i][0].set_ylabel(prompt.replace(" and ", "\nand ").replace(" on a ", "\non a "), fontsize=6,
+                              rotation=0, ha="right", va="center")
+    fig.suptitle("same prompt and seed per row; frame green = checker says every attribute right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def configure_parser(p) -> None:
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="default: all four")
+    p.add_argument("--model", default=None, help="directory of a shapes transformer (default: the embedded one)")
+    p.add_argument("--single", type=int, default=54, help="one-object prompts (default 54)")
+    p.add_argument("--two", type=int, default=30, help="two-object prompts (default 30)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-ratio", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--anchor-interval", type=int, default=None)
+    p.add_argument("--tail-dense-steps", type=int, default=None)
+    p.add_argument("--cfg-context", type=float, default=None)
+    p.add_argument("--cfg-sensitive", type=float, default=None)
+    p.add_argument("--quick", action="store_true", help="6 prompts, 12 steps (CI-sized)")
+    p.add_argument("--grid", metavar="PATH", help="write the prompts x modes image grid PNG here")
+    add_output_arguments(p, plot_help="same as --grid")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .default_model import load_default_pipeline
+
+    if args.quick:
+        args.single, args.two, args.steps = 4, 2, 12
+    if args.single < 0 or args.two < 0 or args.single + args.two == 0:
+        raise SafeDitError("--single and --two must be >= 0 and not both 0")
+    if args.steps < 1:
+        raise SafeDitError("--steps must be >= 1")
+    modes = list(dict.fromkeys(args.modes))
+    if REFERENCE not in modes:
+        modes.insert(0, REFERENCE)
+    torch.manual_seed(args.seed)
+    pipe = load_default_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = prompt_set(args.single, args.two, args.seed)
+    result = evaluate(pipe, scenes, modes, args, progress=not args.no_progress)
+    images = result.pop("images")
+    result["settings"] = dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
+                              guidance=args.guidance, seed=args.seed, model=args.model or "embedded default")
+    result["environment"] = environment("cpu")
+    grid = args.grid or args.plot
+    if grid:
+        save_grid(result, images, grid)
+    args.plot = None
+    return emit(result, table(result), args, plot=lambda r, p: None)
