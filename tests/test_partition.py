@@ -48,10 +48,11 @@ def test_smooth_preserves_constants_and_range():
 
 
 @pytest.mark.parametrize("steps,warm,interval,tail,expected", [
-    (6, 2, 2, 1, "WWASAT"),
+    (6, 2, 2, 1, "WWSAST"),
     (5, 1, 1, 0, "WAAAA"),
     (4, 4, 3, 0, "WWWW"),
-    (8, 2, 3, 2, "WWASSATT"),
+    (8, 2, 3, 2, "WWSSASTT"),
+    (20, 2, 5, 1, "WWSSSSASSSSASSSSASST"),
 ])
 def test_step_plan(steps, warm, interval, tail, expected):
     letter = {"warmup": "W", "anchor": "A", "selective": "S", "tail": "T"}
@@ -59,5 +60,5 @@ def test_step_plan(steps, warm, interval, tail, expected):
 
 
 def test_dense_fraction():
-    plan = StepPlan(10, 2, 4, 1)  # W W A S S S A S S T
-    assert plan.dense_fraction(0.25) == pytest.approx((5 + 5 * 0.25) / 10)
+    plan = StepPlan(10, 2, 4, 1)  # W W S S S A S S S T
+    assert plan.dense_fraction(0.25) == pytest.approx((4 + 6 * 0.25) / 10)

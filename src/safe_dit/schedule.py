@@ -9,10 +9,10 @@ WARMUP, ANCHOR, SELECTIVE, TAIL = "warmup", "anchor", "selective", "tail"
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Steps ``0..warmup_steps-1`` are dense and feed PCSP; afterwards every ``anchor_interval``-th
-    step is a dense anchor (refreshing all tokens and the K/V caches), the others are selective;
-    the last ``tail_dense_steps`` are dense again. The first step after warm-up is an anchor, so
-    caches always come from the current partition's own dense step."""
+    """Steps ``0..warmup_steps-1`` are dense and feed PCSP. The last warm-up step also fills the
+    SRSU caches (they hold every token's K/V and output, whatever the partition), so it counts as
+    the first anchor: afterwards every ``anchor_interval``-th step is a dense anchor refreshing all
+    tokens and the caches, the others are selective; the last ``tail_dense_steps`` are dense."""
 
     num_steps: int
     warmup_steps: int
@@ -26,7 +26,7 @@ class StepPlan:
             return WARMUP
         if step >= self.num_steps - self.tail_dense_steps:
             return TAIL
-        return ANCHOR if (step - self.warmup_steps) % self.anchor_interval == 0 else SELECTIVE
+        return ANCHOR if (step - self.warmup_steps + 1) % self.anchor_interval == 0 else SELECTIVE
 
     def kinds(self) -> list[str]:
         return [self.kind(i) for i in range(self.num_steps)]

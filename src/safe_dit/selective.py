@@ -90,8 +90,13 @@ class Generation:
         logger.info("PCSP: %d of %d tokens sensitive", self.index.shape[1], score.shape[1])
 
     # -- SRSU caches --------------------------------------------------------------------------
+    @property
+    def refreshes_cache(self) -> bool:
+        """Anchors and the last warm-up step (the first anchor) refill the SRSU caches."""
+        return self.kind == ANCHOR or (self.kind == WARMUP and self.step == self.plan.warmup_steps - 1)
+
     def store_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        if self.kind == ANCHOR:
+        if self.refreshes_cache:
             self.kv[layer] = (key, value)
 
     def merged_kv(self, layer: int, key_rows: torch.Tensor, value_rows: torch.Tensor):
@@ -106,7 +111,7 @@ class Generation:
         return scatter_rows(self.output, self.index, rows)
 
     def store_output(self, out: torch.Tensor) -> None:
-        if self.kind == ANCHOR:
+        if self.refreshes_cache:
             self.output = out
 
     def cache_bytes(self) -> int:

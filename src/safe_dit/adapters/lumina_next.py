@@ -22,7 +22,7 @@ from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel,
 from ..config import SafeConfig, SafeDitError
 from ..masks import sdpa_with_plan
 from ..partition import image_to_text_probs
-from ..schedule import ANCHOR, SELECTIVE
+from ..schedule import SELECTIVE
 from ..selective import Generation
 from .base import Adapter, ForwardState, Handle, Runtime, register
 
@@ -85,7 +85,7 @@ class SafeLuminaAttnProcessor:
             if gen.kind == SELECTIVE:  # SRSU: sensitive rows attend to fresh + cached context K/V
                 key, value = gen.merged_kv(self.layer, key, value)  # [B, N, Hkv, d]
                 seq_len = key.shape[1]  # the proportional scale follows the full sequence
-            elif gen.kind == ANCHOR:
+            elif gen.refreshes_cache:
                 gen.store_kv(self.layer, key, value)
         elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
             self._collect_probs(gen, attn, query, key, attention_mask)
