@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the committed CPU results (run on a quiet machine; ~70 minutes on 2 cores).
+# Regenerates the committed CPU results (run on a quiet machine; about 75 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -11,7 +11,10 @@ safe-dit midt --no-progress --json "$out/midt-$tag.json" --plot "$out/midt-$tag.
 #    (hidden 2304, 32 heads x 72, 8 KV heads), 1 block, batch 1.
 safe-dit bench forward --no-progress --tokens 1024 4096 9216 --layers 1 --repeats 3 \
   --json "$out/forward-$tag.json" --plot "$out/forward-$tag.png" > "$out/forward-$tag.txt"
-# 3. End to end through LuminaPipeline, CFG batch 2, 20 steps, head dim 72 at half width on CPU.
-safe-dit bench e2e --no-progress --tokens 4096 9216 16384 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
-  --steps 20 --repeats 2 --time-up-to 9216 \
+# 3. Quality and latency of every mode on the embedded shapes model (84 prompts, 30 steps).
+safe-dit eval --no-progress --grid "$out/eval-$tag.png" --json "$out/eval-$tag.json" > "$out/eval-$tag.txt"
+# 4. End to end through LuminaPipeline, CFG batch 2, 30 steps (the pipeline's default),
+#    head dim 72 at half the 2B width on CPU, 1 block.
+safe-dit bench e2e --no-progress --tokens 1024 4096 9216 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
+  --steps 30 --repeats 2 --time-up-to 4096 \
   --json "$out/e2e-$tag.json" --plot "$out/e2e-$tag.png" > "$out/e2e-$tag.txt"

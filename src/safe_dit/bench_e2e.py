@@ -77,7 +77,7 @@ def run_e2e(args, progress: bool = True) -> dict:
             ).images
 
         timed = n_tokens <= args.time_up_to
-        short = min(args.steps, configs["safe-core"].warmup_steps + 3)  # warm-up, anchor, selective steps
+        short = min(args.steps, configs["safe-core"].warmup_steps + 3)  # warm-up (dense) and selective steps
         status, times, reports, peaks = {}, {m: [] for m in MODES}, {}, {}
         for mode in MODES:  # warm-up (short call) and OOM probe
             apply_safe_dit(pipe, configs[mode])
