@@ -88,3 +88,11 @@ def test_captions_round_trip_and_renders_are_deterministic():
 def test_missing_weights_get_a_clear_error(tmp_path):
     with pytest.raises(SafeDitError, match="no trained transformer"):
         dm.load_default_pipeline(tmp_path)
+
+
+def test_training_can_continue_from_a_checkpoint(micro_model_dir, tmp_path):
+    out = tmp_path / "continued"
+    assert train_main(["--steps", "1", "--batch", "2", "--quiet", "--config-overrides", MICRO,
+                       "--init-from", str(micro_model_dir), "--out", str(out)]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["continues"]["steps"] == 3 and record["steps"] == 1

@@ -92,6 +92,12 @@ def train(args) -> dict:
     captions = CaptionCache(tokenizer, encoder)
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
     model = build_transformer(args.seed, **overrides).train()
+    previous = {}
+    if args.init_from:  # continue from a saved (EMA, fp16) checkpoint; the optimiser starts afresh
+        start = LuminaNextDiT2DModel.from_pretrained(args.init_from, torch_dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
+        card = Path(args.init_from) / "training.json"
+        previous = json.loads(card.read_text()) if card.is_file() else {}
     ema = build_transformer(args.seed, **overrides).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -111,6 +117,8 @@ def train(args) -> dict:
         seed=args.seed, batch=args.batch, lr=args.lr, ema=args.ema, caption_dropout=args.caption_dropout,
         environment=environment("cpu"), log=[],
     )
+    if previous:  # keep the history of the run this one continues
+        record["continues"] = {k: previous.get(k) for k in ("command", "steps", "train_seconds", "continues")}
     t0 = time.perf_counter()
     running = []
     bar = tqdm(range(args.steps), desc="train", disable=args.quiet)
@@ -132,7 +140,7 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
+            decay = args.ema if args.init_from else min(args.ema, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         running.append(loss.item())
@@ -161,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--init-from", metavar="DIR", help="start from this checkpoint (e.g. the shipped weights)")
     p.add_argument("--config-overrides", default="", help="JSON dict of transformer config overrides (tests)")
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     p.add_argument("--quiet", action="store_true", help="JSON log lines instead of a progress bar")
