@@ -6,7 +6,8 @@ view), what safe-dit decided and why (elided by provenance, kept as semantic, re
 exactly), and the SDPA kernel that ran (from the PyTorch profiler).
 
 Default model: a small randomly initialised Lumina-Next built from a config (no download),
-with a CFG-like batch of 2 whose captions have different padded lengths.
+with a CFG-like batch of 2 whose captions have different padded lengths; ``--model pixart``
+audits a small random PixArt transformer the same way.
 """
 
 from __future__ import annotations
@@ -200,9 +201,11 @@ def format_table(report: dict) -> str:
 
 
 def configure_parser(p) -> None:
-    p.add_argument("--model", default="lumina-next", choices=["lumina-next"],
-                   help="backbone to audit (a small random model built from a config)")
-    p.add_argument("--preset", default="tiny", help="model size preset: tiny or lumina-next-2b (default: tiny)")
+    p.add_argument("--model", default="lumina-next", choices=["lumina-next", "pixart"],
+                   help="backbone to audit, a small random model built from a config: Lumina-Next "
+                        "(LuminaNextDiT2DModel) or PixArt-Sigma/Alpha (PixArtTransformer2DModel)")
+    p.add_argument("--preset", default="tiny",
+                   help="model size preset: tiny or lumina-next-2b (PixArt: tiny) (default: tiny)")
     p.add_argument("--layers", type=int, default=2, help="number of transformer blocks (default: 2)")
     p.add_argument("--height-tokens", type=int, default=8, help="image token rows (default: 8)")
     p.add_argument("--width-tokens", type=int, default=8, help="image token columns (default: 8)")
@@ -219,7 +222,7 @@ def configure_parser(p) -> None:
 
 def run(args) -> int:
     from .config import SafeDitError
-    from .models import build_lumina_next, lumina_inputs
+    from .models import build_lumina_next, build_pixart, lumina_inputs, pixart_inputs
 
     for name in ("layers", "height_tokens", "width_tokens", "batch", "text_len"):
         if getattr(args, name) < 1:
@@ -227,9 +230,13 @@ def run(args) -> int:
     valid = args.valid_lens or [max(1, args.text_len - 3 * i) for i in range(args.batch)]
     if len(valid) != args.batch or any(not 1 <= v <= args.text_len for v in valid):
         raise SafeDitError(f"--valid-lens needs {args.batch} values in [1, {args.text_len}]")
-    model = build_lumina_next(args.preset, num_layers=args.layers)
-    inputs = lumina_inputs(model, args.height_tokens, args.width_tokens, batch=args.batch,
-                           text_len=args.text_len, valid_lens=valid)
+    build, make_inputs = (build_pixart, pixart_inputs) if args.model == "pixart" else (build_lumina_next, lumina_inputs)
+    try:
+        model = build(args.preset, num_layers=args.layers)
+    except ValueError as e:
+        raise SafeDitError(str(e)) from None
+    inputs = make_inputs(model, args.height_tokens, args.width_tokens, batch=args.batch,
+                         text_len=args.text_len, valid_lens=valid)
     report = audit(model, inputs, SafeConfig(args.mode, rewrite_padding=not args.no_rewrite_padding))
     report["settings"] = {k: v for k, v in vars(args).items() if k != "func"} | {"valid_lens": valid}
     print(format_table(report))

@@ -147,6 +147,28 @@ def key_padding_form(mask: torch.Tensor, batch: int, key_len: int) -> torch.Tens
     return first.reshape(batch, key_len)
 
 
+# An additive key bias at or below this discards its key: the key's softmax weight is below e^-1000
+# times a valid key's, which is exactly 0 in every float format unless the logits spread by more than
+# ~900. diffusers' padding bias is -10000 (-9984 after bfloat16 rounding).
+DISCARD_BIAS = -1000.0
+
+
+def key_padding_from_bias(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """The valid-key form [B, Lk] of a per-sample key mask ([B, Lk] or [B, 1, Lk]) that is bool
+    (True = attend) or an additive bias holding only 0 (attend) and <= ``DISCARD_BIAS`` (discard);
+    None for any other mask (it is semantic: keep it). Reads values (host sync)."""
+    if mask.dim() not in (2, 3) or mask.shape[0] != batch or mask.numel() != batch * mask.shape[-1]:
+        return None
+    m = mask.reshape(batch, mask.shape[-1])  # [B, Lk]
+    if m.dtype == torch.bool:
+        return m
+    if not m.dtype.is_floating_point:
+        return None
+    _check_nan(m)
+    valid = m == 0
+    return valid if bool((valid | (m <= DISCARD_BIAS)).all()) else None
+
+
 def sdpa_with_plan(
     query: torch.Tensor,
     key: torch.Tensor,

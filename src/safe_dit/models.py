@@ -124,3 +124,70 @@ def build_tiny_text_pipeline(seed: int = 0):
     pipe = LuminaPipeline(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
                           text_encoder=text_encoder, tokenizer=tokenizer)
     return pipe
+
+
+# -- PixArt (PixArt-Sigma / PixArt-Alpha transformer) ------------------------------------------
+
+PIXART_PRESETS = {
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, caption_channels=24),
+}
+
+
+def build_pixart(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A seeded random ``PixArtTransformer2DModel`` (learned sigma: 8 output channels for 4 latent ones,
+    no additional resolution conditions). Its random AdaLN tables make every gate nonzero."""
+    from diffusers import PixArtTransformer2DModel
+
+    if preset not in PIXART_PRESETS:
+        raise ValueError(f"unknown PixArt preset {preset!r}; choose one of {sorted(PIXART_PRESETS)}")
+    cfg = dict(in_channels=4, out_channels=8, sample_size=16, patch_size=2, norm_num_groups=1)
+    cfg.update(PIXART_PRESETS[preset])
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(**cfg)
+    return (model.to(dtype) if dtype != torch.float32 else model).eval()
+
+
+def pixart_inputs(model, height_tokens: int, width_tokens: int, batch: int = 1, text_len: int = 8,
+                  valid_lens: list[int] | None = None, seed: int = 0, dtype: torch.dtype | None = None,
+                  device: torch.device | str = "cpu") -> dict:
+    """Keyword inputs for ``model(**inputs)`` as ``PixArtSigmaPipeline`` passes them: latents, T5-like
+    caption states [B, T, caption_channels], a prefix ``encoder_attention_mask`` [B, T], timesteps."""
+    cfg = model.config
+    dtype = dtype or next(model.parameters()).dtype
+    p = cfg.patch_size
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, cfg.in_channels, height_tokens * p, width_tokens * p, generator=g)
+    captions = torch.randn(batch, text_len, cfg.caption_channels, generator=g)
+    valid_lens = valid_lens or [text_len] * batch
+    if len(valid_lens) != batch:
+        raise ValueError("valid_lens needs one length per sample")
+    mask = torch.arange(text_len)[None, :] < torch.tensor(valid_lens)[:, None]  # [B, T]
+    timestep = torch.randint(0, 1000, (batch,), generator=g)
+    return dict(
+        hidden_states=latents.to(device, dtype),
+        encoder_hidden_states=captions.to(device, dtype),
+        encoder_attention_mask=mask.to(device, torch.int64),
+        timestep=timestep.to(device),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+
+
+def build_pixart_pipeline(transformer=None, seed: int = 0):
+    """A diffusers ``PixArtSigmaPipeline`` around ``transformer`` with a tiny random VAE, its default
+    DPM-Solver scheduler and no text encoder: call it with ``prompt_embeds``/``prompt_attention_mask``
+    and the negative ones, ``use_resolution_binning=False``."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    transformer = transformer if transformer is not None else build_pixart("tiny", seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=transformer.config.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), norm_num_groups=8, sample_size=32,
+    ).eval()
+    pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

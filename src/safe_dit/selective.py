@@ -43,7 +43,8 @@ class Generation:
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()
         self.grid: tuple[int, int] | None = None
-        self.cfg_batch = False  # batch = [cond; uncond] with identical latents
+        self.cfg_batch = False  # batch = two halves (cond, uncond) with identical latents
+        self.cond_first = True  # [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
         self.sensitivity: torch.Tensor | None = None  # [B, N] in [0, 1]
         self.index: torch.Tensor | None = None  # [B, K] sensitive token positions
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> K, V [B, N, Hkv, d]
@@ -83,7 +84,8 @@ class Generation:
         score = self.accumulator.mean()  # [B, N]
         if self.cfg_batch:
             half = score.shape[0] // 2
-            score = torch.cat([score[:half], score[:half]])  # the unconditional half has no prompt
+            cond = score[:half] if self.cond_first else score[half:]
+            score = torch.cat([cond, cond])  # the unconditional half has no prompt
         self.sensitivity = sensitivity_map(score, self.grid, self.config.smooth_radius)
         self.index = select_sensitive(self.sensitivity, self.config.keep_ratio)
         self.accumulator = SensitivityAccumulator()

@@ -9,7 +9,9 @@ from typing import Callable
 import torch
 
 from ..config import SafeConfig, SafeDitError
-from ..masks import KeyPaddingPlan, MaskDecision
+from ..masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
+from ..schedule import SELECTIVE
+from ..selective import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +36,25 @@ class ForwardState:
                 return why
         return None
 
-    def key_padding_decision(self, mask: torch.Tensor, rewrite: bool) -> MaskDecision:
+    def key_padding_decision(self, mask: torch.Tensor, rewrite: bool, compact=None) -> MaskDecision:
         """Decide once per forward for a compact key-padding mask [B, Lk] of unknown origin.
 
-        Under torch.compile no value is read (that would be a graph break and a host sync per
-        call): the mask is kept as shipped, which is exact by definition."""
+        ``compact`` (optional) turns the mask as the model ships it into that [B, Lk] valid-key form,
+        or None when it is no padding mask (then it is kept). Under torch.compile no value is read
+        (a graph break and a host sync per call): the mask is kept as shipped, exact by definition."""
         if torch.compiler.is_compiling():
             return _KEPT_UNDER_COMPILE
         for known, decision in self.decisions:
             if known is mask:
                 return decision
-        decision = decide_key_padding(mask, rewrite)
+        valid = mask if compact is None else compact(mask)
+        decision = _KEPT_NOT_PADDING if valid is None else decide_key_padding(valid, rewrite)
         self.decisions.append((mask, decision))
         return decision
 
 
 _KEPT_UNDER_COMPILE = MaskDecision("kept: padding (torch.compile: no value reads)")
+_KEPT_NOT_PADDING = MaskDecision("kept: semantic (not a key-padding mask)")
 
 
 def decide_key_padding(mask: torch.Tensor, rewrite: bool) -> MaskDecision:
@@ -66,7 +71,8 @@ def decide_key_padding(mask: torch.Tensor, rewrite: bool) -> MaskDecision:
 class Runtime:
     """What a patched model carries: its config, its per-forward state, an optional trace."""
 
-    def __init__(self, config: SafeConfig, special_leading_tokens: int = 0):
+    def __init__(self, config: SafeConfig, special_leading_tokens: int = 0, special_trailing_tokens: int = 0,
+                 cond_first: bool = True):
         self.config = config
         self.state: ForwardState | None = None
         # Set to a list by `safe_dit.audit` to collect (module name, verdict) per attention call.
@@ -80,7 +86,9 @@ class Runtime:
         self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
         self.last_index: torch.Tensor | None = None  # [B, K] its sensitive tokens
         self.last_grid: tuple[int, int] | None = None  # (h, w) token grid of that map
-        self.special_leading_tokens = special_leading_tokens
+        self.special_leading_tokens = special_leading_tokens  # e.g. Gemma's <bos>
+        self.special_trailing_tokens = special_trailing_tokens  # e.g. T5's </s>, the last valid token
+        self.cond_first = cond_first  # CFG batch order: [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
 
     def finish_generation(self) -> None:
         """Keep the small report and partition; drop the caches with the generation."""
@@ -96,6 +104,10 @@ class Runtime:
         batch = 1 if mask is None else mask.shape[0]
         w = torch.ones(batch, length, device=device) if mask is None else mask.bool().float()
         w[:, : self.special_leading_tokens] = 0
+        if mask is not None:
+            last = mask.bool().long().sum(1, keepdim=True)  # [B, 1] valid length (prefix padding)
+            for i in range(1, self.special_trailing_tokens + 1):
+                w.scatter_(1, (last - i).clamp_min(0), 0.0)
         imp = self.config.text_importance
         if imp is not None:
             n = min(len(imp), length)
@@ -138,6 +150,144 @@ class Adapter:
 
     def attach(self, model: torch.nn.Module, config: SafeConfig, pipe=None) -> Handle:  # pragma: no cover
         raise NotImplementedError
+
+
+def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewrite: bool, stock_mask,
+           compact=None) -> torch.Tensor:
+    """SDPA for one attention call, q/k/v [B, H, L, d] -> [B, H, Lq, d]: no mask; a mask certified
+    by provenance (dropped, no value read); or a mask decided once per forward: kept as the stock
+    processor passes it (``stock_mask()``) or rewritten exactly into mask-free calls."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if mask is None:
+        runtime.record(name, "no mask")
+        return sdpa(query, key, value, scale=scale)
+    state = runtime.state
+    if state is not None:
+        why = state.certification(mask)
+        if why is not None:
+            runtime.record(name, "elided: " + why)
+            return sdpa(query, key, value, scale=scale)
+    if state is None:  # called outside a model forward: decide for this call alone
+        state = ForwardState()
+    decision = state.key_padding_decision(mask, rewrite, compact)
+    runtime.record(name, decision.verdict)
+    if decision.keep:
+        return sdpa(query, key, value, attn_mask=stock_mask(), scale=scale)
+    return sdpa_with_plan(query, key, value, decision.plan, scale)
+
+
+def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object]) -> Callable[[], None]:
+    """Give every diffusers ``Attention`` of ``model`` a new processor; returns the exact undo."""
+    from diffusers.models.attention_processor import Attention
+
+    originals = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            originals[name] = module.processor
+            module.set_processor(make_processor(name))
+
+    def restore():
+        modules = dict(model.named_modules())
+        for name, proc in originals.items():
+            modules[name].set_processor(proc)
+
+    return restore
+
+
+def layer_of(name: str, blocks: str) -> int:
+    """Block index from an attention module name such as ``layers.3.attn1`` (-1 if none)."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == blocks and parts[1].isdigit() else -1
+
+
+class StepTracker:
+    """Model forward pre-hook: which step of which generation this forward is, and what kind of step."""
+
+    def __init__(self, runtime: Runtime, patch: int):
+        self.runtime, self.patch = runtime, patch
+
+    def __call__(self, _model, args, kwargs):
+        rt = self.runtime
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
+        grid = (latents.shape[-2] // self.patch, latents.shape[-1] // self.patch)
+        if rt.explicit_generation:
+            gen = rt.generation
+            step = gen.step + 1
+        elif rt.scheduler is not None:
+            index = rt.scheduler.step_index
+            if index is None or rt.generation is None:  # a new pipeline call
+                rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
+            step = 0 if index is None else index
+            gen = rt.generation
+        else:
+            raise SafeDitError(
+                f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
+                "transformer inside `with safe_dit.generation(transformer, num_steps=...)`"
+            )
+        if step == 0:
+            b = latents.shape[0]
+            gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
+            gen.cond_first = rt.cond_first
+        gen.begin_step(step, grid[0] * grid[1], grid)
+        return None
+
+
+def on_final_tokens(runtime: Runtime):
+    """Forward hook on the last per-token layer (output [B, N or K, p*p*C]): at selective steps
+    context tokens reuse the anchor's output; at dense steps the output is cached."""
+
+    def hook(_module, _inputs, out):
+        gen = runtime.generation
+        if gen is None:
+            return None
+        if gen.kind == SELECTIVE:
+            return gen.scatter_output(out)
+        gen.store_output(out)
+        return None
+
+    return hook
+
+
+def finish_step(runtime: Runtime, guide: Callable):
+    """Model forward hook: SW-CFG (``guide(runtime, gen, output)``) under safe-sw, and the
+    generation's release after its last step."""
+
+    def hook(_model, _inputs, output):
+        gen = runtime.generation
+        if gen is None:
+            return None
+        if runtime.config.mode == "safe-sw" and gen.sensitivity is not None:
+            output = guide(runtime, gen, output)
+        if gen.is_last_step and not runtime.explicit_generation:
+            runtime.finish_generation()  # release partition and caches with the pipeline call
+        return output
+
+    return hook
+
+
+def sensitivity_weighted(runtime: Runtime, gen, output, channels: int | None = None):
+    """SW-CFG where the pipeline guides with u + g(c - u) (on the first ``channels`` channels, all
+    if None): rewrite the cond prediction c' = u + (gamma_i / g)(c - u) so that the pipeline's own
+    u + g(c' - u) equals u + gamma_i (c - u), gamma_i = gamma_c + (gamma_s - gamma_c) s_i."""
+    g = float(getattr(runtime.pipe, "guidance_scale", 0.0) or 0.0)
+    if not gen.cfg_batch or g <= 1.0:
+        return output
+    sample = output[0] if isinstance(output, tuple) else output.sample  # [B, C_out, H, W]
+    half = sample.shape[0] // 2
+    cond_rows, uncond_rows = (slice(0, half), slice(half, None)) if gen.cond_first else (slice(half, None), slice(0, half))
+    c = sample.shape[1] if channels is None else channels
+    cfg = runtime.config
+    h, w = gen.grid
+    p = sample.shape[-1] // w
+    gamma = cfg.cfg_context + (cfg.cfg_sensitive - cfg.cfg_context) * gen.sensitivity[cond_rows]  # [b, N]
+    gamma = gamma.view(half, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).to(sample.dtype)
+    cond, uncond = sample[cond_rows, :c], sample[uncond_rows, :c]
+    guided = sample.clone()
+    guided[cond_rows, :c] = uncond + (gamma / g) * (cond - uncond)
+    if isinstance(output, tuple):
+        return (guided,) + tuple(output[1:])
+    output.sample = guided
+    return output
 
 
 _REGISTRY: list[Adapter] = []

@@ -20,11 +20,10 @@ from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
 
 from ..config import SafeConfig, SafeDitError
-from ..masks import sdpa_with_plan
 from ..partition import image_to_text_probs
 from ..schedule import SELECTIVE
-from ..selective import Generation
-from .base import Adapter, ForwardState, Handle, Runtime, register
+from .base import (Adapter, Handle, Runtime, StepTracker, attend, finish_step, layer_of, on_final_tokens, register,
+                   sensitivity_weighted, swap_processors)
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +41,8 @@ class SafeLuminaAttnProcessor:
         self.runtime = runtime
         self.name = name
         self.rewrite_padding = rewrite_padding
-        parts = name.split(".")
-        self.layer = int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else -1
-        self.is_self = parts[-1] == "attn1"
+        self.layer = layer_of(name, "layers")
+        self.is_self = name.split(".")[-1] == "attn1"
 
     def __call__(
         self,
@@ -115,26 +113,12 @@ class SafeLuminaAttnProcessor:
         gen.collect(probs, self.runtime.text_weights(mask, probs.shape[-1], probs.device))
 
     def _attend(self, attn, query, key, value, mask, scale):
-        sdpa = torch.nn.functional.scaled_dot_product_attention
-        rt = self.runtime
-        if mask is None:
-            rt.record(self.name, "no mask")
-            return sdpa(query, key, value, scale=scale)
-        state = rt.state
-        if state is not None:
-            why = state.certification(mask)
-            if why is not None:
-                rt.record(self.name, "elided: " + why)
-                return sdpa(query, key, value, scale=scale)
-        if state is None:  # called outside a model forward: decide for this call alone
-            state = ForwardState()
-        decision = state.key_padding_decision(mask, self.rewrite_padding)
-        rt.record(self.name, decision.verdict)
-        if decision.keep:
+        def stock_mask():  # what the stock processor passes: the mask expanded to [B, H, Lq, Lk] bool
             b, h, lq = query.shape[:3]
-            full = mask.bool().view(b, 1, 1, -1).expand(-1, h, lq, -1)  # [B, H, Lq, Lk] as stock
-            return sdpa(query, key, value, attn_mask=full, scale=scale)
-        return sdpa_with_plan(query, key, value, decision.plan, scale)
+            return mask.bool().view(b, 1, 1, -1).expand(-1, h, lq, -1)
+
+        return attend(self.runtime, self.name, query, key, value, mask, scale,
+                      rewrite=self.rewrite_padding, stock_mask=stock_mask)
 
 
 class LuminaNextAdapter(Adapter):
@@ -159,7 +143,7 @@ class LuminaNextAdapter(Adapter):
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
-        handle.on_remove(_swap_processors(model, runtime, config))
+        handle.on_remove(swap_processors(model, lambda name: SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding)))
         hooks = [
             model.register_forward_pre_hook(_validate_inputs, with_kwargs=True),
             model.register_forward_pre_hook(runtime.begin),
@@ -183,91 +167,16 @@ class LuminaNextAdapter(Adapter):
 
         hooks.append(model.patch_embedder.register_forward_hook(on_patch_embed))
         if config.scheduled:
-            hooks.append(model.register_forward_pre_hook(_StepTracker(runtime, model.config.patch_size), with_kwargs=True))
-            hooks.append(model.norm_out.register_forward_hook(_on_norm_out(runtime)))
-            hooks.append(model.register_forward_hook(_finish_step(runtime), always_call=True))
+            hooks.append(model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True))
+            hooks.append(model.norm_out.register_forward_hook(on_final_tokens(runtime)))
+            hooks.append(model.register_forward_hook(finish_step(runtime, _sensitivity_weighted), always_call=True))
         handle.on_remove(lambda: [h.remove() for h in hooks])
         return handle
 
 
-class _StepTracker:
-    """Forward pre-hook: which step of which generation this forward is, and what kind of step."""
-
-    def __init__(self, runtime: Runtime, patch: int):
-        self.runtime, self.patch = runtime, patch
-
-    def __call__(self, _model, args, kwargs):
-        rt = self.runtime
-        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
-        grid = (latents.shape[-2] // self.patch, latents.shape[-1] // self.patch)
-        if rt.explicit_generation:
-            gen = rt.generation
-            step = gen.step + 1
-        elif rt.scheduler is not None:
-            index = rt.scheduler.step_index
-            if index is None or rt.generation is None:  # a new pipeline call
-                rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
-            step = 0 if index is None else index
-            gen = rt.generation
-        else:
-            raise SafeDitError(
-                f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
-                "transformer inside `with safe_dit.generation(transformer, num_steps=...)`"
-            )
-        if step == 0:
-            b = latents.shape[0]
-            gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
-        gen.begin_step(step, grid[0] * grid[1], grid)
-        return None
-
-
-def _on_norm_out(runtime: Runtime):
-    def hook(_module, _inputs, out):  # out [B, N or K, p*p*C]
-        gen = runtime.generation
-        if gen is None:
-            return None
-        if gen.kind == SELECTIVE:
-            return gen.scatter_output(out)  # context tokens reuse the anchor's output
-        gen.store_output(out)
-        return None
-
-    return hook
-
-
-def _finish_step(runtime: Runtime):
-    def hook(_model, _inputs, output):
-        gen = runtime.generation
-        if gen is None:
-            return None
-        if runtime.config.mode == "safe-sw" and gen.sensitivity is not None:
-            output = _sensitivity_weighted(runtime, gen, output)
-        if gen.is_last_step and not runtime.explicit_generation:
-            runtime.finish_generation()  # release partition and caches with the pipeline call
-        return output
-
-    return hook
-
-
 def _sensitivity_weighted(runtime: Runtime, gen, output):
-    """SW-CFG where Lumina's pipeline guides (first 3 channels of the cond half): rewrite the cond
-    prediction c' = u + (gamma_i / g)(c - u) so that the pipeline's u + g(c' - u) = u + gamma_i (c - u)."""
-    g = float(getattr(runtime.pipe, "guidance_scale", 0.0) or 0.0)
-    if not gen.cfg_batch or g <= 1.0:
-        return output
-    sample = output[0] if isinstance(output, tuple) else output.sample  # [B, 2C, H, W]
-    half = sample.shape[0] // 2
-    cfg = runtime.config
-    h, w = gen.grid
-    p = sample.shape[-1] // w
-    gamma = cfg.cfg_context + (cfg.cfg_sensitive - cfg.cfg_context) * gen.sensitivity[:half]  # [b, N]
-    gamma = gamma.view(half, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).to(sample.dtype)
-    cond, uncond = sample[:half, :3], sample[half:, :3]
-    guided = sample.clone()
-    guided[:half, :3] = uncond + (gamma / g) * (cond - uncond)
-    if isinstance(output, tuple):
-        return (guided,) + tuple(output[1:])
-    output.sample = guided
-    return output
+    """SW-CFG where Lumina's pipeline guides: the first 3 channels of the [cond; uncond] batch."""
+    return sensitivity_weighted(runtime, gen, output, channels=3)
 
 
 def _validate_inputs(_model, args, kwargs):
@@ -285,21 +194,6 @@ def _validate_inputs(_model, args, kwargs):
     if mask.dtype.is_complex:
         raise SafeDitError(f"encoder_mask must be bool, integer or float, got {mask.dtype}")
     return None
-
-
-def _swap_processors(model, runtime: Runtime, config: SafeConfig):
-    originals = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Attention):
-            originals[name] = module.processor
-            module.set_processor(SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding))
-
-    def restore():
-        modules = dict(model.named_modules())
-        for name, proc in originals.items():
-            modules[name].set_processor(proc)
-
-    return restore
 
 
 register(LuminaNextAdapter())
