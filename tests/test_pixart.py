@@ -164,3 +164,163 @@ def test_audit_cli_has_a_pixart_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "PixArtTransformer2DModel" in out and "masked SDPA calls: stock 2/4  ->  safe-dit 0/6" in out
     assert path.exists()
+
+
+# -- safe-core / safe-sw through PixArtSigmaPipeline ---------------------------------------------
+
+def _embeds(seed, t=8, d=24):
+    return torch.randn((1, t, d), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(pipe, steps=10, height=24, width=40, negative_seed=2, **kw):
+    args = dict(
+        prompt_embeds=_embeds(1), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
+        negative_prompt=None, negative_prompt_embeds=_embeds(negative_seed),
+        negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
+        height=height, width=width, num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
+        use_resolution_binning=False,
+    )
+    args.update(kw)
+    return pipe(generator=torch.Generator().manual_seed(0), **args).images
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pixart_pipeline()
+
+
+@pytest.fixture(scope="module")
+def dense_fp(pipe):
+    dense = _run(pipe)
+    apply_safe_dit(pipe, SafeConfig("dense-fp"))
+    out = _run(pipe)
+    remove_safe_dit(pipe)
+    assert (out - dense).abs().max() <= 1e-5 * dense.abs().max()  # the whole sampling loop, dense vs dense-fp
+    return out
+
+
+def test_keep_ratio_one_reproduces_dense_fp(pipe, dense_fp):
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, warmup_steps=2, anchor_interval=3))
+    out = _run(pipe)
+    report = runtime_of(pipe).last_report
+    remove_safe_dit(pipe)
+    assert "selective" in report["steps"]  # selective steps really ran, on all tokens
+    assert (out - dense_fp).abs().max() <= 1e-5 * dense_fp.abs().max()
+
+
+def test_safe_core_is_token_sparse_and_differs(pipe, dense_fp):
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=4, tail_dense_steps=1))
+    out = _run(pipe)
+    report = runtime_of(pipe).last_report
+    remove_safe_dit(pipe)
+    assert report["steps"] == ["warmup"] * 2 + ["selective"] * 3 + ["anchor"] + ["selective"] * 3 + ["tail"]
+    assert report["tokens_per_step"][0] == 6 * 10 and report["sensitive_tokens"] == 15
+    assert all(t == 15 for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "selective")
+    assert torch.isfinite(out).all() and not torch.allclose(out, dense_fp, atol=1e-4)
+
+
+def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.5))
+    core = _run(pipe)
+    apply_safe_dit(pipe, SafeConfig("safe-sw", keep_ratio=0.5, cfg_context=4.0, cfg_sensitive=4.0))
+    assert "step" in vars(pipe.scheduler)  # safe-sw guides where the scheduler receives the prediction
+    sw_equal = _run(pipe)
+    apply_safe_dit(pipe, SafeConfig("safe-sw", keep_ratio=0.5, cfg_context=2.0, cfg_sensitive=7.0))
+    sw = _run(pipe)
+    remove_safe_dit(pipe)
+    assert "step" not in vars(pipe.scheduler)  # the scheduler's own method again
+    assert (sw_equal - core).abs().max() <= 1e-5 * core.abs().max()
+    assert (sw - core).abs().max() > 1e-3
+
+
+def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
+    """What the scheduler receives is u + gamma_i (c - u) on the latent channels (learned sigma split off)."""
+    from safe_dit.adapters.pixart import _SchedulerGuidance
+    from safe_dit.guidance import guide, token_guidance
+    from safe_dit.selective import Generation
+
+    class Scheduler:
+        def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+            self.got = model_output
+            return (model_output,)
+
+    cfg = SafeConfig("safe-sw", cfg_context=1.5, cfg_sensitive=6.0)
+    gen = Generation(cfg, 4)
+    gen.grid, gen.cfg_batch = (2, 3), True
+    gen.sensitivity = torch.rand(2, 6)
+    sched = Scheduler()
+    sw = _SchedulerGuidance(sched)
+    assert "generator" in __import__("inspect").signature(sched.step).parameters  # the pipeline still passes it
+    sample = torch.randn(2, 8, 4, 6)  # [uncond; cond], 4 latent + 4 sigma channels, p = 2
+    sw(type("RT", (), {"config": cfg}), gen, (sample,))
+    uncond, cond = sample[:1, :4], sample[1:, :4]
+    sched.step(uncond + 4.0 * (cond - uncond), 0, None)
+    gamma = token_guidance(gen.sensitivity[1:], 1.5, 6.0).view(1, 1, 2, 3).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    assert torch.allclose(sched.got, guide(uncond, cond, gamma), atol=1e-6)
+    sw.remove()
+    assert "step" not in vars(sched)
+
+
+def test_no_mask_reaches_sdpa_in_any_step(pipe):
+    for mode in ("safe-core", "safe-sw"):
+        apply_safe_dit(pipe, SafeConfig(mode, keep_ratio=0.25))
+        with SdpaSpy() as spy:
+            _run(pipe, steps=8)
+        remove_safe_dit(pipe)
+        assert spy.masks and all(m is None for m in spy.masks), mode
+
+
+def test_partition_from_the_cond_half_is_deterministic_and_state_is_released(pipe):
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25))
+    rt = runtime_of(pipe)
+    _run(pipe, steps=6)
+    assert rt.generation is None  # partition and caches released after the last step
+    first_index, first_map = rt.last_index.clone(), rt.last_sensitivity.clone()
+    _run(pipe, steps=6)
+    assert torch.equal(rt.last_index, first_index) and torch.equal(rt.last_sensitivity, first_map)
+    assert torch.equal(rt.last_index[0], rt.last_index[1])  # uncond and cond halves share the partition
+    assert first_map.min() == 0 and first_map.max() == 1
+    _run(pipe, steps=6, negative_seed=3)  # another negative prompt: PCSP reads the cond half, [uncond; cond]
+    assert torch.equal(rt.last_index, first_index)
+    _run(pipe, steps=6, height=32, width=16)  # another resolution in the next call works
+    assert rt.last_sensitivity.shape[1] == 8 * 4
+    remove_safe_dit(pipe)
+
+
+def test_selective_rows_equal_dense_rows_right_after_an_anchor():
+    model = build_pixart(num_layers=3)
+    inputs = pixart_inputs(model, 5, 6, batch=2, valid_lens=[8, 4])
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    dense = _forward(model, inputs)
+    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
+        outs = [model(**inputs)[0] for _ in range(4)]
+    assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
+    assert g.report()["tokens_per_step"] == [30, 9, 30, 9]
+    for out in outs:
+        assert torch.allclose(out, dense, atol=1e-5)
+
+
+def test_work_per_selective_step_scales_with_keep_ratio():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_pixart(num_attention_heads=4, attention_head_dim=32, cross_attention_dim=128)
+    inputs = pixart_inputs(model, 16, 16, batch=2)
+    flops = {}
+    for keep in (1.0, 0.25):
+        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+        with torch.no_grad(), safe_dit.generation(model, num_steps=3):
+            model(**inputs)  # warm-up (fills the caches)
+            with FlopCounterMode(display=False) as counter:
+                model(**inputs)  # selective
+        flops[keep] = counter.get_total_flops()
+    remove_safe_dit(model)
+    assert 0.25 * 0.9 <= flops[0.25] / flops[1.0] <= 0.25 * 1.15, flops
+
+
+def test_pcsp_ignores_padding_and_the_t5_end_token():
+    from safe_dit.adapters.base import Runtime
+
+    rt = Runtime(SafeConfig("safe-core"), special_trailing_tokens=1, cond_first=False)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert rt.text_weights(mask, 4, "cpu").tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
