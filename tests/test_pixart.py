@@ -324,3 +324,21 @@ def test_pcsp_ignores_padding_and_the_t5_end_token():
     rt = Runtime(SafeConfig("safe-core"), special_trailing_tokens=1, cond_first=False)
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
     assert rt.text_weights(mask, 4, "cpu").tolist() == [[1, 1, 0, 0], [0, 0, 0, 0]]
+
+
+def test_pixart_alpha_pipeline_too():
+    from diffusers import PixArtAlphaPipeline
+
+    base = build_pixart_pipeline()
+    alpha = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=base.vae, transformer=base.transformer,
+                                scheduler=base.scheduler)
+    alpha.set_progress_bar_config(disable=True)
+    dense = _run(alpha, steps=8)
+    apply_safe_dit(alpha, SafeConfig("dense-fp"))
+    fast = _run(alpha, steps=8)
+    apply_safe_dit(alpha, SafeConfig("safe-core", keep_ratio=1.0, anchor_interval=3))
+    full = _run(alpha, steps=8)
+    assert "selective" in runtime_of(alpha).last_report["steps"]
+    remove_safe_dit(alpha)
+    assert (fast - dense).abs().max() <= 1e-5 * dense.abs().max()
+    assert (full - fast).abs().max() <= 1e-5 * fast.abs().max()
