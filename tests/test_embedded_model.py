@@ -1,0 +1,86 @@
+"""The shipped, trained default model: it draws what the prompt says, and SAFE-Core's sensitivity
+map (PCSP) lands where the prompt puts the object."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from safe_dit import SafeConfig, apply_safe_dit, checker, remove_safe_dit, shapes
+from safe_dit.api import runtime_of
+from safe_dit.cli import main
+from safe_dit.default_model import WEIGHTS_DIR, load_default_pipeline
+
+# one prompt per grid cell, colours/shapes/backgrounds rotating
+PROMPTS = [
+    shapes.Scene(bg, (shapes.Obj(color, shape, cell),))
+    for cell, color, shape, bg in zip(
+        sorted(shapes.POSITIONS), ["red", "green", "blue", "yellow"] * 3, list(shapes.SHAPES) * 3,
+        ["gray", "white", "black"] * 3,
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = load_default_pipeline()
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_weights_are_shipped_in_fp16_and_small():
+    files = {f.name: f.stat().st_size for f in WEIGHTS_DIR.iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "training.json"} <= set(files)
+    assert sum(files.values()) < 40 * 2**20
+    card = json.loads((WEIGHTS_DIR / "training.json").read_text())
+    assert card["steps"] > 0 and card["train_seconds"] > 0 and card["text_encoder"] == "all-MiniLM-L6-v2"
+
+
+def test_dense_fp_draws_the_prompt(pipe):
+    apply_safe_dit(pipe, SafeConfig("dense-fp"))
+    grades = []
+    for i, scene in enumerate(PROMPTS):
+        img = pipe(shapes.caption(scene), num_inference_steps=20, guidance_scale=4.0, clean_caption=False,
+                   generator=torch.Generator().manual_seed(i), output_type="np").images[0]
+        grades.append(checker.grade((np.clip(img, 0, 1) * 255).round().astype(np.uint8), scene))
+    remove_safe_dit(pipe)
+    acc = checker.accuracy(grades)
+    print("dense-fp accuracy on the 9 cell prompts:", acc)
+    assert acc["position"] >= 8 / 9 and acc["color"] >= 8 / 9 and acc["background"] == 1.0
+    assert acc["all"] >= 6 / 9
+
+
+def test_sensitivity_map_lands_on_the_prompted_cell(pipe):
+    apply_safe_dit(pipe, SafeConfig("safe-core"))
+    rt = runtime_of(pipe)
+    hits, shares = 0, []
+    side = pipe.transformer.config.sample_size // pipe.transformer.config.patch_size  # 16 tokens
+    cell_of_token = torch.arange(side) * shapes.GRID // side
+    for i, scene in enumerate(PROMPTS):
+        pipe(shapes.caption(scene), num_inference_steps=6, guidance_scale=4.0, clean_caption=False,
+             generator=torch.Generator().manual_seed(i), output_type="latent")
+        s = rt.last_sensitivity[0].reshape(side, side)
+        mass = torch.zeros(shapes.GRID, shapes.GRID).index_put_(
+            (cell_of_token[:, None].expand(side, side).reshape(-1), cell_of_token[None, :].expand(side, side).reshape(-1)),
+            s.reshape(-1), accumulate=True)
+        mass = mass / mass.sum()
+        target = scene.objects[0].cell
+        hits += divmod(int(mass.argmax()), shapes.GRID) == target
+        shares.append(float(mass[target]))
+    remove_safe_dit(pipe)
+    print("map mass in the prompted cell:", [round(s, 3) for s in shares])
+    assert hits >= 8  # of 9 cells
+    assert np.mean(shares) > 1.5 / 9  # well above a uniform map's share
+
+
+def test_readme_main_command_writes_a_correct_image(tmp_path, capsys):
+    out = tmp_path / "triangle.png"
+    prompt = "a blue triangle at the bottom right on a white background"
+    assert main(["generate", prompt, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["model"] == "default" and summary["height"] == summary["width"] == 64
+    from PIL import Image
+
+    grade = checker.grade(np.asarray(Image.open(out).convert("RGB")), shapes.parse_caption(prompt))
+    assert grade["background"] and grade["position"] and grade["color"], grade
