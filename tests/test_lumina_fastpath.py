@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import LuminaNextDiT2DModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.audit import audit, trace_forward
@@ -107,6 +108,41 @@ def test_masks_are_read_once_per_forward_not_per_layer(monkeypatch):
     assert reads == [(2, 8)]  # one read, of the compact caption mask; zero of the [2, 16] image mask
     _forward(model, inputs)
     assert reads == [(2, 8), (2, 8)]  # per-forward state: decided anew for the next call
+
+
+class _HostSyncCounter(TorchDispatchMode):
+    """Counts the ops that copy a tensor value to the host (``.item()``, ``bool(t)``, ``tolist``...):
+    on CUDA each one is a device synchronisation."""
+
+    SYNC_OPS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func._schema.name in self.SYNC_OPS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("valid", [[8, 5], [8, 8]], ids=["padded", "all-valid"])
+def test_fast_path_adds_no_host_sync_per_attention_call(valid):
+    """Host syncs of a dense-fp forward do not grow with the number of attention calls: the image
+    mask is never read and the caption mask's plan is decided once per forward."""
+    counts = {}
+    for layers in (2, 6):
+        model = build_lumina_next("tiny", num_layers=layers)
+        inputs = lumina_inputs(model, 4, 4, batch=2, valid_lens=valid, text_len=8)
+        with _HostSyncCounter() as stock:
+            _forward(model, inputs)
+        apply_safe_dit(model, SafeConfig("dense-fp"))
+        with _HostSyncCounter() as fast:
+            _forward(model, inputs)
+        counts[layers] = (stock.count, fast.count)
+    (stock2, fast2), (stock6, fast6) = counts[2], counts[6]
+    assert fast6 == fast2, counts  # 3x the attention calls (24 vs 8), not one more sync
+    if valid == [8, 8]:  # nothing to rewrite: the one plan read is all it costs
+        assert fast2 - stock2 <= 2, counts
 
 
 def test_rewrite_padding_off_keeps_the_caption_mask():
