@@ -22,3 +22,7 @@ safe-dit bench e2e --no-progress --tokens 1024 4096 --hidden-size 1152 --heads 1
 safe-dit bench e2e --no-progress --tokens 9216 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
   --steps 30 --repeats 1 --time-up-to 9216 \
   --json "$out/e2e-$tag-9216.json" --plot "$out/e2e-$tag-9216.png" > "$out/e2e-$tag-9216.txt"
+# 6. 16384 tokens (2048^2): memory probe only; stock dense runs out of memory on a 24 GiB machine.
+safe-dit bench e2e --no-progress --tokens 16384 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
+  --steps 30 --repeats 1 --time-up-to 9216 \
+  --json "$out/e2e-$tag-16384.json" --plot "$out/e2e-$tag-16384.png" > "$out/e2e-$tag-16384.txt"

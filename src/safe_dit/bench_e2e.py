@@ -114,8 +114,9 @@ def run_e2e(args, progress: bool = True) -> dict:
             rows.append({
                 "tokens": n_tokens, "resolution": side * 16, "mode": mode, "status": status[mode], "timed": timed,
                 "seconds": statistics.median(times[mode]) if times[mode] else None, "all_seconds": times[mode],
-                "peak_memory_mb": peaks.get(mode), "token_fraction": rep.get("token_fraction", 1.0),
-                "cache_mb": rep.get("cache_mb", 0.0), "steps": rep.get("steps"),
+                "peak_memory_mb": peaks.get(mode), # untimed (probe-only) rows ran a short call: no full-schedule token fraction to report
+                "token_fraction": rep.get("token_fraction", 1.0 if times[mode] else None),
+                "cache_mb": rep.get("cache_mb", 0.0 if times[mode] else None), "steps": rep.get("steps"),
                 "tokens_per_step": rep.get("tokens_per_step"),
             })
     bar.close()
@@ -166,8 +167,10 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         sec = f"{r['seconds']:.2f}" if r["seconds"] is not None else "-"
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        frac = f"{r['token_fraction']:.3f}" if r["token_fraction"] is not None else "-"
+        cache = f"{r['cache_mb']:.1f}" if r["cache_mb"] is not None else "-"
         lines.append(f"{r['tokens']:>7} {r['resolution']:>5} {r['mode']:<10} {r['status']:<6} {sec:>9} {mem:>9} "
-                     f"{r['token_fraction']:>10.3f} {r['cache_mb']:>9.1f}")
+                     f"{frac:>10} {cache:>9}")
     lines.append("")
     for s in result["summary"]:
         if "tokens" not in s:
@@ -196,7 +199,8 @@ def plot(result: dict, path: str) -> None:
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("image tokens")
     axes[0].set_ylabel("speedup (median end-to-end latency ratio)")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # nothing timed: memory only
+        axes[0].legend(fontsize=8)
     axes[0].set_title("speedup vs resolution")
     memory_axis(axes[1], result["rows"], MODES, "peak memory vs resolution")
     save_figure(plt, fig, result, path, f"{result['settings']['steps']} steps, ")
