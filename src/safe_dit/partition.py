@@ -25,6 +25,24 @@ def image_to_text_probs(
     return logits.softmax(-1).mean(1)  # [B, N, T]
 
 
+def joint_image_to_text_probs(query: torch.Tensor, key: torch.Tensor, text: slice,
+                              scale: float | None = None) -> torch.Tensor:
+    """The image-query x text-key block of a *joint* attention's probabilities, averaged over heads: [B, N, T].
+
+    query [B, H, N, d] (image queries), key [B, H, L, d] (the whole joint sequence, image and text keys),
+    ``text`` the text key positions. Each row is normalised over all L keys, as the model attends:
+    p_it = m_i * softmax_t(q_i k_t), where the text mass m_i = sum_t p_it is read from one extra
+    mask-free SDPA call whose value is the text indicator (flash-eligible: same head dim as q/k), and the
+    N x T softmax over text keys is computed on its own. Exact, and never an N x L matrix."""
+    b, h, _, d = query.shape
+    indicator = torch.zeros(b, h, key.shape[2], d, dtype=query.dtype, device=query.device)  # [B, H, L, d]
+    indicator[:, :, text, 0] = 1
+    mass = F.scaled_dot_product_attention(query, key, indicator, scale=scale)[..., 0].float()  # [B, H, N]
+    scale = d ** -0.5 if scale is None else scale
+    logits = torch.einsum("bhnd,bhtd->bhnt", query.float(), key[:, :, text].float()) * scale  # [B, H, N, T]
+    return (mass[..., None] * logits.softmax(-1)).mean(1)  # [B, N, T]
+
+
 class SensitivityAccumulator:
     """Running mean over blocks and warm-up steps of each image token's attention to the prompt.
 

@@ -25,6 +25,8 @@ class ForwardState:
 
     certified: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
+    text_len: int = 0  # joint-sequence backbones: caption tokens of this forward
+    memo: dict = field(default_factory=dict)  # per-forward values shared by all blocks (e.g. gathered RoPE)
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
         """Record that ``mask`` (this very tensor object) is all-valid by construction."""
@@ -147,6 +149,7 @@ class Adapter:
 
     name: str = "base"
     model_classes: tuple[type, ...] = ()
+    notes: str = ""  # where this backbone's masks come from, for the audit
 
     def attach(self, model: torch.nn.Module, config: SafeConfig, pipe=None) -> Handle:  # pragma: no cover
         raise NotImplementedError
@@ -200,16 +203,30 @@ def layer_of(name: str, blocks: str) -> int:
     return int(parts[1]) if len(parts) > 2 and parts[0] == blocks and parts[1].isdigit() else -1
 
 
-class StepTracker:
-    """Model forward pre-hook: which step of which generation this forward is, and what kind of step."""
+def latent_grid(patch: int):
+    """Token grid (h, w) of a [B, C, H, W] latent input patchified by ``patch``."""
 
-    def __init__(self, runtime: Runtime, patch: int):
-        self.runtime, self.patch = runtime, patch
+    def grid(args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
+
+    return grid
+
+
+class StepTracker:
+    """Model forward pre-hook: which step of which generation this forward is, and what kind of step.
+
+    ``grid`` is the patch size of a [B, C, H, W] latent input, or a callable (args, kwargs) -> (h, w)
+    for backbones that take packed tokens (FLUX)."""
+
+    def __init__(self, runtime: Runtime, grid):
+        self.runtime = runtime
+        self.grid_of = latent_grid(grid) if isinstance(grid, int) else grid
 
     def __call__(self, _model, args, kwargs):
         rt = self.runtime
-        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
-        grid = (latents.shape[-2] // self.patch, latents.shape[-1] // self.patch)
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, ...]
+        grid = self.grid_of(args, kwargs)
         if rt.explicit_generation:
             gen = rt.generation
             step = gen.step + 1
@@ -217,6 +234,13 @@ class StepTracker:
             index = rt.scheduler.step_index
             if index is None or rt.generation is None:  # a new pipeline call
                 rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
+            elif index == rt.generation.step:
+                rt.generation = None
+                raise SafeDitError(
+                    f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
+                    f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, or SD3 skip-layer "
+                    "guidance): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG"
+                )
             step = 0 if index is None else index
             gen = rt.generation
         else:
@@ -230,6 +254,17 @@ class StepTracker:
             gen.cond_first = rt.cond_first
         gen.begin_step(step, grid[0] * grid[1], grid)
         return None
+
+
+def gather_sensitive(runtime: Runtime):
+    """Forward hook on the layer that turns the input into image tokens ([B, N, D] out, positions
+    already encoded): at selective steps only the sensitive rows [B, K, D] enter the blocks."""
+
+    def hook(_module, _inputs, x):  # x [B, N, D]
+        gen = runtime.generation
+        return gen.gather(x) if gen is not None and gen.kind == SELECTIVE else None  # [B, K, D]
+
+    return hook
 
 
 def on_final_tokens(runtime: Runtime):

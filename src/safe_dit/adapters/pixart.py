@@ -28,8 +28,8 @@ from ..guidance import guide, token_guidance
 from ..masks import key_padding_from_bias
 from ..partition import image_to_text_probs
 from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, StepTracker, attend, finish_step, layer_of, on_final_tokens, register,
-                   swap_processors)
+from .base import (Adapter, Handle, Runtime, StepTracker, attend, finish_step, gather_sensitive, layer_of,
+                   on_final_tokens, register, swap_processors)
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +101,6 @@ def _valid_keys(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
     return m if m.dtype == torch.bool else m == 0
 
 
-def _gather_sensitive(runtime: Runtime):
-    """Patch-embedder forward hook: at selective steps only the sensitive rows (with their absolute
-    position embedding already added) enter the blocks."""
-
-    def hook(_module, _inputs, x):  # x [B, N, D]
-        gen = runtime.generation
-        return gen.gather(x) if gen is not None and gen.kind == SELECTIVE else None  # [B, K, D]
-
-    return hook
-
-
 class _SchedulerGuidance:
     """SW-CFG for PixArt's pipeline, which computes u + g(c - u) with a local ``g`` and then keeps the
     first (latent) channels: the model output of a step is remembered, and this pipeline's
@@ -155,6 +144,8 @@ class _SchedulerGuidance:
 class PixArtAdapter(Adapter):
     name = "pixart"
     model_classes = (PixArtTransformer2DModel,)
+    notes = ("PixArt: the pipelines pass no image mask (self-attention is mask-free already); the T5 caption "
+             "padding bias reaches cross-attention (semantic: kept, or rewritten exactly).")
 
     def attach(self, model: PixArtTransformer2DModel, config: SafeConfig, pipe=None) -> Handle:
         # T5 ends every caption with </s> (not a prompt word); the CFG batch is [uncond; cond].
@@ -178,7 +169,7 @@ class PixArtAdapter(Adapter):
         if config.scheduled:
             hooks += [
                 model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True),
-                model.pos_embed.register_forward_hook(_gather_sensitive(runtime)),
+                model.pos_embed.register_forward_hook(gather_sensitive(runtime)),
                 model.proj_out.register_forward_hook(on_final_tokens(runtime)),  # before unpatchify
                 model.register_forward_hook(finish_step(runtime, guidance or (lambda _rt, _gen, out: out)), always_call=True),
             ]
