@@ -78,8 +78,9 @@ class _SdpaRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        q, k, v = args[:3]
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        named = dict(zip(("query", "key", "value", "attn_mask"), args)) | kwargs  # diffusers' backends pass keywords
+        q, k, v = named["query"], named["key"], named["value"]
+        mask = named.get("attn_mask")
         idx = len(self.calls)
         self.calls.append(
             {
@@ -186,13 +187,14 @@ def format_table(report: dict) -> str:
         return names + prep
 
     lines = []
+    mw = max([18] + [len(c["module"]) for label in ("stock", "safe") for c in report[label]])  # module column
     for label in ("stock", "safe"):
         title = "stock (dense)" if label == "stock" else f"safe-dit ({report['mode']})"
         lines.append(f"== {title}: {report['model']} ==")
-        lines.append(f"{'#':>3} {'module':<18} {'q':<18} {'k':<18} {'mask to SDPA':<28} {'kernel (+mask ops)':<34} verdict")
+        lines.append(f"{'#':>3} {'module':<{mw}} {'q':<18} {'k':<18} {'mask to SDPA':<28} {'kernel (+mask ops)':<34} verdict")
         for i, c in enumerate(report[label]):
             lines.append(
-                f"{i:>3} {c['module']:<18} {str(c['q']):<18} {str(c['k']):<18} "
+                f"{i:>3} {c['module']:<{mw}} {str(c['q']):<18} {str(c['k']):<18} "
                 f"{mask_str(c['mask']):<28} {short(c):<34} {c['verdict']}"
             )
         lines.append("")

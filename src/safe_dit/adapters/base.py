@@ -180,12 +180,12 @@ def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewri
 
 
 def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object]) -> Callable[[], None]:
-    """Give every diffusers ``Attention`` of ``model`` a new processor; returns the exact undo."""
-    from diffusers.models.attention_processor import Attention
-
+    """Give every diffusers attention module of ``model`` (``Attention``, or the newer per-model classes
+    such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor; returns
+    the exact undo."""
     originals = {}
     for name, module in model.named_modules():
-        if isinstance(module, Attention):
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
             originals[name] = module.processor
             module.set_processor(make_processor(name))
 
