@@ -214,3 +214,33 @@ def test_true_cfg_is_refused_by_safe_core_and_runs_under_dense_fp(pipe):
         _run(pipe, steps=4, **neg)
     assert torch.isfinite(_run(pipe, steps=6)).all()  # the next ordinary call works
     remove_safe_dit(pipe)
+
+
+def test_text_prompts_through_every_mode():
+    """The complete pipeline offline: tiny random CLIP and T5 encoders, tokenizers built in code."""
+    from safe_dit.models import build_flux_text_pipeline
+
+    pipe = build_flux_text_pipeline()
+    outs = {}
+    for mode in ("dense", "dense-fp", "safe-core"):
+        apply_safe_dit(pipe, SafeConfig(mode, keep_ratio=0.5))
+        outs[mode] = pipe(prompt="a red circle at top left", height=32, width=48, num_inference_steps=8,
+                          guidance_scale=3.5, max_sequence_length=12, output_type="latent",
+                          generator=torch.Generator().manual_seed(0)).images
+    assert runtime_of(pipe).last_report["steps"].count("selective") == 4
+    with pytest.raises(SafeDitError, match="guidance-distilled"):
+        apply_safe_dit(pipe, SafeConfig("safe-sw"))
+    remove_safe_dit(pipe)
+    assert all(torch.isfinite(o).all() for o in outs.values())
+    assert (outs["dense-fp"] - outs["dense"]).abs().max() <= 1e-5 * outs["dense"].abs().max()
+    assert not torch.allclose(outs["safe-core"], outs["dense-fp"], atol=1e-4)
+
+
+def test_bench_e2e_quick_has_no_safe_sw_row(capsys):
+    import json
+
+    assert main(["bench", "e2e", "--model", "flux", "--quick", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["mode"] for r in result["rows"]} == {"dense", "dense-fp", "safe-core"}
+    assert result["settings"]["model_class"] == "FluxTransformer2DModel" and result["settings"]["text_len"] == 512
+    assert all(r["rel_err_vs_dense_short_call"] <= 1e-5 for r in result["rows"] if r["mode"] == "dense-fp")

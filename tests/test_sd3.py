@@ -216,3 +216,24 @@ def test_two_transformer_calls_per_step_are_refused(pipe):
 def test_unsupported_model_names_the_supported_ones():
     with pytest.raises(SafeDitError, match="SD3Transformer2DModel"):
         apply_safe_dit(torch.nn.Linear(2, 2), SafeConfig("dense-fp"))
+
+
+def test_text_prompts_through_every_mode():
+    """The complete pipeline offline: tiny random CLIP-L/G and T5 encoders, tokenizers built in code."""
+    from safe_dit.config import MODES
+    from safe_dit.models import build_sd3_text_pipeline
+
+    pipe = build_sd3_text_pipeline()
+    outs = {}
+    for mode in MODES:
+        apply_safe_dit(pipe, SafeConfig(mode, keep_ratio=0.5, cfg_context=5.0, cfg_sensitive=9.0))
+        outs[mode] = pipe(prompt="a red circle at top left", negative_prompt="blue square", height=32, width=48,
+                          num_inference_steps=8, guidance_scale=7.0, max_sequence_length=12, output_type="latent",
+                          generator=torch.Generator().manual_seed(0)).images
+        if SafeConfig(mode).scheduled:
+            assert runtime_of(pipe).last_report["steps"].count("selective") == 4
+    remove_safe_dit(pipe)
+    assert all(torch.isfinite(o).all() for o in outs.values())
+    assert (outs["dense-fp"] - outs["dense"]).abs().max() <= 1e-5 * outs["dense"].abs().max()
+    assert not torch.allclose(outs["safe-core"], outs["dense-fp"], atol=1e-4)
+    assert not torch.allclose(outs["safe-sw"], outs["safe-core"], atol=1e-4)

@@ -103,20 +103,32 @@ TINY_WORDS = (
 ).split()
 
 
+def word_tokenizer(template: str, max_length: int | None = None):
+    """A word-level fast tokenizer over ``TINY_WORDS`` built in code (no hub): ``template`` places the
+    special tokens around the words (``"<bos> $A"`` Gemma-like, ``"<bos> $A <eos>"`` CLIP-like, ``"$A <eos>"``
+    T5-like); ``max_length`` becomes ``model_max_length``."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_WORDS)}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = [(t, vocab[t]) for t in ("<bos>", "<eos>") if t in template]
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=specials)
+    extra = {} if max_length is None else {"model_max_length": max_length}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", padding_side="right", **extra)
+
+
 def build_tiny_text_pipeline(seed: int = 0):
     """A complete, randomly initialised ``LuminaPipeline`` that takes text prompts offline: a
     word-level tokenizer built in code (Gemma-style ``<bos>`` first), a tiny random Gemma text
     encoder, the tiny transformer and VAE. For smoke tests of the CLI: it draws noise."""
     from diffusers import LuminaPipeline
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
-    from transformers import GemmaConfig, GemmaModel, PreTrainedTokenizerFast
+    from transformers import GemmaConfig, GemmaModel
 
-    vocab = {w: i for i, w in enumerate(TINY_WORDS)}
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                        unk_token="<unk>", padding_side="right")
+    tokenizer = word_tokenizer("<bos> $A")
+    vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
     text_encoder = GemmaModel(GemmaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
@@ -324,5 +336,55 @@ def build_flux_pipeline(transformer=None, seed: int = 0):
     vae = _tiny_vae(transformer.config.in_channels // 4, seed, shift_factor=0.1159, scaling_factor=0.3611)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_clip(seed: int, hidden: int, projection: int | None = None):
+    """A tiny random CLIP text encoder (with a text projection when ``projection`` is given)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(TINY_WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=16, projection_dim=projection or hidden,
+                         bos_token_id=TINY_WORDS.index("<bos>"), eos_token_id=TINY_WORDS.index("<eos>"),
+                         pad_token_id=TINY_WORDS.index("<pad>"))
+    return (CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)).eval()
+
+
+def _tiny_t5(seed: int, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=len(TINY_WORDS), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                                   num_heads=2, pad_token_id=TINY_WORDS.index("<pad>"),
+                                   eos_token_id=TINY_WORDS.index("<eos>"))).eval()
+
+
+def build_sd3_text_pipeline(seed: int = 0):
+    """A complete, randomly initialised ``StableDiffusion3Pipeline`` that takes text prompts offline: two tiny
+    CLIP encoders (hidden 8 + 8, projections 10 + 10 = the pooled 20) and a tiny T5 (d_model 24 = the joint
+    dim), word-level tokenizers built in code (CLIP: 16 tokens, <bos> ... <eos>; T5: ... <eos>)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    base = build_sd3_pipeline(seed=seed)
+    clip = word_tokenizer("<bos> $A <eos>", max_length=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,
+        text_encoder=_tiny_clip(seed + 1, 8, 10), tokenizer=clip, text_encoder_2=_tiny_clip(seed + 2, 8, 10),
+        tokenizer_2=clip, text_encoder_3=_tiny_t5(seed + 3, 24), tokenizer_3=word_tokenizer("$A <eos>"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_flux_text_pipeline(seed: int = 0):
+    """A complete, randomly initialised ``FluxPipeline`` that takes text prompts offline: a tiny CLIP
+    (pooled 20) and a tiny T5 (d_model 24 = the joint dim) with word-level tokenizers built in code."""
+    from diffusers import FluxPipeline
+
+    base = build_flux_pipeline(seed=seed)
+    pipe = FluxPipeline(scheduler=base.scheduler, vae=base.vae, transformer=base.transformer,
+                        text_encoder=_tiny_clip(seed + 1, 20), tokenizer=word_tokenizer("<bos> $A <eos>", max_length=16),
+                        text_encoder_2=_tiny_t5(seed + 2, 24), tokenizer_2=word_tokenizer("$A <eos>"))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -9,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..config import SafeConfig, SafeDitError
+from ..guidance import guide, token_guidance
 from ..masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
 from ..schedule import SELECTIVE
 from ..selective import Generation
@@ -323,6 +325,48 @@ def sensitivity_weighted(runtime: Runtime, gen, output, channels: int | None = N
         return (guided,) + tuple(output[1:])
     output.sample = guided
     return output
+
+
+class SchedulerGuidance:
+    """SW-CFG for pipelines that compute u + g(c - u) with a ``g`` local to ``__call__`` (PixArt) and may then
+    keep only the first (latent) channels: the model output of a step is remembered, and this pipeline's
+    ``scheduler.step`` (an instance attribute, removed again by ``remove_safe_dit``) receives
+    u + gamma_i (c - u) on those channels instead."""
+
+    def __init__(self, scheduler, cond_first: bool = False):
+        self.scheduler, self.pending, self.cond_first = scheduler, None, cond_first  # CFG batch order
+        self.original = scheduler.step
+
+        @functools.wraps(self.original)  # the pipeline inspects step's signature (eta, generator)
+        def step(model_output, *args, **kwargs):  # model_output [b, C, H, W], already guided
+            guided, self.pending = self.pending, None
+            if guided is not None and guided.shape[0] == model_output.shape[0] and guided.shape[1] >= model_output.shape[1] \
+                    and guided.shape[2:] == model_output.shape[2:]:
+                model_output = guided[:, : model_output.shape[1]].to(model_output.dtype)
+            return self.original(model_output, *args, **kwargs)
+
+        scheduler.step = step
+
+    def remove(self) -> None:
+        del self.scheduler.step  # the class's own method again
+
+    def clear(self, *_args) -> None:  # model forward pre-hook: nothing stale from an interrupted call
+        self.pending = None
+
+    def __call__(self, runtime: Runtime, gen, output):  # model forward: remember u + gamma_i (c - u)
+        if not gen.cfg_batch:
+            return output
+        sample = output[0] if isinstance(output, tuple) else output.sample  # [2b, C_out, H, W]
+        first, second = sample.chunk(2)
+        cond, uncond = (first, second) if self.cond_first else (second, first)
+        h, w = gen.grid
+        p = sample.shape[-1] // w
+        cfg = runtime.config
+        s_cond = gen.sensitivity[: first.shape[0]] if self.cond_first else gen.sensitivity[first.shape[0]:]
+        gamma = token_guidance(s_cond, cfg.cfg_context, cfg.cfg_sensitive)  # [b, N]
+        gamma = gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [b, 1, H, W]
+        self.pending = guide(uncond, cond, gamma.to(sample.dtype))
+        return output
 
 
 _REGISTRY: list[Adapter] = []
