@@ -18,3 +18,11 @@ safe-dit eval --no-progress --grid "$out/eval-$tag.png" --json "$out/eval-$tag.j
 safe-dit bench e2e --no-progress --tokens 1024 4096 9216 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
   --steps 30 --repeats 2 --time-up-to 4096 \
   --json "$out/e2e-$tag.json" --plot "$out/e2e-$tag.png" > "$out/e2e-$tag.txt"
+# 5. Cross-backbone, matched 4096 image tokens, 1 block on CPU:
+#    SD3 through StableDiffusion3Pipeline (SD3-Medium's full width 1536 = 24 heads x 64, 333 caption tokens,
+#    CFG batch 2, its default 28 steps); FLUX through FluxPipeline (head dim 128 at half the FLUX.1 width:
+#    12 heads = 1536, 1 double + 1 single block, 512 caption tokens, batch 1, 20 steps; no safe-sw).
+safe-dit bench e2e --model sd3 --no-progress --tokens 4096 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
+  --json "$out/e2e-$tag-sd3.json" --plot "$out/e2e-$tag-sd3.png" > "$out/e2e-$tag-sd3.txt"
+safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
+  --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
