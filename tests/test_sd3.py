@@ -238,3 +238,15 @@ def test_text_prompts_through_every_mode():
     assert (outs["dense-fp"] - outs["dense"]).abs().max() <= 1e-5 * outs["dense"].abs().max()
     assert not torch.allclose(outs["safe-core"], outs["dense-fp"], atol=1e-4)
     assert not torch.allclose(outs["safe-sw"], outs["safe-core"], atol=1e-4)
+
+
+def test_controlnet_residuals_are_refused_by_the_scheduled_modes():
+    model = build_sd3()
+    inputs = sd3_inputs(model, 4, 4)
+    inputs["block_controlnet_hidden_states"] = [torch.zeros(1, 16, 32)]
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    _forward(model, inputs)  # the fast path alone is fine
+    apply_safe_dit(model, SafeConfig("safe-core"))
+    with pytest.raises(SafeDitError, match="ControlNet"), safe_dit.generation(model, num_steps=4):
+        _forward(model, inputs)
+    remove_safe_dit(model)

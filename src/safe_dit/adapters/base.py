@@ -269,6 +269,20 @@ def gather_sensitive(runtime: Runtime):
     return hook
 
 
+def refuse_inputs(*names: str):
+    """Model forward pre-hook for the scheduled modes: inputs that add per-image-token residuals inside the
+    block stack (ControlNet) cannot follow the sensitive rows, so refuse them clearly instead of failing on
+    a shape mismatch."""
+
+    def hook(_model, _args, kwargs):
+        given = [n for n in names if kwargs.get(n) is not None]
+        if given:
+            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined with "
+                               "safe-core/safe-sw, which run only the sensitive image rows at selective steps; use dense-fp")
+
+    return hook
+
+
 def on_final_tokens(runtime: Runtime):
     """Forward hook on the last per-token layer (output [B, N or K, p*p*C]): at selective steps
     context tokens reuse the anchor's output; at dense steps the output is cached."""

@@ -28,7 +28,7 @@ from ..config import SafeConfig, SafeDitError
 from ..masks import key_padding_from_bias
 from ..schedule import SELECTIVE
 from .base import (Adapter, Handle, Runtime, StepTracker, finish_step, gather_sensitive, layer_of, on_final_tokens,
-                   register, swap_processors)
+                   refuse_inputs, register, swap_processors)
 from .joint import joint_attention
 
 NOTES = ("FLUX: FluxPipeline builds no attention mask and the model passes none (T5 padding is ordinary tokens "
@@ -150,6 +150,8 @@ class FluxAdapter(Adapter):
                  model.register_forward_pre_hook(text_len, with_kwargs=True)]
         if config.scheduled:
             hooks += [
+                model.register_forward_pre_hook(refuse_inputs("controlnet_block_samples", "controlnet_single_block_samples"),
+                                                with_kwargs=True),
                 model.register_forward_pre_hook(StepTracker(runtime, _token_grid), with_kwargs=True),
                 model.x_embedder.register_forward_hook(gather_sensitive(runtime)),
                 model.proj_out.register_forward_hook(on_final_tokens(runtime)),

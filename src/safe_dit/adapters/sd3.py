@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..config import SafeConfig
 from .base import (Adapter, Handle, Runtime, StepTracker, finish_step, gather_sensitive, layer_of, on_final_tokens,
-                   register, sensitivity_weighted, swap_processors)
+                   refuse_inputs, register, sensitivity_weighted, swap_processors)
 from .joint import joint_attention
 
 NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3Pipeline builds none "
@@ -85,6 +85,7 @@ class SD3Adapter(Adapter):
         hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
         if config.scheduled:
             hooks += [
+                model.register_forward_pre_hook(refuse_inputs("block_controlnet_hidden_states"), with_kwargs=True),
                 model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True),
                 model.pos_embed.register_forward_hook(gather_sensitive(runtime)),
                 model.proj_out.register_forward_hook(on_final_tokens(runtime)),  # before unpatchify
