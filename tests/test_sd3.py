@@ -250,3 +250,15 @@ def test_controlnet_residuals_are_refused_by_the_scheduled_modes():
     with pytest.raises(SafeDitError, match="ControlNet"), safe_dit.generation(model, num_steps=4):
         _forward(model, inputs)
     remove_safe_dit(model)
+
+
+def test_non_stock_processors_are_refused_untouched():
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
+
+    model = build_sd3()
+    custom = FusedJointAttnProcessor2_0()
+    model.transformer_blocks[1].attn.set_processor(custom)
+    with pytest.raises(SafeDitError, match="FusedJointAttnProcessor2_0"):
+        apply_safe_dit(model, SafeConfig("dense-fp"))
+    assert model.transformer_blocks[1].attn.processor is custom and runtime_of(model) is None
+    assert type(model.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"

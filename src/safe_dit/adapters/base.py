@@ -181,15 +181,24 @@ def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewri
     return sdpa_with_plan(query, key, value, decision.plan, scale)
 
 
-def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object]) -> Callable[[], None]:
+def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object],
+                    expected: tuple[type, ...] | None = None) -> Callable[[], None]:
     """Give every diffusers attention module of ``model`` (``Attention``, or the newer per-model classes
     such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor; returns
-    the exact undo."""
+    the exact undo. With ``expected``, any other processor (IP-Adapter, fused QKV, a user's own) is
+    refused before anything changes: replacing it would silently drop what it does."""
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    if expected is not None:
+        for name, module in modules:
+            if not isinstance(module.processor, expected):
+                raise SafeDitError(
+                    f"{name} uses {type(module.processor).__name__}; safe-dit replaces only the stock "
+                    f"{'/'.join(c.__name__ for c in expected)} (IP-Adapter, fused QKV or custom processors are not "
+                    "supported): restore the default processors first")
     originals = {}
-    for name, module in model.named_modules():
-        if hasattr(module, "set_processor") and hasattr(module, "processor"):
-            originals[name] = module.processor
-            module.set_processor(make_processor(name))
+    for name, module in modules:
+        originals[name] = module.processor
+        module.set_processor(make_processor(name))
 
     def restore():
         modules = dict(model.named_modules())

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel, _get_qkv_projections
+from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxTransformer2DModel,
+                                                            _get_qkv_projections)
 
 from ..config import SafeConfig, SafeDitError
 from ..masks import key_padding_from_bias
@@ -140,7 +141,8 @@ class FluxAdapter(Adapter):
 
         num_double = len(model.transformer_blocks)
         handle.on_remove(swap_processors(model, lambda name: SafeFluxAttnProcessor(runtime, name, num_double,
-                                                                                   config.rewrite_padding)))
+                                                                                   config.rewrite_padding),
+                                         expected=(FluxAttnProcessor,)))
 
         def text_len(_model, args, kwargs):  # the single-stream blocks split [text; image] by it
             captions = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)  # [B, T, Dc]

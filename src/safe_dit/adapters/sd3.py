@@ -16,7 +16,7 @@ cond prediction so that its u + g(c - u) becomes u + gamma_i (c - u).
 
 from __future__ import annotations
 
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..config import SafeConfig
@@ -81,7 +81,8 @@ class SD3Adapter(Adapter):
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
-        handle.on_remove(swap_processors(model, lambda name: SafeSD3AttnProcessor(runtime, name)))
+        handle.on_remove(swap_processors(model, lambda name: SafeSD3AttnProcessor(runtime, name),
+                                         expected=(JointAttnProcessor2_0,)))
         hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
         if config.scheduled:
             hooks += [
