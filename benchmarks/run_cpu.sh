@@ -26,3 +26,11 @@ safe-dit bench e2e --no-progress --tokens 9216 --hidden-size 1152 --heads 16 --k
 safe-dit bench e2e --no-progress --tokens 16384 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
   --steps 30 --repeats 1 --time-up-to 9216 \
   --json "$out/e2e-$tag-16384.json" --plot "$out/e2e-$tag-16384.png" > "$out/e2e-$tag-16384.txt"
+# 7. Cross-backbone, matched 4096 image tokens, 1 block on CPU:
+#    SD3 through StableDiffusion3Pipeline (SD3-Medium's full width 1536 = 24 heads x 64, 333 caption tokens,
+#    CFG batch 2, its default 28 steps); FLUX through FluxPipeline (head dim 128 at half the FLUX.1 width:
+#    12 heads = 1536, 1 double + 1 single block, 512 caption tokens, batch 1, 20 steps; no safe-sw).
+safe-dit bench e2e --model sd3 --no-progress --tokens 4096 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
+  --json "$out/e2e-$tag-sd3.json" --plot "$out/e2e-$tag-sd3.png" > "$out/e2e-$tag-sd3.txt"
+safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
+  --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"

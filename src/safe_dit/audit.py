@@ -6,8 +6,10 @@ view), what safe-dit decided and why (elided by provenance, kept as semantic, re
 exactly), and the SDPA kernel that ran (from the PyTorch profiler).
 
 Default model: a small randomly initialised Lumina-Next built from a config (no download),
-with a CFG-like batch of 2 whose captions have different padded lengths; ``--model pixart``
-audits a small random PixArt transformer the same way.
+with a CFG-like batch of 2 whose captions have different padded lengths; ``--model pixart``,
+``sd3`` and ``flux`` audit small random PixArt, SD3 and FLUX transformers the same way, and a
+closing line says where each backbone's masks come from (SD3 and FLUX: none reach SDPA in the stock
+model, so there is nothing to elide and dense-fp equals dense).
 """
 
 from __future__ import annotations
@@ -76,8 +78,9 @@ class _SdpaRecorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        q, k, v = args[:3]
-        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        named = dict(zip(("query", "key", "value", "attn_mask"), args)) | kwargs  # diffusers' backends pass keywords
+        q, k, v = named["query"], named["key"], named["value"]
+        mask = named.get("attn_mask")
         idx = len(self.calls)
         self.calls.append(
             {
@@ -145,8 +148,10 @@ def audit(model: torch.nn.Module, inputs: dict, config: SafeConfig | None = None
         safe = trace_forward(model, inputs)
     finally:
         remove_safe_dit(model)
-    return {"model": type(model).__name__, "mode": config.mode, "stock": stock, "safe": safe,
-            "summary": summarize(stock, safe)}
+    from .adapters import adapter_for
+
+    return {"model": type(model).__name__, "mode": config.mode, "notes": adapter_for(model).notes, "stock": stock,
+            "safe": safe, "summary": summarize(stock, safe)}
 
 
 def summarize(stock: list[dict], safe: list[dict]) -> dict:
@@ -182,16 +187,19 @@ def format_table(report: dict) -> str:
         return names + prep
 
     lines = []
+    mw = max([18] + [len(c["module"]) for label in ("stock", "safe") for c in report[label]])  # module column
     for label in ("stock", "safe"):
         title = "stock (dense)" if label == "stock" else f"safe-dit ({report['mode']})"
         lines.append(f"== {title}: {report['model']} ==")
-        lines.append(f"{'#':>3} {'module':<18} {'q':<18} {'k':<18} {'mask to SDPA':<28} {'kernel (+mask ops)':<34} verdict")
+        lines.append(f"{'#':>3} {'module':<{mw}} {'q':<18} {'k':<18} {'mask to SDPA':<28} {'kernel (+mask ops)':<34} verdict")
         for i, c in enumerate(report[label]):
             lines.append(
-                f"{i:>3} {c['module']:<18} {str(c['q']):<18} {str(c['k']):<18} "
+                f"{i:>3} {c['module']:<{mw}} {str(c['q']):<18} {str(c['k']):<18} "
                 f"{mask_str(c['mask']):<28} {short(c):<34} {c['verdict']}"
             )
         lines.append("")
+    if report.get("notes"):
+        lines.append(f"where the masks come from: {report['notes']}")
     s = report["summary"]
     lines.append(
         f"masked SDPA calls: stock {s['stock_masked_calls']}/{s['stock_calls']}  ->  "
@@ -201,11 +209,13 @@ def format_table(report: dict) -> str:
 
 
 def configure_parser(p) -> None:
-    p.add_argument("--model", default="lumina-next", choices=["lumina-next", "pixart"],
+    p.add_argument("--model", default="lumina-next", choices=list(BACKBONES),
                    help="backbone to audit, a small random model built from a config: Lumina-Next "
-                        "(LuminaNextDiT2DModel) or PixArt-Sigma/Alpha (PixArtTransformer2DModel)")
+                        "(LuminaNextDiT2DModel), PixArt-Sigma/Alpha (PixArtTransformer2DModel), "
+                        "SD3/SD3.5 (SD3Transformer2DModel) or FLUX.1 (FluxTransformer2DModel)")
     p.add_argument("--preset", default="tiny",
-                   help="model size preset: tiny or lumina-next-2b (PixArt: tiny) (default: tiny)")
+                   help="model size preset: tiny, or the real shape: lumina-next-2b, sd3-medium, flux-dev "
+                        "(default: tiny)")
     p.add_argument("--layers", type=int, default=2, help="number of transformer blocks (default: 2)")
     p.add_argument("--height-tokens", type=int, default=8, help="image token rows (default: 8)")
     p.add_argument("--width-tokens", type=int, default=8, help="image token columns (default: 8)")
@@ -220,9 +230,12 @@ def configure_parser(p) -> None:
     p.set_defaults(func=run)
 
 
+BACKBONES = ("lumina-next", "pixart", "sd3", "flux")
+
+
 def run(args) -> int:
+    from . import models
     from .config import SafeDitError
-    from .models import build_lumina_next, build_pixart, lumina_inputs, pixart_inputs
 
     for name in ("layers", "height_tokens", "width_tokens", "batch", "text_len"):
         if getattr(args, name) < 1:
@@ -230,7 +243,12 @@ def run(args) -> int:
     valid = args.valid_lens or [max(1, args.text_len - 3 * i) for i in range(args.batch)]
     if len(valid) != args.batch or any(not 1 <= v <= args.text_len for v in valid):
         raise SafeDitError(f"--valid-lens needs {args.batch} values in [1, {args.text_len}]")
-    build, make_inputs = (build_pixart, pixart_inputs) if args.model == "pixart" else (build_lumina_next, lumina_inputs)
+    build, make_inputs = {
+        "lumina-next": (models.build_lumina_next, models.lumina_inputs),
+        "pixart": (models.build_pixart, models.pixart_inputs),
+        "sd3": (models.build_sd3, models.sd3_inputs),
+        "flux": (getattr(models, "build_flux", None), getattr(models, "flux_inputs", None)),
+    }[args.model]
     try:
         model = build(args.preset, num_layers=args.layers)
     except ValueError as e:

@@ -1,17 +1,20 @@
 """End-to-end benchmark: dense, dense-fp, safe-core and safe-sw side by side, in one process.
 
-Runs the real diffusers ``LuminaPipeline`` sampling loop (flow-matching Euler, classifier-free
-guidance batch of 2, padded captions) on a Lumina-Next transformer with the real model's
-attention shape (head dim 72) and random weights; latents are returned (no VAE decode) so the
-transformer is what is timed. Modes alternate repeat by repeat; each is warmed up with a short
-call first; medians are reported. Peak memory is measured on a separate call. A mode that runs
+Runs a real diffusers sampling loop with random weights and the real model's attention shape:
+``--model lumina-next`` (``LuminaPipeline``, CFG batch of 2, padded captions, head dim 72),
+``sd3`` (``StableDiffusion3Pipeline``, CFG batch of 2, 77 + 256 caption tokens, SD3-Medium's
+24 heads of 64) or ``flux`` (``FluxPipeline``, guidance-distilled: batch 1, 512 caption tokens,
+FLUX.1's 24 heads of 128; safe-sw does not exist there). Latents are returned (no VAE decode) so
+the transformer is what is timed. Modes alternate repeat by repeat; each is warmed up with a short
+call first, and dense-fp's short-call latents are checked against dense's before any timing.
+Medians are reported. Peak memory is measured on a separate call. A mode that runs
 out of memory is reported as ``oom`` (caught, not crashed), which shows the largest resolution
 each mode reaches in the available memory. Token counts above ``--time-up-to`` are only probed
 (a short call: does it run, at what peak memory), which keeps CPU runs affordable.
 
 Reports the fast-path gain (dense / dense-fp), the scheduling gain (dense-fp / safe-core) and
 their product (dense / safe-core). Token counts 4096, 9216, 16384, 25600 are the latent grids
-of 1024², 1536², 2048², 2560² images (VAE factor 8, patch 2).
+of 1024², 1536², 2048², 2560² images (VAE factor 8, patch 2) on every backbone.
 """
 
 from __future__ import annotations
@@ -43,55 +46,113 @@ def _configs(args) -> dict[str, SafeConfig]:
     }
 
 
-def run_e2e(args, progress: bool = True) -> dict:
-    from .models import build_lumina_next, build_lumina_pipeline
+class _Backbone:
+    """One backbone's pipeline as the benchmark drives it: which modes exist, how one call is made."""
 
+    def __init__(self, args, dtype):
+        from . import models
+
+        self.model = args.model
+        g = torch.Generator().manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g).to(args.device, dtype)
+
+        if args.model == "lumina-next":
+            overrides = dict(num_layers=args.layers)
+            if args.hidden_size:
+                overrides |= dict(hidden_size=args.hidden_size, num_attention_heads=args.heads, num_kv_heads=args.kv_heads)
+            self.transformer = models.build_lumina_next(args.preset or "lumina-next-2b", dtype=dtype, **overrides)
+            self.pipe = models.build_lumina_pipeline(self.transformer)
+            self.text_len, cross = 32, self.transformer.config.cross_attention_dim
+            masks = [torch.tensor([[1] * 20 + [0] * 12]), torch.tensor([[1] * 3 + [0] * 29])]  # prompt / negative
+            self.kwargs = dict(prompt_embeds=rand(1, 32, cross), prompt_attention_mask=masks[0].to(args.device),
+                               negative_prompt_embeds=rand(1, 32, cross),
+                               negative_prompt_attention_mask=masks[1].to(args.device))
+            self.modes, self.batch, self.label = MODES, "2 (CFG)", "Lumina-Next"
+            self.heads, self.head_dim = self.transformer.config.num_attention_heads, self.transformer.head_dim
+            self.kv_heads = self.transformer.config.num_kv_heads
+        elif args.model == "sd3":  # CLIP-L/G (77) + T5 (256) caption tokens, as StableDiffusion3Pipeline makes them
+            overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads,
+                                                             caption_projection_dim=64 * args.heads) if args.heads else {})
+            self.transformer = models.build_sd3(args.preset or "sd3-medium", dtype=dtype, **overrides)
+            self.pipe = models.build_sd3_pipeline(self.transformer)
+            cfg = self.transformer.config
+            self.text_len = 77 + 256
+            self.kwargs = dict(prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
+                               pooled_prompt_embeds=rand(1, cfg.pooled_projection_dim),
+                               negative_prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
+                               negative_pooled_prompt_embeds=rand(1, cfg.pooled_projection_dim))
+            self.modes, self.batch, self.label = MODES, "2 (CFG)", "SD3"
+            self.heads = self.kv_heads = cfg.num_attention_heads
+            self.head_dim = cfg.attention_head_dim
+        elif args.model == "flux":  # T5 (512) caption tokens; guidance-distilled: batch 1, no safe-sw
+            overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads) if args.heads else {})
+            self.transformer = models.build_flux(args.preset or "flux-dev", dtype=dtype, **overrides)
+            self.pipe = models.build_flux_pipeline(self.transformer)
+            cfg = self.transformer.config
+            self.text_len = 512
+            self.kwargs = dict(prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
+                               pooled_prompt_embeds=rand(1, cfg.pooled_projection_dim))
+            self.modes, self.batch, self.label = MODES[:3], "1 (guidance-distilled)", "FLUX"
+            self.heads = self.kv_heads = cfg.num_attention_heads
+            self.head_dim = cfg.attention_head_dim
+        else:
+            raise SafeDitError(f"unknown --model {args.model!r}")
+        self.transformer.to(args.device)
+        self.pipe.to(args.device)
+        self.hidden = self.heads * self.head_dim
+
+    def size(self, side: int) -> int:
+        """Image side in pixels whose latent has ``side`` x ``side`` image tokens."""
+        patch = 2 if self.model == "flux" else self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
+        return side * patch * self.pipe.vae_scale_factor
+
+    def call(self, size: int, steps: int, guidance: float):
+        return self.pipe(**self.kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                         generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+def run_e2e(args, progress: bool = True) -> dict:
     dtype = DTYPES[args.dtype]
-    overrides = dict(num_layers=args.layers)
-    if args.hidden_size:
-        overrides |= dict(hidden_size=args.hidden_size, num_attention_heads=args.heads, num_kv_heads=args.kv_heads)
-    transformer = build_lumina_next(args.preset, dtype=dtype, **overrides).to(args.device)
-    pipe = build_lumina_pipeline(transformer).to(args.device)
-    cross = transformer.config.cross_attention_dim
-    g = torch.Generator().manual_seed(0)
-    text_len = 32
-    embeds = [torch.randn(1, text_len, cross, generator=g).to(args.device, dtype) for _ in range(2)]
-    masks = [torch.tensor([[1] * 20 + [0] * 12]), torch.tensor([[1] * 3 + [0] * 29])]  # prompt / negative
-    vae_scale = pipe.vae_scale_factor
+    bb = _Backbone(args, dtype)
+    pipe, modes = bb.pipe, bb.modes
     configs = _configs(args)
     rows = []
-    bar = tqdm(total=len(args.tokens) * len(MODES) * (args.repeats + 2), disable=not progress,
-               desc="bench e2e", file=sys.stderr)
+    bar = tqdm(total=len(args.tokens) * len(modes) * (args.repeats + 2), disable=not progress,
+               desc=f"bench e2e {args.model}", file=sys.stderr)
     for n_tokens in args.tokens:
         side = math.isqrt(n_tokens)
         if side * side != n_tokens or side % 8:
             raise SafeDitError(f"--tokens {n_tokens}: use square grids whose side is a multiple of 8")
-        size = side * transformer.config.patch_size * vae_scale
+        size = bb.size(side)
 
         def call(steps):
-            return pipe(
-                prompt_embeds=embeds[0], prompt_attention_mask=masks[0].to(args.device),
-                negative_prompt_embeds=embeds[1], negative_prompt_attention_mask=masks[1].to(args.device),
-                height=size, width=size, num_inference_steps=steps, guidance_scale=args.guidance,
-                generator=torch.Generator().manual_seed(0), output_type="latent",
-            ).images
+            return bb.call(size, steps, args.guidance)
 
         timed = n_tokens <= args.time_up_to
         short = min(args.steps, configs["safe-core"].warmup_steps + 3)  # warm-up (dense) and selective steps
-        status, times, reports, peaks = {}, {m: [] for m in MODES}, {}, {}
-        for mode in MODES:  # warm-up (short call) and OOM probe
+        status, times, reports, peaks, short_out = {}, {m: [] for m in modes}, {}, {}, {}
+        for mode in modes:  # warm-up (short call), OOM probe, and the correctness check before any timing
             apply_safe_dit(pipe, configs[mode])
             try:
                 with torch.no_grad():
-                    call(short)
+                    short_out[mode] = call(short).float()
                 status[mode] = "ok"
             except RuntimeError as err:
                 if not is_oom(err):
                     raise
                 status[mode] = "oom"
             bar.update(1)
+        err = None
+        if status["dense"] == status["dense-fp"] == "ok":
+            ref = short_out["dense"]
+            err = float((short_out["dense-fp"] - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            if err > (1e-4 if dtype == torch.float32 else 5e-2):
+                raise SafeDitError(f"dense-fp differs from dense by {err:.2e} (relative) at {n_tokens} tokens")
+        short_out.clear()
         for _ in range(args.repeats if timed else 0):
-            for mode in MODES:
+            for mode in modes:
                 if status[mode] == "ok":
                     apply_safe_dit(pipe, configs[mode])
                     t0 = time.perf_counter()
@@ -103,16 +164,17 @@ def run_e2e(args, progress: bool = True) -> dict:
                     rt = runtime_of(pipe)
                     reports[mode] = rt.last_report if rt is not None else None
                 bar.update(1)
-        for mode in MODES:
+        for mode in modes:
             if status[mode] == "ok" and args.memory:
                 apply_safe_dit(pipe, configs[mode])
                 with torch.no_grad():  # every step kind occurs in the short call; peaks repeat per kind
                     peaks[mode] = peak_memory_mb(lambda: call(short), args.device)
             bar.update(1)
-        for mode in MODES:
+        for mode in modes:
             rep = reports.get(mode) or {}
             rows.append({
-                "tokens": n_tokens, "resolution": side * 16, "mode": mode, "status": status[mode], "timed": timed,
+                "tokens": n_tokens, "resolution": size * 8 // bb.pipe.vae_scale_factor, "mode": mode,
+                "status": status[mode], "timed": timed, "rel_err_vs_dense_short_call": err if mode == "dense-fp" else None,
                 "seconds": statistics.median(times[mode]) if times[mode] else None, "all_seconds": times[mode],
                 "peak_memory_mb": peaks.get(mode), # untimed (probe-only) rows ran a short call: no full-schedule token fraction to report
                 "token_fraction": rep.get("token_fraction", 1.0 if times[mode] else None),
@@ -125,13 +187,13 @@ def run_e2e(args, progress: bool = True) -> dict:
         "benchmark": "e2e",
         "environment": environment(args.device),
         "settings": {
-            "preset": args.preset, "layers": args.layers, "hidden_size": transformer.config.hidden_size,
-            "heads": transformer.config.num_attention_heads, "kv_heads": transformer.config.num_kv_heads,
-            "head_dim": transformer.head_dim, "dtype": args.dtype, "steps": args.steps, "batch": "2 (CFG)",
-            "guidance": args.guidance, "repeats": args.repeats, "text_len": text_len,
+            "model": args.model, "model_class": type(bb.transformer).__name__, "model_label": bb.label,
+            "preset": args.preset, "layers": args.layers, "hidden_size": bb.hidden, "heads": bb.heads,
+            "kv_heads": bb.kv_heads, "head_dim": bb.head_dim, "dtype": args.dtype, "steps": args.steps,
+            "batch": bb.batch, "guidance": args.guidance, "repeats": args.repeats, "text_len": bb.text_len,
             "time_up_to_tokens": args.time_up_to,
             "memory_measured_on": "a short call (warm-up steps + anchor + selective steps) of each mode",
-            "configs": {m: c.__dict__ for m, c in configs.items()},
+            "configs": {m: c.__dict__ for m, c in configs.items() if m in modes},
         },
         "rows": rows,
         "summary": summarize(rows),
@@ -142,7 +204,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     out = []
     for n in sorted({r["tokens"] for r in rows}):
         by = {r["mode"]: r for r in rows if r["tokens"] == n}
-        t = {m: by[m]["seconds"] for m in MODES}
+        t = {m: by[m]["seconds"] if m in by else None for m in MODES}
         s = {"tokens": n, "resolution": by["dense"]["resolution"]}
         if t["dense"] and t["dense-fp"]:
             s["fast_path_gain"] = t["dense"] / t["dense-fp"]
@@ -157,7 +219,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     largest = {}
     for m in MODES:
         ok = [r["tokens"] for r in rows if r["mode"] == m and r["status"] == "ok"]
-        largest[m] = max(ok) if ok else None
+        if any(r["mode"] == m for r in rows):
+            largest[m] = max(ok) if ok else None
     out.append({"largest_tokens_that_ran": largest})
     return out
 
@@ -202,17 +265,27 @@ def plot(result: dict, path: str) -> None:
     if axes[0].get_legend_handles_labels()[0]:  # nothing timed: memory only
         axes[0].legend(fontsize=8)
     axes[0].set_title("speedup vs resolution")
-    memory_axis(axes[1], result["rows"], MODES, "peak memory vs resolution")
+    memory_axis(axes[1], result["rows"], [m for m in MODES if any(r["mode"] == m for r in result["rows"])],
+                "peak memory vs resolution")
     save_figure(plt, fig, result, path, f"{result['settings']['steps']} steps, ")
 
 
 def configure_parser(p) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 9216, 16384],
                    help="image token counts, square grids (4096 = 1024², 9216 = 1536², 16384 = 2048²)")
-    p.add_argument("--preset", default="lumina-next-2b", help="transformer preset (lumina-next-2b or tiny)")
-    p.add_argument("--layers", type=int, default=1, help="transformer blocks (real model: 24; default 1 on CPU)")
-    p.add_argument("--hidden-size", type=int, default=None, help="override width (keep hidden/heads = 72)")
-    p.add_argument("--heads", type=int, default=None, help="attention heads, with --hidden-size")
+    p.add_argument("--model", default="lumina-next", choices=["lumina-next", "sd3", "flux"],
+                   help="backbone and its diffusers pipeline: LuminaPipeline, StableDiffusion3Pipeline (CFG batch, "
+                        "333 caption tokens) or FluxPipeline (guidance-distilled, batch 1, 512 caption tokens; no "
+                        "safe-sw) (default: lumina-next)")
+    p.add_argument("--preset", default=None,
+                   help="transformer preset: the real attention shape by default (lumina-next-2b, sd3-medium: "
+                        "1536 = 24 heads x 64, flux-dev: 3072 = 24 heads x 128), or tiny")
+    p.add_argument("--layers", type=int, default=1,
+                   help="transformer blocks (real: Lumina 24, SD3-Medium 24, FLUX 19 double + 38 single; "
+                        "FLUX: this many of each; default 1 on CPU)")
+    p.add_argument("--hidden-size", type=int, default=None, help="Lumina: override width (keep hidden/heads = 72)")
+    p.add_argument("--heads", type=int, default=None,
+                   help="attention heads (Lumina: with --hidden-size; SD3/FLUX: width = heads x the real head dim)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads, with --hidden-size")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; safe-sw uses guidance±1")
@@ -235,8 +308,8 @@ def configure_parser(p) -> None:
 def run(args) -> int:
     if args.quick:
         args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
-        args.hidden_size = None
-    if args.hidden_size and not (args.heads and args.kv_heads):
+        args.hidden_size = args.heads = None
+    if args.hidden_size and (args.model != "lumina-next" or not (args.heads and args.kv_heads)):
         raise SafeDitError("--hidden-size needs --heads and --kv-heads")
     if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens):
         raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")

@@ -13,9 +13,9 @@ safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer infe
   safe-dit generate      one image under dense / dense-fp / safe-core / safe-sw, with its sensitivity map
   safe-dit eval          prompt alignment, paired PSNR/SSIM and latency of every mode on the embedded model
   safe-dit midt          measure the Mask-Induced Dispatch Tax of SDPA on this machine
-  safe-dit audit         list every attention call of a model: masks, what safe-dit does, kernel
+  safe-dit audit         every attention call of Lumina-Next/PixArt/SD3/FLUX: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
-  safe-dit bench e2e     the four modes end to end through the Lumina pipeline, speed and memory
+  safe-dit bench e2e     the four modes end to end through the Lumina, SD3 or FLUX pipeline, speed and memory
 
 Run 'safe-dit COMMAND --help' for the options of each command."""
 

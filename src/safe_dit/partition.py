@@ -25,6 +25,33 @@ def image_to_text_probs(
     return logits.softmax(-1).mean(1)  # [B, N, T]
 
 
+def joint_image_to_text_probs(query: torch.Tensor, key: torch.Tensor, text: slice,
+                              scale: float | None = None, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """The image-query x text-key block of a *joint* attention's probabilities, averaged over heads: [B, N, T].
+
+    query [B, H, N, d] (image queries), key [B, H, L, d] (the whole joint sequence, image and text keys),
+    ``text`` the text key positions. Each row is normalised over all L keys, as the model attends:
+    p_it = m_i * softmax_t(q_i k_t), where the text mass m_i = sum_t p_it is read from one extra
+    mask-free SDPA call whose value is the text indicator (flash-eligible: same head dim as q/k), and the
+    N x T softmax over text keys is computed on its own. Exact, and never an N x L matrix; heads are taken
+    a few at a time so that the float32 [B, h, N, T] block stays under ``chunk_bytes`` (T is 333 in SD3,
+    512 in FLUX)."""
+    b, h, n, d = query.shape
+    t = len(range(key.shape[2])[text])
+    scale = d ** -0.5 if scale is None else scale
+    step = max(1, min(h, chunk_bytes // max(1, b * n * t * 4)))
+    indicator = torch.zeros(b, 1, key.shape[2], d, dtype=query.dtype, device=query.device)  # [B, 1, L, d]
+    indicator[:, :, text, 0] = 1
+    total = torch.zeros(b, n, t, device=query.device)
+    for h0 in range(0, h, step):
+        q, k = query[:, h0:h0 + step], key[:, h0:h0 + step]  # [B, h', N, d], [B, h', L, d]
+        ind = indicator.expand(-1, q.shape[1], -1, -1)
+        mass = F.scaled_dot_product_attention(q, k, ind, scale=scale)[..., 0].float()  # [B, h', N]
+        logits = torch.einsum("bhnd,bhtd->bhnt", q.float(), k[:, :, text].float()) * scale  # [B, h', N, T]
+        total += (mass[..., None] * logits.softmax(-1)).sum(1)
+    return total / h  # [B, N, T]
+
+
 class SensitivityAccumulator:
     """Running mean over blocks and warm-up steps of each image token's attention to the prompt.
 

@@ -65,7 +65,7 @@ def memory_axis(ax, rows: list[dict], modes, title: str) -> None:
 def save_figure(plt, fig, result: dict, path: str, what: str) -> None:
     """Title names the model shape, dtype, device and torch version; then PNG at 120 dpi."""
     env, st = result["environment"], result["settings"]
-    fig.suptitle(f"Lumina-Next {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {what}{st['dtype']}, "
+    fig.suptitle(f"{st.get('model_label', 'Lumina-Next')} {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {what}{st['dtype']}, "
                  f"{env['device']} ({env.get('gpu') or env['processor'][:40]}), torch {env['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -47,7 +47,7 @@ class Generation:
         self.cond_first = True  # [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
         self.sensitivity: torch.Tensor | None = None  # [B, N] in [0, 1]
         self.index: torch.Tensor | None = None  # [B, K] sensitive token positions
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> K, V [B, N, Hkv, d]
+        self.kv: dict = {}  # layer (index or attention name) -> K, V [B, N, Hkv, d]
         self.output: torch.Tensor | None = None  # per-token model output at the last anchor [B, N, C]
         self.tokens_per_step: list[int] = []
         self.kinds: list[str] = []
@@ -97,11 +97,11 @@ class Generation:
         """Anchors and the last warm-up step (the first anchor) refill the SRSU caches."""
         return self.kind == ANCHOR or (self.kind == WARMUP and self.step == self.plan.warmup_steps - 1)
 
-    def store_kv(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def store_kv(self, layer, key: torch.Tensor, value: torch.Tensor) -> None:
         if self.refreshes_cache:
             self.kv[layer] = (key, value)
 
-    def merged_kv(self, layer: int, key_rows: torch.Tensor, value_rows: torch.Tensor):
+    def merged_kv(self, layer, key_rows: torch.Tensor, value_rows: torch.Tensor):
         """Full K/V [B, N, Hkv, d]: fresh sensitive rows over the anchor's cached context rows."""
         k, v = self.kv[layer]
         return scatter_rows(k, self.index, key_rows), scatter_rows(v, self.index, value_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -9,6 +10,7 @@ from typing import Callable
 import torch
 
 from ..config import SafeConfig, SafeDitError
+from ..guidance import guide, token_guidance
 from ..masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
 from ..schedule import SELECTIVE
 from ..selective import Generation
@@ -25,6 +27,8 @@ class ForwardState:
 
     certified: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
+    text_len: int = 0  # joint-sequence backbones: caption tokens of this forward
+    memo: dict = field(default_factory=dict)  # per-forward values shared by all blocks (e.g. gathered RoPE)
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
         """Record that ``mask`` (this very tensor object) is all-valid by construction."""
@@ -147,6 +151,7 @@ class Adapter:
 
     name: str = "base"
     model_classes: tuple[type, ...] = ()
+    notes: str = ""  # where this backbone's masks come from, for the audit
 
     def attach(self, model: torch.nn.Module, config: SafeConfig, pipe=None) -> Handle:  # pragma: no cover
         raise NotImplementedError
@@ -176,15 +181,24 @@ def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewri
     return sdpa_with_plan(query, key, value, decision.plan, scale)
 
 
-def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object]) -> Callable[[], None]:
-    """Give every diffusers ``Attention`` of ``model`` a new processor; returns the exact undo."""
-    from diffusers.models.attention_processor import Attention
-
+def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object],
+                    expected: tuple[type, ...] | None = None) -> Callable[[], None]:
+    """Give every diffusers attention module of ``model`` (``Attention``, or the newer per-model classes
+    such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor; returns
+    the exact undo. With ``expected``, any other processor (IP-Adapter, fused QKV, a user's own) is
+    refused before anything changes: replacing it would silently drop what it does."""
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    if expected is not None:
+        for name, module in modules:
+            if not isinstance(module.processor, expected):
+                raise SafeDitError(
+                    f"{name} uses {type(module.processor).__name__}; safe-dit replaces only the stock "
+                    f"{'/'.join(c.__name__ for c in expected)} (IP-Adapter, fused QKV or custom processors are not "
+                    "supported): restore the default processors first")
     originals = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Attention):
-            originals[name] = module.processor
-            module.set_processor(make_processor(name))
+    for name, module in modules:
+        originals[name] = module.processor
+        module.set_processor(make_processor(name))
 
     def restore():
         modules = dict(model.named_modules())
@@ -200,16 +214,30 @@ def layer_of(name: str, blocks: str) -> int:
     return int(parts[1]) if len(parts) > 2 and parts[0] == blocks and parts[1].isdigit() else -1
 
 
-class StepTracker:
-    """Model forward pre-hook: which step of which generation this forward is, and what kind of step."""
+def latent_grid(patch: int):
+    """Token grid (h, w) of a [B, C, H, W] latent input patchified by ``patch``."""
 
-    def __init__(self, runtime: Runtime, patch: int):
-        self.runtime, self.patch = runtime, patch
+    def grid(args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
+
+    return grid
+
+
+class StepTracker:
+    """Model forward pre-hook: which step of which generation this forward is, and what kind of step.
+
+    ``grid`` is the patch size of a [B, C, H, W] latent input, or a callable (args, kwargs) -> (h, w)
+    for backbones that take packed tokens (FLUX)."""
+
+    def __init__(self, runtime: Runtime, grid):
+        self.runtime = runtime
+        self.grid_of = latent_grid(grid) if isinstance(grid, int) else grid
 
     def __call__(self, _model, args, kwargs):
         rt = self.runtime
-        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
-        grid = (latents.shape[-2] // self.patch, latents.shape[-1] // self.patch)
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, ...]
+        grid = self.grid_of(args, kwargs)
         if rt.explicit_generation:
             gen = rt.generation
             step = gen.step + 1
@@ -217,6 +245,13 @@ class StepTracker:
             index = rt.scheduler.step_index
             if index is None or rt.generation is None:  # a new pipeline call
                 rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
+            elif index == rt.generation.step:
+                rt.generation = None
+                raise SafeDitError(
+                    f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
+                    f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, or SD3 skip-layer "
+                    "guidance): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG"
+                )
             step = 0 if index is None else index
             gen = rt.generation
         else:
@@ -230,6 +265,31 @@ class StepTracker:
             gen.cond_first = rt.cond_first
         gen.begin_step(step, grid[0] * grid[1], grid)
         return None
+
+
+def gather_sensitive(runtime: Runtime):
+    """Forward hook on the layer that turns the input into image tokens ([B, N, D] out, positions
+    already encoded): at selective steps only the sensitive rows [B, K, D] enter the blocks."""
+
+    def hook(_module, _inputs, x):  # x [B, N, D]
+        gen = runtime.generation
+        return gen.gather(x) if gen is not None and gen.kind == SELECTIVE else None  # [B, K, D]
+
+    return hook
+
+
+def refuse_inputs(*names: str):
+    """Model forward pre-hook for the scheduled modes: inputs that add per-image-token residuals inside the
+    block stack (ControlNet) cannot follow the sensitive rows, so refuse them clearly instead of failing on
+    a shape mismatch."""
+
+    def hook(_model, _args, kwargs):
+        given = [n for n in names if kwargs.get(n) is not None]
+        if given:
+            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined with "
+                               "safe-core/safe-sw, which run only the sensitive image rows at selective steps; use dense-fp")
+
+    return hook
 
 
 def on_final_tokens(runtime: Runtime):
@@ -288,6 +348,48 @@ def sensitivity_weighted(runtime: Runtime, gen, output, channels: int | None = N
         return (guided,) + tuple(output[1:])
     output.sample = guided
     return output
+
+
+class SchedulerGuidance:
+    """SW-CFG for pipelines that compute u + g(c - u) with a ``g`` local to ``__call__`` (PixArt) and may then
+    keep only the first (latent) channels: the model output of a step is remembered, and this pipeline's
+    ``scheduler.step`` (an instance attribute, removed again by ``remove_safe_dit``) receives
+    u + gamma_i (c - u) on those channels instead."""
+
+    def __init__(self, scheduler, cond_first: bool = False):
+        self.scheduler, self.pending, self.cond_first = scheduler, None, cond_first  # CFG batch order
+        self.original = scheduler.step
+
+        @functools.wraps(self.original)  # the pipeline inspects step's signature (eta, generator)
+        def step(model_output, *args, **kwargs):  # model_output [b, C, H, W], already guided
+            guided, self.pending = self.pending, None
+            if guided is not None and guided.shape[0] == model_output.shape[0] and guided.shape[1] >= model_output.shape[1] \
+                    and guided.shape[2:] == model_output.shape[2:]:
+                model_output = guided[:, : model_output.shape[1]].to(model_output.dtype)
+            return self.original(model_output, *args, **kwargs)
+
+        scheduler.step = step
+
+    def remove(self) -> None:
+        del self.scheduler.step  # the class's own method again
+
+    def clear(self, *_args) -> None:  # model forward pre-hook: nothing stale from an interrupted call
+        self.pending = None
+
+    def __call__(self, runtime: Runtime, gen, output):  # model forward: remember u + gamma_i (c - u)
+        if not gen.cfg_batch:
+            return output
+        sample = output[0] if isinstance(output, tuple) else output.sample  # [2b, C_out, H, W]
+        first, second = sample.chunk(2)
+        cond, uncond = (first, second) if self.cond_first else (second, first)
+        h, w = gen.grid
+        p = sample.shape[-1] // w
+        cfg = runtime.config
+        s_cond = gen.sensitivity[: first.shape[0]] if self.cond_first else gen.sensitivity[first.shape[0]:]
+        gamma = token_guidance(s_cond, cfg.cfg_context, cfg.cfg_sensitive)  # [b, N]
+        gamma = gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [b, 1, H, W]
+        self.pending = guide(uncond, cond, gamma.to(sample.dtype))
+        return output
 
 
 _REGISTRY: list[Adapter] = []

@@ -124,6 +124,9 @@ class SafeLuminaAttnProcessor:
 class LuminaNextAdapter(Adapter):
     name = "lumina-next"
     model_classes = (LuminaNextDiT2DModel,)
+    notes = ("Lumina-Next: LuminaPatchEmbed builds an all-ones image mask that every self-attention expands to "
+             "[B, H, N, N] (elided by provenance); the caption padding mask reaches cross-attention (semantic: "
+             "kept, or rewritten exactly by slicing/gathering valid keys and splitting the batch by length).")
 
     @staticmethod
     def provenance_holds(model: LuminaNextDiT2DModel) -> bool:

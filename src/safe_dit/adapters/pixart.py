@@ -11,12 +11,11 @@ SRSU needs no RoPE: the patch embedder's output already carries the absolute pos
 so sensitive rows are gathered right after it and scattered back after ``proj_out``. PixArt's CFG
 batch is [uncond; cond] and its pipeline guides every output channel (learned sigma included,
 split off afterwards) with a ``guidance_scale`` it keeps local to ``__call__``: SW-CFG therefore
-replaces the guided prediction where the scheduler receives it (see ``_SchedulerGuidance``).
+replaces the guided prediction where the scheduler receives it (see ``base.SchedulerGuidance``).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -24,12 +23,13 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from ..config import SafeConfig
-from ..guidance import guide, token_guidance
 from ..masks import key_padding_from_bias
 from ..partition import image_to_text_probs
 from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, StepTracker, attend, finish_step, layer_of, on_final_tokens, register,
-                   swap_processors)
+from .base import (Adapter, Handle, Runtime, SchedulerGuidance, StepTracker, attend, finish_step, gather_sensitive,
+                   layer_of, on_final_tokens, register, swap_processors)
+
+_SchedulerGuidance = SchedulerGuidance  # where it lived first
 
 logger = logging.getLogger(__name__)
 
@@ -101,60 +101,11 @@ def _valid_keys(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
     return m if m.dtype == torch.bool else m == 0
 
 
-def _gather_sensitive(runtime: Runtime):
-    """Patch-embedder forward hook: at selective steps only the sensitive rows (with their absolute
-    position embedding already added) enter the blocks."""
-
-    def hook(_module, _inputs, x):  # x [B, N, D]
-        gen = runtime.generation
-        return gen.gather(x) if gen is not None and gen.kind == SELECTIVE else None  # [B, K, D]
-
-    return hook
-
-
-class _SchedulerGuidance:
-    """SW-CFG for PixArt's pipeline, which computes u + g(c - u) with a local ``g`` and then keeps the
-    first (latent) channels: the model output of a step is remembered, and this pipeline's
-    ``scheduler.step`` (an instance attribute, removed again by ``remove_safe_dit``) receives
-    u + gamma_i (c - u) on those channels instead."""
-
-    def __init__(self, scheduler):
-        self.scheduler, self.pending = scheduler, None
-        self.original = scheduler.step
-
-        @functools.wraps(self.original)  # the pipeline inspects step's signature (eta, generator)
-        def step(model_output, *args, **kwargs):  # model_output [b, C, H, W], already guided
-            guided, self.pending = self.pending, None
-            if guided is not None and guided.shape[0] == model_output.shape[0] and guided.shape[1] >= model_output.shape[1] \
-                    and guided.shape[2:] == model_output.shape[2:]:
-                model_output = guided[:, : model_output.shape[1]].to(model_output.dtype)
-            return self.original(model_output, *args, **kwargs)
-
-        scheduler.step = step
-
-    def remove(self) -> None:
-        del self.scheduler.step  # the class's own method again
-
-    def clear(self, *_args) -> None:  # model forward pre-hook: nothing stale from an interrupted call
-        self.pending = None
-
-    def __call__(self, runtime: Runtime, gen, output):  # model forward: remember u + gamma_i (c - u)
-        if not gen.cfg_batch:
-            return output
-        sample = output[0] if isinstance(output, tuple) else output.sample  # [2b, C_out, H, W] = [uncond; cond]
-        uncond, cond = sample.chunk(2)
-        h, w = gen.grid
-        p = sample.shape[-1] // w
-        cfg = runtime.config
-        gamma = token_guidance(gen.sensitivity[uncond.shape[0]:], cfg.cfg_context, cfg.cfg_sensitive)  # [b, N]
-        gamma = gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [b, 1, H, W]
-        self.pending = guide(uncond, cond, gamma.to(sample.dtype))
-        return output
-
-
 class PixArtAdapter(Adapter):
     name = "pixart"
     model_classes = (PixArtTransformer2DModel,)
+    notes = ("PixArt: the pipelines pass no image mask (self-attention is mask-free already); the T5 caption "
+             "padding bias reaches cross-attention (semantic: kept, or rewritten exactly).")
 
     def attach(self, model: PixArtTransformer2DModel, config: SafeConfig, pipe=None) -> Handle:
         # T5 ends every caption with </s> (not a prompt word); the CFG batch is [uncond; cond].
@@ -169,7 +120,7 @@ class PixArtAdapter(Adapter):
         hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
         guidance = None
         if config.mode == "safe-sw" and runtime.scheduler is not None and "step" not in vars(runtime.scheduler):
-            guidance = _SchedulerGuidance(runtime.scheduler)
+            guidance = SchedulerGuidance(runtime.scheduler)
             handle.on_remove(guidance.remove)
             hooks.append(model.register_forward_pre_hook(guidance.clear))
         elif config.mode == "safe-sw":
@@ -178,7 +129,7 @@ class PixArtAdapter(Adapter):
         if config.scheduled:
             hooks += [
                 model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True),
-                model.pos_embed.register_forward_hook(_gather_sensitive(runtime)),
+                model.pos_embed.register_forward_hook(gather_sensitive(runtime)),
                 model.proj_out.register_forward_hook(on_final_tokens(runtime)),  # before unpatchify
                 model.register_forward_hook(finish_step(runtime, guidance or (lambda _rt, _gen, out: out)), always_call=True),
             ]

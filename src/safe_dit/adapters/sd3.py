@@ -1,0 +1,99 @@
+"""SD3 adapter (diffusers ``SD3Transformer2DModel``: SD3 / SD3.5 through ``StableDiffusion3Pipeline``).
+
+Masks in the stock model: none. ``JointAttnProcessor2_0`` never passes a mask to SDPA (it ignores an
+``attention_mask`` argument altogether) and ``StableDiffusion3Pipeline`` builds none: CLIP and T5
+padding tokens are ordinary tokens of the joint sequence. So ``dense-fp`` has nothing to elide and
+equals ``dense``; any SAFE-Core gain on SD3 is scheduling. (Like the stock processor, a mask handed
+in through ``joint_attention_kwargs`` is ignored.)
+
+Joint sequence [image; text]: image tokens (absolute sin-cos position embedding added by ``pos_embed``,
+so no RoPE) are gathered right after ``pos_embed`` at selective steps and scattered after ``proj_out``;
+text tokens are always computed. PCSP reads the image-query x text-key block of each block's joint
+attention. SD3.5's extra image-only self-attention (``attn2``) gets its own K/V cache. The CFG batch is
+[uncond; cond] and the pipeline guides all channels with ``pipe.guidance_scale``: SW-CFG rewrites the
+cond prediction so that its u + g(c - u) becomes u + gamma_i (c - u).
+"""
+
+from __future__ import annotations
+
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+from ..config import SafeConfig
+from .base import (Adapter, Handle, Runtime, StepTracker, finish_step, gather_sensitive, layer_of, on_final_tokens,
+                   refuse_inputs, register, sensitivity_weighted, swap_processors)
+from .joint import joint_attention
+
+NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3Pipeline builds none "
+         "(caption padding is ordinary tokens of the joint sequence): nothing to elide, dense-fp == dense; "
+         "SAFE-Core's gain here is scheduling only.")
+
+
+class SafeSD3AttnProcessor:
+    """Drop-in for ``JointAttnProcessor2_0``: same projections, QK norms and [image; text] order; adds
+    the SRSU K/V cache and the PCSP tap through :func:`joint_attention`."""
+
+    def __init__(self, runtime: Runtime, name: str):
+        self.runtime, self.name = runtime, name
+        self.layer = layer_of(name, "transformer_blocks")
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        batch = hidden_states.shape[0]  # hidden_states [B, n, D]: n = N, or K at selective steps
+        d = attn.to_k.out_features // attn.heads
+
+        def heads(t):  # [B, L, H*d] -> [B, L, H, d]
+            return t.view(batch, -1, attn.heads, d)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:  # per-head norms over d: the same on [B, L, H, d] as on [B, H, L, d]
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        text = None
+        if encoder_hidden_states is not None:  # [B, T, D]
+            e = encoder_hidden_states
+            tq, tk, tv = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+            text = (tq, tk, tv)
+        img, txt = joint_attention(self.runtime, self.name, self.layer, (q, k, v), text, text_first=False)
+        img = attn.to_out[1](attn.to_out[0](img.reshape(batch, -1, attn.heads * d).to(q.dtype)))  # [B, n, D]
+        if txt is None:
+            return img
+        txt = txt.reshape(batch, -1, attn.heads * d).to(q.dtype)  # [B, T, D]
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return img, txt
+
+
+class SD3Adapter(Adapter):
+    name = "sd3"
+    model_classes = (SD3Transformer2DModel,)
+    notes = NOTES
+
+    def attach(self, model: SD3Transformer2DModel, config: SafeConfig, pipe=None) -> Handle:
+        runtime = Runtime(config, cond_first=False)  # CFG batch [uncond; cond]
+        runtime.pipe = pipe
+        runtime.scheduler = getattr(pipe, "scheduler", None)
+        handle = Handle(config, runtime, self.name)
+        if not config.fast_path:
+            return handle  # dense: the stock model, untouched
+
+        handle.on_remove(swap_processors(model, lambda name: SafeSD3AttnProcessor(runtime, name),
+                                         expected=(JointAttnProcessor2_0,)))
+        hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
+        if config.scheduled:
+            hooks += [
+                model.register_forward_pre_hook(refuse_inputs("block_controlnet_hidden_states"), with_kwargs=True),
+                model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True),
+                model.pos_embed.register_forward_hook(gather_sensitive(runtime)),
+                model.proj_out.register_forward_hook(on_final_tokens(runtime)),  # before unpatchify
+                model.register_forward_hook(finish_step(runtime, sensitivity_weighted), always_call=True),
+            ]
+        handle.on_remove(lambda: [h.remove() for h in hooks])
+        return handle
+
+
+register(SD3Adapter())
