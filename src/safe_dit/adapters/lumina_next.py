@@ -140,7 +140,7 @@ class LuminaNextAdapter(Adapter):
         runtime.pipe = pipe
         runtime.scheduler = getattr(pipe, "scheduler", None)
         handle = Handle(config, runtime, self.name)
-        if not config.fast_path:
+        if not config.patches_model:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding)))
@@ -160,8 +160,10 @@ class LuminaNextAdapter(Adapter):
             x, mask, img_size, rope = outputs  # [B, N, D], [B, N], sizes, [1, N, d/2]
             gen = runtime.generation
             if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows enter the blocks
-                x, mask, rope = gen.gather(x), gen.gather(mask), gen.gather(rope)
-            if certified and runtime.state is not None:
+                x, rope = gen.gather(x), gen.gather(rope)
+                if config.fast_path:  # else (ablation) the stock [B, N] key mask stays: keys are all N tokens
+                    mask = gen.gather(mask)
+            if certified and config.fast_path and runtime.state is not None:
                 runtime.state.certify(mask, CERTIFIED_BY)
             return x, mask, img_size, rope
 

@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from ..config import SafeConfig
-from ..guidance import guide, token_guidance
+from ..guidance import config_guidance, guide
 from ..masks import key_padding_from_bias
 from ..partition import image_to_text_probs
 from ..schedule import SELECTIVE
@@ -146,7 +146,7 @@ class _SchedulerGuidance:
         h, w = gen.grid
         p = sample.shape[-1] // w
         cfg = runtime.config
-        gamma = token_guidance(gen.sensitivity[uncond.shape[0]:], cfg.cfg_context, cfg.cfg_sensitive)  # [b, N]
+        gamma = config_guidance(cfg, gen.sensitivity[uncond.shape[0]:])  # [b, N]
         gamma = gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [b, 1, H, W]
         self.pending = guide(uncond, cond, gamma.to(sample.dtype))
         return output
@@ -162,7 +162,7 @@ class PixArtAdapter(Adapter):
         runtime.pipe = pipe
         runtime.scheduler = getattr(pipe, "scheduler", None)
         handle = Handle(config, runtime, self.name)
-        if not config.fast_path:
+        if not config.patches_model:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafePixArtAttnProcessor(runtime, name, config.rewrite_padding)))
