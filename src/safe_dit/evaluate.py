@@ -103,11 +103,12 @@ def mode_run(name: str, config: SafeConfig, steps: int | None = None) -> Run:
 
 
 def run_interleaved(pipe, scenes: list[shapes.Scene], runs: list[Run], steps: int, guidance: float, seed: int,
-                    progress: bool = True, desc: str = "eval") -> tuple[list[dict], dict[str, list[np.ndarray]]]:
+                    progress: bool = True, desc: str = "eval", warmup: bool = True,
+                    ) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
     """Every run on every prompt, interleaved per prompt (every run sees the same machine state for
     a prompt), seed ``seed + i`` for prompt i; one untimed image per run first so that lazy
     initialisation stays out of the timings. Rows carry the checker's grade and the seconds."""
-    for r in runs:
+    for r in runs if warmup else ():
         undo = r.setup(pipe)
         try:
             generate(pipe, shapes.caption(scenes[0]), seed, r.steps or steps, guidance)

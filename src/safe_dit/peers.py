@@ -19,6 +19,9 @@ one of them. What this module adds, and nothing more (no change to any method's 
    blocks, its ``encoder_mask`` keyword, the BCHW layout of its output) and, for SeaCache, the
    image analogue of diffusers' own Wan text-to-video ``raw_vision_callback`` (each sample's
    latents as a one-frame ``(C, 1, H, W)`` video).
+4. FasterCache: ``apply_faster_cache`` only looks for attention under its built-in block names
+   (``blocks``, ``transformer_blocks``, ...), so Lumina's self-attention (``layers.i.attn1``) gets
+   its attention hook from diffusers' own per-module function, the same hook with the same config.
 
 A method that raises on this model, or that attaches no hook to it, is reported as unsupported
 with the reason (``PeerUnsupported``), never silently run as dense.
@@ -146,6 +149,33 @@ def _lumina_raw_vision(module, args: tuple, kwargs: dict) -> list[torch.Tensor] 
     return [s.unsqueeze(1) for s in x.unbind(0)]
 
 
+_LUMINA_SELF_ATTENTION = r"^layers\.\d+\.attn1$"
+
+
+def _faster_cache_config(h, p: dict, clock: _SchedulerClock):
+    return h.FasterCacheConfig(
+        spatial_attention_block_skip_range=p["block_skip"], spatial_attention_timestep_skip_range=(-1, 681),
+        spatial_attention_block_identifiers=(_LUMINA_SELF_ATTENTION,), temporal_attention_block_identifiers=(),
+        current_timestep_callback=clock.timestep, tensor_format="BCHW", attention_weight_callback=lambda _: 0.5,
+        _unconditional_conditional_input_kwargs_identifiers=_LUMINA_BATCH_KWARGS,
+    )
+
+
+def _apply_faster_cache(model: torch.nn.Module, config) -> None:
+    """diffusers' apply_faster_cache, whose attention half only visits modules under its built-in
+    block names (``^blocks``/``^transformer_blocks``/...): Lumina's self-attention modules
+    (``layers.i.attn1``) get the very same hook through diffusers' own per-module function."""
+    from diffusers.hooks import apply_faster_cache, faster_cache
+    from diffusers.models.attention_processor import Attention
+
+    apply_faster_cache(model, config)
+    for name, module in model.named_modules():
+        if isinstance(module, Attention) and re.search(_LUMINA_SELF_ATTENTION, name):
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is None or registry.get_hook(faster_cache._FASTER_CACHE_BLOCK_HOOK) is None:
+                faster_cache._apply_faster_cache_on_attention_class(name, module, config)
+
+
 def _config(setting: PeerSetting, clock: _SchedulerClock, num_steps: int, mag_ratios=None):
     from diffusers import hooks as h
 
@@ -159,12 +189,7 @@ def _config(setting: PeerSetting, clock: _SchedulerClock, num_steps: int, mag_ra
         return h.TaylorSeerCacheConfig(cache_interval=p["cache_interval"], disable_cache_before_step=3, max_order=1,
                                        taylor_factors_dtype=torch.float32, cache_identifiers=ids), h.apply_taylorseer_cache
     if m == "faster-cache":
-        return h.FasterCacheConfig(
-            spatial_attention_block_skip_range=p["block_skip"], spatial_attention_timestep_skip_range=(-1, 681),
-            spatial_attention_block_identifiers=(r"^layers\.\d+\.attn1$",), temporal_attention_block_identifiers=(),
-            current_timestep_callback=clock.timestep, tensor_format="BCHW", attention_weight_callback=lambda _: 0.5,
-            _unconditional_conditional_input_kwargs_identifiers=_LUMINA_BATCH_KWARGS,
-        ), h.apply_faster_cache
+        return _faster_cache_config(h, p, clock), _apply_faster_cache
     if m == "mag-cache":
         if mag_ratios is None:
             return h.MagCacheConfig(calibrate=True, num_inference_steps=num_steps), h.apply_mag_cache
