@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Regenerates the committed CPU results (run on a quiet machine; about 75 minutes on 2 cores).
+# Regenerates the committed CPU results (run on a quiet machine; about 75 minutes on 2 cores, plus
+# about 45 minutes for step 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 tag=${TAG:-cpu}
+if [ "${1:-}" = "pareto" ]; then  # only step 5 (e.g. after the embedded model's weights change)
+  exec safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
+    --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
+fi
 # 1. MIDT sweep: N 1024..8192, head dims 64/72/80/128, float32 + bfloat16, 2 heads.
 safe-dit midt --no-progress --json "$out/midt-$tag.json" --plot "$out/midt-$tag.png" > "$out/midt-$tag.txt"
 # 2. Forward pass, stock dense vs dense-fp vs mask-free oracle, Lumina-Next-2B attention shape
@@ -18,3 +23,9 @@ safe-dit eval --no-progress --grid "$out/eval-$tag.png" --json "$out/eval-$tag.j
 safe-dit bench e2e --no-progress --tokens 1024 4096 9216 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 \
   --steps 30 --repeats 2 --time-up-to 4096 \
   --json "$out/e2e-$tag.json" --plot "$out/e2e-$tag.png" > "$out/e2e-$tag.txt"
+# 5. Speed-quality Pareto vs diffusers' cache hooks and step reduction, with SAFE-Core ablations:
+#    18 fixed prompts x 32 settings x 30 steps on the embedded model, then latency only at 4096 tokens
+#    (random-weight Lumina-Next, head dim 72, 2 blocks x 288 wide). One torch thread: steadier ratios
+#    on a shared machine. Also runnable alone: benchmarks/run_cpu.sh pareto
+safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
+  --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"

@@ -121,7 +121,7 @@ def micro_dir(tmp_path_factory):
 
 def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
     js, png, abl = tmp_path / "p.json", tmp_path / "p.png", tmp_path / "a.png"
-    code = main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory",
+    code = main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory", "--threads", "1",
                  "--json", str(js), "--plot", str(png), "--ablation-plot", str(abl)])
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
