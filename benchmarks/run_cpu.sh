@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the committed CPU results (run on a quiet machine; about 75 minutes on 2 cores, plus
-# about 45 minutes for step 5).
+# about 40 minutes for step 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
@@ -24,7 +24,8 @@ safe-dit bench e2e --no-progress --tokens 1024 4096 9216 --hidden-size 1152 --he
   --steps 30 --repeats 2 --time-up-to 4096 \
   --json "$out/e2e-$tag.json" --plot "$out/e2e-$tag.png" > "$out/e2e-$tag.txt"
 # 5. Speed-quality Pareto vs diffusers' cache hooks and step reduction, with SAFE-Core ablations:
-#    18 fixed prompts x 32 settings x 30 steps on the embedded model, then latency only at 4096 tokens
+#    30 fixed prompts x 32 settings x 30 steps on the embedded model, then latency only at 4096 tokens
+#    of every setting
 #    (random-weight Lumina-Next, head dim 72, 2 blocks x 288 wide). One torch thread: steadier ratios
 #    on a shared machine. Also runnable alone: benchmarks/run_cpu.sh pareto
 safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
