@@ -138,3 +138,7 @@ def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
     assert rows["dense"]["status"] == "ok" and rows["safe-core"]["token_fraction"] < 1
     assert all(k in result["analysis"] for k in ("embedded / psnr_vs_dense_fp", "64 tokens / accuracy"))
     assert {"torch", "diffusers"} <= set(result["environment"])
+    # the table and plots can be redrawn from the JSON alone
+    png2 = tmp_path / "p2.png"
+    assert main(["pareto", "--from-json", str(js), "--plot", str(png2)]) == 0
+    assert png2.stat().st_size > 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
