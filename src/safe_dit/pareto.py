@@ -15,8 +15,8 @@ One process, same prompts, seeds, steps, guidance and dtype for every setting:
 Part 1, quality (the embedded shapes model, 64x64, 256 tokens): prompt alignment graded by the
 checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense (tiny
 images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
-(``--scaled-tokens``, default 4096 = a 1024² image): the same settings (a subset) on a
-random-weight Lumina-Next with the real head dim 72, one timed call each; quality is not measured
+(``--scaled-tokens``, default 4096 = a 1024² image): every setting (``--scaled-subset``: a short
+list) on a random-weight Lumina-Next with the real head dim 72, one timed call each; quality is not measured
 there (random weights), and adaptive caches (FirstBlockCache, MagCache, SeaCache) decide what to
 skip from the model's own activations, which random weights do not represent.
 
