@@ -112,7 +112,7 @@ def test_no_fast_path_keeps_the_stock_masks_and_changes_nothing_else(pipe, safe_
             return func(*args, **kwargs)
 
     with Spy():
-        out, report, _ = _with(pipe, SafeConfig("safe-core", fast_path=False, **SCHED))
+        out, report, _ = _with(pipe, SafeConfig("safe-core", mask_elision=False, **SCHED))
     # every self- and cross-attention call of every step carries the stock expanded mask
     assert masks and all(m is not None and m.dim() == 4 for m in masks)
     assert report["steps"] == safe_core[1]["steps"]
@@ -131,7 +131,7 @@ def test_flat_sw_map_gives_every_token_the_mean_guidance(pipe):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(mode="dense-fp", fast_path=False), "dense-fp without its fast path"),
+    (dict(mode="dense-fp", mask_elision=False), "dense-fp without its fast path"),
     (dict(mode="safe-core", partition="checkerboard"), "partition"),
     (dict(mode="safe-core", srsu=1), "srsu"), (dict(mode="safe-core", car="no"), "car"),
     (dict(mode="safe-sw", sw_map=None), "sw_map"), (dict(mode="safe-core", partition_seed=1.5), "partition_seed"),
@@ -143,6 +143,6 @@ def test_ablation_knobs_are_validated(kwargs, match):
 
 def test_ablation_names():
     assert SafeConfig("safe-core").ablations == ()
-    assert SafeConfig("safe-core", fast_path=False, partition="random", srsu=False, car=False).ablations == (
+    assert SafeConfig("safe-core", mask_elision=False, partition="random", srsu=False, car=False).ablations == (
         "no-fast-path", "random-partition", "no-srsu", "no-car")
     assert SafeConfig("safe-sw", sw_map=False).ablations == ("flat-sw-map",)

@@ -47,9 +47,9 @@ class SafeConfig:
     Ablation knobs (defaults = the method; each switches off one component, for measuring what it
     contributes; ``safe-dit pareto`` runs them):
 
-    fast_path:
+    mask_elision:
         ``False`` keeps every mask as the stock model ships it (no provenance elision, no padding
-        rewrite) under ``safe-core``/``safe-sw``; the scheduling still runs.
+        rewrite) under ``safe-core``/``safe-sw``: the "no fast path" ablation; the scheduling still runs.
     partition:
         ``"pcsp"`` (the method), or the same number of tokens chosen without the prompt:
         ``"uniform"`` (evenly strided over the token grid) or ``"random"`` (seeded by
@@ -75,7 +75,7 @@ class SafeConfig:
     text_importance: tuple[float, ...] | None = None
     cfg_context: float = 3.0
     cfg_sensitive: float = 5.0
-    fast_path: bool = True
+    mask_elision: bool = True
     partition: str = "pcsp"
     partition_seed: int = 0
     srsu: bool = True
@@ -103,19 +103,19 @@ class SafeConfig:
                    "text_importance must be a non-empty tuple of finite weights >= 0")
         for name in ("cfg_context", "cfg_sensitive"):
             _check(_real(getattr(self, name)), f"{name} must be a finite number")
-        for name in ("fast_path", "srsu", "car", "sw_map"):
+        for name in ("mask_elision", "srsu", "car", "sw_map"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
         _check(isinstance(self.partition, str) and self.partition in PARTITIONS,
                f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         _check(_int(self.partition_seed), f"partition_seed must be an int, got {self.partition_seed!r}")
-        _check(self.fast_path or self.mode != "dense-fp",
-               "dense-fp without its fast path is dense: use mode='dense' (fast_path=False is a safe-core/safe-sw ablation)")
+        _check(self.mask_elision or self.mode != "dense-fp",
+               "dense-fp without its fast path is dense: use mode='dense' (mask_elision=False is a safe-core/safe-sw ablation)")
 
     @property
     def ablations(self) -> tuple[str, ...]:
         """Names of the components switched off (empty for the method as published)."""
         out = []
-        if not self.fast_path and self.mode != "dense":
+        if not self.mask_elision and self.mode != "dense":
             out.append("no-fast-path")
         if self.scheduled:
             if self.partition != "pcsp":
@@ -129,8 +129,9 @@ class SafeConfig:
         return tuple(out)
 
     @property
-    def patches_model(self) -> bool:
-        """Every mode but ``dense`` swaps attention processors and adds hooks."""
+    def fast_path(self) -> bool:
+        """Every mode but ``dense`` patches the model (processors, hooks); the patch elides masks
+        unless ``mask_elision=False``."""
         return self.mode != "dense"
 
     @property

@@ -85,7 +85,7 @@ def default_settings() -> list[Setting]:
                            note=f"keep {keep}, anchor {anchor}"))
     out.append(Setting("safe-sw", "safe-dit", SafeConfig("safe-sw", **CORE), note="guidance 3 (context) .. 5 (sensitive)"))
     ablations = (
-        ("no-fast-path", dict(fast_path=False), True, "stock masks kept, scheduling on"),
+        ("no-fast-path", dict(mask_elision=False), True, "stock masks kept, scheduling on"),
         ("no-srsu", dict(srsu=False), False, "every step dense (PCSP computed, unused)"),
         ("no-car", dict(car=False), False, "no anchors or tail after warm-up"),
         ("uniform-partition", dict(partition="uniform"), False, "strided tokens instead of PCSP"),

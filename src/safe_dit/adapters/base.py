@@ -162,7 +162,7 @@ def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewri
     if mask is None:
         runtime.record(name, "no mask")
         return sdpa(query, key, value, scale=scale)
-    if not runtime.config.fast_path:  # ablation: every mask exactly as the stock processor passes it
+    if not runtime.config.mask_elision:  # ablation: every mask exactly as the stock processor passes it
         runtime.record(name, "kept: fast path off (ablation)")
         return sdpa(query, key, value, attn_mask=stock_mask(), scale=scale)
     state = runtime.state

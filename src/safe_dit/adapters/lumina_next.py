@@ -140,7 +140,7 @@ class LuminaNextAdapter(Adapter):
         runtime.pipe = pipe
         runtime.scheduler = getattr(pipe, "scheduler", None)
         handle = Handle(config, runtime, self.name)
-        if not config.patches_model:
+        if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding)))
@@ -161,9 +161,9 @@ class LuminaNextAdapter(Adapter):
             gen = runtime.generation
             if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows enter the blocks
                 x, rope = gen.gather(x), gen.gather(rope)
-                if config.fast_path:  # else (ablation) the stock [B, N] key mask stays: keys are all N tokens
+                if config.mask_elision:  # else (ablation) the stock [B, N] key mask stays: keys are all N tokens
                     mask = gen.gather(mask)
-            if certified and config.fast_path and runtime.state is not None:
+            if certified and config.mask_elision and runtime.state is not None:
                 runtime.state.certify(mask, CERTIFIED_BY)
             return x, mask, img_size, rope
 

@@ -162,7 +162,7 @@ class PixArtAdapter(Adapter):
         runtime.pipe = pipe
         runtime.scheduler = getattr(pipe, "scheduler", None)
         handle = Handle(config, runtime, self.name)
-        if not config.patches_model:
+        if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafePixArtAttnProcessor(runtime, name, config.rewrite_padding)))
