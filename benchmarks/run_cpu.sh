@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Regenerates the committed CPU results (run on a quiet machine; about 90 minutes on 2 cores).
+# Regenerates the committed CPU results (run on a quiet machine; about 2.5 hours on 2 cores with
+# the cross-backbone runs, plus about 40 minutes for step 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 tag=${TAG:-cpu}
+if [ "${1:-}" = "pareto" ]; then  # only step 8 (e.g. after the embedded model's weights change)
+  exec safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
+    --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
+fi
 # 1. MIDT sweep: N 1024..8192, head dims 64/72/80/128, float32 + bfloat16, 2 heads.
 safe-dit midt --no-progress --json "$out/midt-$tag.json" --plot "$out/midt-$tag.png" > "$out/midt-$tag.txt"
 # 2. Forward pass, stock dense vs dense-fp vs mask-free oracle, Lumina-Next-2B attention shape
@@ -34,3 +39,10 @@ safe-dit bench e2e --model sd3 --no-progress --tokens 4096 --layers 1 --steps 28
   --json "$out/e2e-$tag-sd3.json" --plot "$out/e2e-$tag-sd3.png" > "$out/e2e-$tag-sd3.txt"
 safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
   --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
+# 8. Speed-quality Pareto vs diffusers' cache hooks and step reduction, with SAFE-Core ablations:
+#    30 fixed prompts x 32 settings x 30 steps on the embedded model, then latency only at 4096 tokens
+#    of every setting
+#    (random-weight Lumina-Next, head dim 72, 2 blocks x 288 wide). One torch thread: steadier ratios
+#    on a shared machine. Also runnable alone: benchmarks/run_cpu.sh pareto
+safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
+  --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"

@@ -12,6 +12,7 @@ safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer infe
 
   safe-dit generate      one image under dense / dense-fp / safe-core / safe-sw, with its sensitivity map
   safe-dit eval          prompt alignment, paired PSNR/SSIM and latency of every mode on the embedded model
+  safe-dit pareto        speed-quality Pareto vs diffusers' cache hooks and step reduction, plus ablations
   safe-dit midt          measure the Mask-Induced Dispatch Tax of SDPA on this machine
   safe-dit audit         every attention call of Lumina-Next/PixArt/SD3/FLUX: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
@@ -21,7 +22,7 @@ Run 'safe-dit COMMAND --help' for the options of each command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, audit, bench_e2e, bench_forward, evaluate, generate, midt
+    from . import __version__, audit, bench_e2e, bench_forward, evaluate, generate, midt, pareto
 
     parser = argparse.ArgumentParser(
         prog="safe-dit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.configure_parser(sub.add_parser("eval", help="quality and latency of every mode on the embedded model",
                                              description=evaluate.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
+    pareto.configure_parser(sub.add_parser("pareto", help="Pareto of safe-dit vs peer accelerators, with ablations",
+                                           description=pareto.__doc__,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter))
     midt.configure_parser(sub.add_parser("midt", help="measure the Mask-Induced Dispatch Tax", description=midt.__doc__,
                                          formatter_class=argparse.RawDescriptionHelpFormatter))
     audit.configure_parser(sub.add_parser("audit", help="audit every attention call of a model", description=audit.__doc__,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
+PARTITIONS = ("pcsp", "uniform", "random")
 
 
 class SafeDitError(ValueError):
@@ -42,6 +43,25 @@ class SafeConfig:
         Optional per-caption-token weights (one float per token position) for PCSP.
     cfg_context / cfg_sensitive:
         ``safe-sw`` only: guidance scale on context (s=0) and on sensitive (s=1) tokens.
+
+    Ablation knobs (defaults = the method; each switches off one component, for measuring what it
+    contributes; ``safe-dit pareto`` runs them):
+
+    mask_elision:
+        ``False`` keeps every mask as the stock model ships it (no provenance elision, no padding
+        rewrite) under ``safe-core``/``safe-sw``: the "no fast path" ablation; the scheduling still runs.
+    partition:
+        ``"pcsp"`` (the method), or the same number of tokens chosen without the prompt:
+        ``"uniform"`` (evenly strided over the token grid) or ``"random"`` (seeded by
+        ``partition_seed``). The non-PCSP partitions skip the warm-up image->text attention.
+    srsu:
+        ``False``: no selective updates, every step after warm-up computes every row (dense).
+    car:
+        ``False``: no dense refresh after warm-up, neither periodic anchors nor tail steps;
+        context tokens reuse the last warm-up step's K/V and outputs to the end.
+    sw_map:
+        ``safe-sw`` only. ``False`` replaces the per-token map by its per-image mean: the same
+        average guidance, without the spatial weighting.
     """
 
     mode: str = "dense-fp"
@@ -55,6 +75,12 @@ class SafeConfig:
     text_importance: tuple[float, ...] | None = None
     cfg_context: float = 3.0
     cfg_sensitive: float = 5.0
+    mask_elision: bool = True
+    partition: str = "pcsp"
+    partition_seed: int = 0
+    srsu: bool = True
+    car: bool = True
+    sw_map: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -77,9 +103,35 @@ class SafeConfig:
                    "text_importance must be a non-empty tuple of finite weights >= 0")
         for name in ("cfg_context", "cfg_sensitive"):
             _check(_real(getattr(self, name)), f"{name} must be a finite number")
+        for name in ("mask_elision", "srsu", "car", "sw_map"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check(isinstance(self.partition, str) and self.partition in PARTITIONS,
+               f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        _check(_int(self.partition_seed), f"partition_seed must be an int, got {self.partition_seed!r}")
+        _check(self.mask_elision or self.mode != "dense-fp",
+               "dense-fp without its fast path is dense: use mode='dense' (mask_elision=False is a safe-core/safe-sw ablation)")
+
+    @property
+    def ablations(self) -> tuple[str, ...]:
+        """Names of the components switched off (empty for the method as published)."""
+        out = []
+        if not self.mask_elision and self.mode != "dense":
+            out.append("no-fast-path")
+        if self.scheduled:
+            if self.partition != "pcsp":
+                out.append(f"{self.partition}-partition")
+            if not self.srsu:
+                out.append("no-srsu")
+            if not self.car:
+                out.append("no-car")
+        if self.mode == "safe-sw" and not self.sw_map:
+            out.append("flat-sw-map")
+        return tuple(out)
 
     @property
     def fast_path(self) -> bool:
+        """Every mode but ``dense`` patches the model (processors, hooks); the patch elides masks
+        unless ``mask_elision=False``."""
         return self.mode != "dense"
 
     @property

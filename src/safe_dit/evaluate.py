@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -82,40 +83,73 @@ def generate(pipe, prompt: str, seed: int, steps: int, guidance: float) -> tuple
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8), seconds
 
 
-def evaluate(pipe, scenes: list[shapes.Scene], modes: list[str], args, progress: bool = True) -> dict:
-    if REFERENCE not in modes:
-        raise SafeDitError(f"the paired metrics need {REFERENCE!r} among the modes")
-    configs = {m: mode_config(m, args) for m in modes}
-    # one untimed image per mode first: lazy initialisation stays out of the timings
-    for m in modes:
-        apply_safe_dit(pipe, configs[m])
-        generate(pipe, shapes.caption(scenes[0]), args.seed, args.steps, args.guidance)
-        remove_safe_dit(pipe)
-    images = {m: [] for m in modes}
+@dataclasses.dataclass
+class Run:
+    """One way of generating an image, compared with the others on the same prompts and seeds:
+    ``setup(pipe)`` patches the pipeline and returns the exact undo; ``steps`` (None = the run's
+    default) lets a setting sample with fewer steps."""
+
+    name: str
+    setup: Callable[[object], Callable[[], None]]
+    steps: int | None = None
+
+
+def mode_run(name: str, config: SafeConfig, steps: int | None = None) -> Run:
+    def setup(pipe):
+        apply_safe_dit(pipe, config)
+        return lambda: remove_safe_dit(pipe)
+
+    return Run(name, setup, steps)
+
+
+def run_interleaved(pipe, scenes: list[shapes.Scene], runs: list[Run], steps: int, guidance: float, seed: int,
+                    progress: bool = True, desc: str = "eval", warmup: bool = True,
+                    ) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
+    """Every run on every prompt, interleaved per prompt (every run sees the same machine state for
+    a prompt), seed ``seed + i`` for prompt i; one untimed image per run first so that lazy
+    initialisation stays out of the timings. Rows carry the checker's grade and the seconds."""
+    for r in runs if warmup else ():
+        undo = r.setup(pipe)
+        try:
+            generate(pipe, shapes.caption(scenes[0]), seed, r.steps or steps, guidance)
+        finally:
+            undo()
+    images = {r.name: [] for r in runs}
     rows = []
-    bar = tqdm(total=len(scenes) * len(modes), desc="eval", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(scenes) * len(runs), desc=desc, disable=not progress, file=sys.stderr)
     for i, scene in enumerate(scenes):
         prompt = shapes.caption(scene)
-        for m in modes:  # interleaved: every mode sees the same machine state for this prompt
-            apply_safe_dit(pipe, configs[m])
-            img, seconds = generate(pipe, prompt, args.seed + i, args.steps, args.guidance)
-            rt = runtime_of(pipe)
-            report = rt.last_report if rt is not None and configs[m].scheduled else None
-            remove_safe_dit(pipe)
-            images[m].append(img)
+        for r in runs:
+            undo = r.setup(pipe)
+            try:
+                img, seconds = generate(pipe, prompt, seed + i, r.steps or steps, guidance)
+                rt = runtime_of(pipe)
+                report = rt.last_report if rt is not None and rt.config.scheduled else None
+            finally:
+                undo()
+            images[r.name].append(img)
             grade = checker.grade(img, scene)
-            rows.append(dict(index=i, prompt=prompt, objects=len(scene.objects), seed=args.seed + i, mode=m, seconds=seconds,
-                             token_fraction=report["token_fraction"] if report else 1.0,
+            rows.append(dict(index=i, prompt=prompt, objects=len(scene.objects), seed=seed + i, mode=r.name,
+                             seconds=seconds, token_fraction=report["token_fraction"] if report else 1.0,
                              grade={k: bool(v) for k, v in grade.items()}))
             bar.update()
     bar.close()
+    return rows, images
+
+
+def pair_with_reference(rows: list[dict], images: dict, reference: str = REFERENCE) -> None:
+    """Add paired PSNR/SSIM against the reference run's image of the same prompt and seed."""
     for r in rows:
-        ref, img = images[REFERENCE][r["index"]], images[r["mode"]][r["index"]]
+        ref, img = images[reference][r["index"]], images[r["mode"]][r["index"]]
         r["psnr_vs_dense_fp"], r["ssim_vs_dense_fp"] = psnr(img, ref), ssim(img, ref)
+
+
+def summarize(rows: list[dict], names: list[str], baseline: str) -> dict[str, dict]:
+    """Per run: accuracy (all attributes right), per attribute and per object count, mean paired
+    PSNR (capped at 100 for identical images) and SSIM, median seconds, speedup vs ``baseline``."""
     summary = {}
-    baseline = "dense" if "dense" in modes else REFERENCE
     base_s = statistics.median(r["seconds"] for r in rows if r["mode"] == baseline)
-    for m in modes:
+    for m in names:
         mr = [r for r in rows if r["mode"] == m]
         sec = statistics.median(r["seconds"] for r in mr)
         entry = dict(
@@ -125,7 +159,6 @@ def evaluate(pipe, scenes: list[shapes.Scene], modes: list[str], args, progress:
             ssim_vs_dense_fp=float(np.mean([r["ssim_vs_dense_fp"] for r in mr])),
             seconds=sec, speedup=base_s / sec, speedup_baseline=baseline,
             token_fraction=float(np.mean([r["token_fraction"] for r in mr])),
-            config=dataclasses.asdict(configs[m]),
         )
         for n, name in ((1, "single_object"), (2, "two_object")):
             sub = [r for r in mr if r["objects"] == n]
@@ -133,6 +166,19 @@ def evaluate(pipe, scenes: list[shapes.Scene], modes: list[str], args, progress:
                 entry[f"accuracy_{name}"] = float(np.mean([r["grade"]["all"] for r in sub]))
                 entry[f"attributes_{name}"] = {a: float(np.mean([r["grade"][a] for r in sub])) for a in ATTRIBUTES}
         summary[m] = entry
+    return summary
+
+
+def evaluate(pipe, scenes: list[shapes.Scene], modes: list[str], args, progress: bool = True) -> dict:
+    if REFERENCE not in modes:
+        raise SafeDitError(f"the paired metrics need {REFERENCE!r} among the modes")
+    configs = {m: mode_config(m, args) for m in modes}
+    rows, images = run_interleaved(pipe, scenes, [mode_run(m, configs[m]) for m in modes], args.steps,
+                                   args.guidance, args.seed, progress)
+    pair_with_reference(rows, images)
+    summary = summarize(rows, modes, "dense" if "dense" in modes else REFERENCE)
+    for m in modes:
+        summary[m]["config"] = dataclasses.asdict(configs[m])
     return dict(benchmark="eval", modes=summary, rows=rows, images=images)
 
 

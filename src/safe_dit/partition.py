@@ -99,10 +99,29 @@ def sensitivity_map(score: torch.Tensor, grid: tuple[int, int], radius: int = 1)
     return normalize(smooth(normalize(score), grid, radius))
 
 
+def sensitive_count(n: int, keep_ratio: float) -> int:
+    """K = ceil(keep_ratio * N), at least 1: how many tokens every partition marks sensitive."""
+    return max(1, min(n, int(-(-keep_ratio * n // 1))))
+
+
 def select_sensitive(sensitivity: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """Indices [B, K] (ascending) of the top ``keep_ratio`` tokens; K = ceil(keep_ratio * N) >= 1."""
     b, n = sensitivity.shape
-    k = max(1, min(n, int(-(-keep_ratio * n // 1))))
+    k = sensitive_count(n, keep_ratio)
     # stable tie-break by position keeps the partition deterministic
     order = torch.argsort(sensitivity, dim=1, descending=True, stable=True)[:, :k]
     return order.sort(dim=1).values
+
+
+def prompt_free_partition(kind: str, batch: int, n: int, keep_ratio: float, seed: int = 0) -> torch.Tensor:
+    """The PCSP ablations: K = ``sensitive_count(n, keep_ratio)`` tokens chosen without the prompt,
+    the same for every sample, ascending indices [B, K]. ``"uniform"``: evenly strided over the
+    row-major token order (floor(i*N/K)); ``"random"``: a seeded random subset."""
+    k = sensitive_count(n, keep_ratio)
+    if kind == "uniform":
+        index = torch.div(torch.arange(k) * n, k, rounding_mode="floor")
+    elif kind == "random":
+        index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    else:
+        raise ValueError(f"unknown prompt-free partition {kind!r}")
+    return index.expand(batch, k).contiguous()

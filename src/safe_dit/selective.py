@@ -13,7 +13,7 @@ import logging
 import torch
 
 from .config import SafeConfig
-from .partition import SensitivityAccumulator, select_sensitive, sensitivity_map
+from .partition import SensitivityAccumulator, prompt_free_partition, select_sensitive, sensitivity_map
 from .schedule import ANCHOR, SELECTIVE, WARMUP, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class Generation:
 
     def __init__(self, config: SafeConfig, num_steps: int):
         self.config = config
-        self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps)
+        self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
+                             srsu=config.srsu, car=config.car)
         self.step = -1
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()
@@ -51,12 +52,14 @@ class Generation:
         self.output: torch.Tensor | None = None  # per-token model output at the last anchor [B, N, C]
         self.tokens_per_step: list[int] = []
         self.kinds: list[str] = []
+        self.batch = 1
 
     # -- step control -------------------------------------------------------------------------
-    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int]) -> str:
+    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int], batch: int = 1) -> str:
         if self.grid is not None and grid != self.grid:
             raise RuntimeError(f"token grid changed from {self.grid} to {grid} inside one generation")
         self.grid = grid
+        self.batch = batch
         self.step = step
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
@@ -75,12 +78,18 @@ class Generation:
     # -- PCSP ---------------------------------------------------------------------------------
     def wants_probs(self, layer: int) -> bool:
         blocks = self.config.pcsp_blocks
-        return self.kind == WARMUP and (blocks is None or layer in blocks)
+        return self.kind == WARMUP and self.config.partition == "pcsp" and (blocks is None or layer in blocks)
 
     def collect(self, probs: torch.Tensor, text_weights: torch.Tensor) -> None:
         self.accumulator.add(probs, text_weights)
 
     def _finish_partition(self) -> None:
+        if self.config.partition != "pcsp":  # ablation: same K, chosen without the prompt
+            n = self.grid[0] * self.grid[1]
+            self.index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
+                                               self.config.partition_seed)  # [B, K]
+            self.sensitivity = torch.zeros(self.batch, n).scatter_(1, self.index, 1.0)  # [B, N] indicator
+            return
         score = self.accumulator.mean()  # [B, N]
         if self.cfg_batch:
             half = score.shape[0] // 2

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ..config import SafeConfig, SafeDitError
-from ..guidance import guide, token_guidance
+from ..guidance import config_guidance, guide
 from ..masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
 from ..schedule import SELECTIVE
 from ..selective import Generation
@@ -166,6 +166,9 @@ def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewri
     if mask is None:
         runtime.record(name, "no mask")
         return sdpa(query, key, value, scale=scale)
+    if not runtime.config.mask_elision:  # ablation: every mask exactly as the stock processor passes it
+        runtime.record(name, "kept: fast path off (ablation)")
+        return sdpa(query, key, value, attn_mask=stock_mask(), scale=scale)
     state = runtime.state
     if state is not None:
         why = state.certification(mask)
@@ -263,7 +266,7 @@ class StepTracker:
             b = latents.shape[0]
             gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
             gen.cond_first = rt.cond_first
-        gen.begin_step(step, grid[0] * grid[1], grid)
+        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0])
         return None
 
 
@@ -339,7 +342,7 @@ def sensitivity_weighted(runtime: Runtime, gen, output, channels: int | None = N
     cfg = runtime.config
     h, w = gen.grid
     p = sample.shape[-1] // w
-    gamma = cfg.cfg_context + (cfg.cfg_sensitive - cfg.cfg_context) * gen.sensitivity[cond_rows]  # [b, N]
+    gamma = config_guidance(cfg, gen.sensitivity[cond_rows])  # [b, N]
     gamma = gamma.view(half, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).to(sample.dtype)
     cond, uncond = sample[cond_rows, :c], sample[uncond_rows, :c]
     guided = sample.clone()
@@ -386,7 +389,7 @@ class SchedulerGuidance:
         p = sample.shape[-1] // w
         cfg = runtime.config
         s_cond = gen.sensitivity[: first.shape[0]] if self.cond_first else gen.sensitivity[first.shape[0]:]
-        gamma = token_guidance(s_cond, cfg.cfg_context, cfg.cfg_sensitive)  # [b, N]
+        gamma = config_guidance(cfg, s_cond)  # [b, N]
         gamma = gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # [b, 1, H, W]
         self.pending = guide(uncond, cond, gamma.to(sample.dtype))
         return output

@@ -163,8 +163,10 @@ class LuminaNextAdapter(Adapter):
             x, mask, img_size, rope = outputs  # [B, N, D], [B, N], sizes, [1, N, d/2]
             gen = runtime.generation
             if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows enter the blocks
-                x, mask, rope = gen.gather(x), gen.gather(mask), gen.gather(rope)
-            if certified and runtime.state is not None:
+                x, rope = gen.gather(x), gen.gather(rope)
+                if config.mask_elision:  # else (ablation) the stock [B, N] key mask stays: keys are all N tokens
+                    mask = gen.gather(mask)
+            if certified and config.mask_elision and runtime.state is not None:
                 runtime.state.certify(mask, CERTIFIED_BY)
             return x, mask, img_size, rope
 

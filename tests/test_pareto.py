@@ -1,0 +1,144 @@
+"""safe-dit pareto: peers attach and detach cleanly, unsupported ones say why, the front and
+verdicts are right on constructed points, and the CLI contract (on a micro model, --quick)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+from safe_dit.cli import main
+from safe_dit.models import build_lumina_pipeline
+from safe_dit.pareto import Setting, default_settings, pareto_front, verdicts
+from safe_dit.peers import PeerSetting, PeerUnsupported, apply_peer, calibrate_mag_ratios
+from safe_dit.train import main as train_main
+
+STEPS = 6
+
+
+def _run(pipe, seed=0):
+    g = torch.Generator().manual_seed(7)
+    embeds = [torch.randn(1, 8, 32, generator=g) for _ in range(2)]
+    return pipe(prompt_embeds=embeds[0], prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
+                negative_prompt_embeds=embeds[1], negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
+                height=64, width=64, num_inference_steps=STEPS, guidance_scale=4.0, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_lumina_pipeline()
+    p.set_progress_bar_config(disable=True)
+    apply_safe_dit(p, SafeConfig("dense-fp"))
+    yield p
+    remove_safe_dit(p)
+
+
+def _hooks(model):
+    return sorted((n, h) for n, m in model.named_modules() if hasattr(m, "_diffusers_hook")
+                  for h in m._diffusers_hook.hooks)
+
+
+@pytest.mark.parametrize("setting", [
+    PeerSetting("first-block-cache", {"threshold": 0.5}), PeerSetting("taylorseer", {"cache_interval": 2}),
+    PeerSetting("faster-cache", {"block_skip": 2}), PeerSetting("pab", {"block_skip": 2}),
+    PeerSetting("sea-cache", {"threshold": 0.5}),
+], ids=lambda s: s.method)
+def test_peer_changes_the_output_is_repeatable_and_removes_cleanly(pipe, setting):
+    ref = _run(pipe)
+    before = _hooks(pipe.transformer)
+    undo = apply_peer(pipe, setting, STEPS)
+    try:
+        assert len(_hooks(pipe.transformer)) > len(before)
+        a, b = _run(pipe), _run(pipe)  # state is reset between pipeline calls
+        assert torch.equal(a, b) and torch.isfinite(a).all()
+        assert not torch.allclose(a, ref, atol=1e-6)  # the method really skipped work
+    finally:
+        undo()
+    assert [h for h in _hooks(pipe.transformer) if h not in before] == []
+    assert torch.equal(_run(pipe), ref)
+
+
+def test_mag_cache_calibrates_then_skips(pipe):
+    ratios = calibrate_mag_ratios(pipe, STEPS, lambda: _run(pipe, seed=1))
+    assert len(ratios) == STEPS and ratios[0] == 1.0
+    ref = _run(pipe)
+    undo = apply_peer(pipe, PeerSetting("mag-cache", {"threshold": 10.0}), STEPS, mag_ratios=ratios)
+    try:
+        out = _run(pipe)
+    finally:
+        undo()
+    assert not torch.allclose(out, ref, atol=1e-6)
+
+
+def test_unsupported_peers_say_why_and_leave_nothing_behind(pipe):
+    before = _hooks(pipe.transformer)
+    with pytest.raises(PeerUnsupported, match="NucleusMoEImageTransformerBlock"):
+        apply_peer(pipe, PeerSetting("text-kv-cache", {}), STEPS)
+    with pytest.raises(PeerUnsupported, match="unknown peer"):
+        apply_peer(pipe, PeerSetting("warp-drive", {}), STEPS)
+    assert _hooks(pipe.transformer) == before
+
+
+def test_pareto_front_and_verdicts():
+    pts = {"a": (1.0, 40.0), "b": (2.0, 30.0), "c": (1.5, 25.0), "d": (3.0, 30.0)}
+    assert pareto_front(pts) == ["a", "d"]
+    fp = SafeConfig("dense-fp")
+    settings = [Setting("core", "safe-dit", SafeConfig("safe-core")),
+                Setting("p-slow", "peer", fp, peer=PeerSetting("pab", {})),
+                Setting("p-fast", "peer", fp, peer=PeerSetting("pab", {})),
+                Setting("p-best", "peer", fp, peer=PeerSetting("pab", {}))]
+    quality = {"core": {"q": 30.0}, "p-slow": {"q": 28.0}, "p-fast": {"q": 29.0}, "p-best": {"q": 35.0}}
+    speed = {"core": 2.0, "p-slow": 1.5, "p-fast": 2.5, "p-best": 2.2}
+    v = {e["setting"]: e["verdict"] for e in verdicts(settings, quality, speed, "q")}
+    assert v["p-slow"].startswith("safe-core faster")
+    assert v["p-fast"].startswith("peer wins: faster")
+    assert v["p-best"].startswith("peer wins: better quality")
+
+
+def test_default_settings_cover_the_issue():
+    s = default_settings()
+    names = [x.name for x in s]
+    assert len(set(names)) == len(names)
+    assert {"dense", "dense-fp", "safe-core", "safe-sw", "no-fast-path", "no-srsu", "no-car", "uniform-partition",
+            "random-partition", "safe-sw flat-map"} <= set(names)
+    assert {x.peer.method for x in s if x.peer} == {"first-block-cache", "taylorseer", "faster-cache", "mag-cache",
+                                                   "pab", "sea-cache", "text-kv-cache"}
+    assert sum(x.family == "steps" for x in s) == 3 and sum(x.is_safe_core for x in s) >= 5
+    # same steps, guidance and dtype for everyone but step reduction
+    assert all(x.steps(30) == 30 for x in s if x.family != "steps")
+
+
+@pytest.fixture(scope="module")
+def micro_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    cfg = json.dumps(dict(hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=2))
+    train_main(["--steps", "2", "--batch", "2", "--quiet", "--config-overrides", cfg, "--out", str(out)])
+    return out
+
+
+def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
+    js, png, abl = tmp_path / "p.json", tmp_path / "p.png", tmp_path / "a.png"
+    code = main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory", "--threads", "1",
+                 "--json", str(js), "--plot", str(png), "--ablation-plot", str(abl)])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert json.loads(js.read_text()) == result and png.stat().st_size > 0 and abl.stat().st_size > 0
+    q = result["quality"]
+    assert "text-kv-cache" in q["unsupported"] and "NucleusMoE" in q["unsupported"]["text-kv-cache"]
+    names = {s["name"] for s in result["settings"]}
+    assert set(q["summary"]) | set(q["unsupported"]) == names  # nothing silently dropped
+    assert q["summary"]["dense-fp"]["psnr_vs_dense_fp"] == 100.0
+    assert q["summary"]["no-srsu"]["psnr_vs_dense_fp"] > 60  # every step dense: dense-fp's image
+    assert q["summary"]["steps x0.50"]["token_fraction"] == 1.0
+    rows = result["scaled"]["rows"]
+    assert rows["dense"]["status"] == "ok" and rows["safe-core"]["token_fraction"] < 1
+    assert all(k in result["analysis"] for k in ("embedded / psnr_vs_dense_fp", "64 tokens / accuracy"))
+    assert {"torch", "diffusers"} <= set(result["environment"])
+    # the table and plots can be redrawn from the JSON alone
+    png2 = tmp_path / "p2.png"
+    assert main(["pareto", "--from-json", str(js), "--plot", str(png2)]) == 0
+    assert png2.stat().st_size > 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
