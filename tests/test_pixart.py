@@ -342,3 +342,18 @@ def test_pixart_alpha_pipeline_too():
     remove_safe_dit(alpha)
     assert (fast - dense).abs().max() <= 1e-5 * dense.abs().max()
     assert (full - fast).abs().max() <= 1e-5 * fast.abs().max()
+
+
+def test_bench_e2e_quick_runs_every_mode_through_the_pixart_pipeline(capsys):
+    import json
+
+    from safe_dit.cli import main
+
+    assert main(["bench", "e2e", "--model", "pixart", "--quick", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["mode"] for r in result["rows"]} == {"dense", "dense-fp", "safe-core", "safe-sw"}
+    assert result["settings"]["model_class"] == "PixArtTransformer2DModel" and result["settings"]["text_len"] == 300
+    assert all(r["status"] == "ok" for r in result["rows"])
+    assert all(r["rel_err_vs_dense_short_call"] <= 1e-5 for r in result["rows"] if r["mode"] == "dense-fp")
+    sparse = [r for r in result["rows"] if r["mode"] == "safe-core" and r["timed"]]
+    assert sparse and all(r["token_fraction"] < 1 for r in sparse)

@@ -2,6 +2,7 @@
 
 Runs a real diffusers sampling loop with random weights and the real model's attention shape:
 ``--model lumina-next`` (``LuminaPipeline``, CFG batch of 2, padded captions, head dim 72),
+``pixart`` (``PixArtSigmaPipeline``, CFG batch of 2, 300 padded T5 tokens, 16 heads of 72),
 ``sd3`` (``StableDiffusion3Pipeline``, CFG batch of 2, 77 + 256 caption tokens, SD3-Medium's
 24 heads of 64) or ``flux`` (``FluxPipeline``, guidance-distilled: batch 1, 512 caption tokens,
 FLUX.1's 24 heads of 128; safe-sw does not exist there). Latents are returned (no VAE decode) so
@@ -72,6 +73,19 @@ class _Backbone:
             self.modes, self.batch, self.label = MODES, "2 (CFG)", "Lumina-Next"
             self.heads, self.head_dim = self.transformer.config.num_attention_heads, self.transformer.head_dim
             self.kv_heads = self.transformer.config.num_kv_heads
+        elif args.model == "pixart":  # T5 caption padded to 300 tokens, its padding bias in cross-attention
+            self.transformer = models.build_pixart(args.preset or "pixart-sigma", dtype=dtype, num_layers=args.layers)
+            self.pipe = models.build_pixart_pipeline(self.transformer)
+            cfg = self.transformer.config
+            self.text_len = 300
+            masks = [torch.tensor([[1] * 20 + [0] * 280]), torch.tensor([[1] * 3 + [0] * 297])]  # prompt / negative
+            self.kwargs = dict(prompt_embeds=rand(1, 300, cfg.caption_channels), prompt_attention_mask=masks[0].to(args.device),
+                               negative_prompt_embeds=rand(1, 300, cfg.caption_channels),
+                               negative_prompt_attention_mask=masks[1].to(args.device), negative_prompt=None,
+                               use_resolution_binning=False)
+            self.modes, self.batch, self.label = MODES, "2 (CFG)", "PixArt"
+            self.heads = self.kv_heads = cfg.num_attention_heads
+            self.head_dim = cfg.attention_head_dim
         elif args.model == "sd3":  # CLIP-L/G (77) + T5 (256) caption tokens, as StableDiffusion3Pipeline makes them
             overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads,
                                                              caption_projection_dim=64 * args.heads) if args.heads else {})
@@ -273,15 +287,17 @@ def plot(result: dict, path: str) -> None:
 def configure_parser(p) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 9216, 16384],
                    help="image token counts, square grids (4096 = 1024², 9216 = 1536², 16384 = 2048²)")
-    p.add_argument("--model", default="lumina-next", choices=["lumina-next", "sd3", "flux"],
-                   help="backbone and its diffusers pipeline: LuminaPipeline, StableDiffusion3Pipeline (CFG batch, "
+    p.add_argument("--model", default="lumina-next", choices=["lumina-next", "pixart", "sd3", "flux"],
+                   help="backbone and its diffusers pipeline: LuminaPipeline, PixArtSigmaPipeline (CFG batch, 300 "
+                        "T5 tokens, padded), StableDiffusion3Pipeline (CFG batch, "
                         "333 caption tokens) or FluxPipeline (guidance-distilled, batch 1, 512 caption tokens; no "
                         "safe-sw) (default: lumina-next)")
     p.add_argument("--preset", default=None,
-                   help="transformer preset: the real attention shape by default (lumina-next-2b, sd3-medium: "
+                   help="transformer preset: the real attention shape by default (lumina-next-2b, pixart-sigma: 1152 = "
+                        "16 heads x 72, sd3-medium: "
                         "1536 = 24 heads x 64, flux-dev: 3072 = 24 heads x 128), or tiny")
     p.add_argument("--layers", type=int, default=1,
-                   help="transformer blocks (real: Lumina 24, SD3-Medium 24, FLUX 19 double + 38 single; "
+                   help="transformer blocks (real: Lumina 24, PixArt-Sigma 28, SD3-Medium 24, FLUX 19 double + 38 single; "
                         "FLUX: this many of each; default 1 on CPU)")
     p.add_argument("--hidden-size", type=int, default=None, help="Lumina: override width (keep hidden/heads = 72)")
     p.add_argument("--heads", type=int, default=None,
