@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from helpers import SdpaSpy
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
@@ -102,19 +101,10 @@ def test_no_car_has_no_anchor_after_warm_up(pipe, safe_core):
 
 
 def test_no_fast_path_keeps_the_stock_masks_and_changes_nothing_else(pipe, safe_core):
-    masks = []
-
-    class Spy(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is F.scaled_dot_product_attention:
-                masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
-            return func(*args, **kwargs)
-
-    with Spy():
+    with SdpaSpy() as spy:
         out, report, _ = _with(pipe, SafeConfig("safe-core", mask_elision=False, **SCHED))
     # every self- and cross-attention call of every step carries the stock expanded mask
-    assert masks and all(m is not None and m.dim() == 4 for m in masks)
+    assert spy.masks and all(m is not None and m.dim() == 4 for m in spy.masks)
     assert report["steps"] == safe_core[1]["steps"]
     assert torch.allclose(out, safe_core[0], atol=1e-4)  # the masks it keeps are redundant or exact
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
@@ -14,29 +12,9 @@ from safe_dit.api import runtime_of
 from safe_dit.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.models import build_flux, build_flux_pipeline, flux_inputs
+from helpers import SdpaSpy, forward, processors
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
-
-
-def _forward(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
-
-
-def _processors(model):
-    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "set_processor")}
-
-
-class SdpaSpy(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.masks = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
-        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -44,10 +22,10 @@ class SdpaSpy(TorchFunctionMode):
 def test_dense_fp_equals_dense_on_the_flash_kernel(h, w, b, dtype):
     model = build_flux(dtype=dtype)
     inputs = flux_inputs(model, h, w, batch=b, seed=h * 10 + w)
-    dense = _forward(model, inputs).float()
+    dense = forward(model, inputs).float()
     apply_safe_dit(model, SafeConfig("dense-fp"))
     with SdpaSpy() as spy, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if any call needed another kernel
-        fast = _forward(model, inputs).float()
+        fast = forward(model, inputs).float()
     remove_safe_dit(model)
     assert len(spy.masks) == 3 and all(m is None for m in spy.masks)  # 1 double + 2 single blocks
     assert fast.shape == dense.shape == (b, h * w, 16)
@@ -60,12 +38,12 @@ def test_a_user_key_padding_mask_is_rewritten_exactly():
     valid = torch.ones(2, 6 + 20, dtype=torch.bool)
     valid[0, 4:6] = False  # two padded caption tokens in sample 0 only
     inputs["joint_attention_kwargs"] = {"attention_mask": valid}
-    dense = _forward(model, inputs)
-    unmasked = _forward(model, dict(inputs, joint_attention_kwargs=None))
+    dense = forward(model, inputs)
+    unmasked = forward(model, dict(inputs, joint_attention_kwargs=None))
     assert (dense - unmasked).abs().max() > 1e-3  # the mask matters
     apply_safe_dit(model, SafeConfig("dense-fp"))
     with SdpaSpy() as spy:
-        fast = _forward(model, inputs)
+        fast = forward(model, inputs)
     calls = trace_forward(model, inputs)
     remove_safe_dit(model)
     assert all(m is None for m in spy.masks)
@@ -88,24 +66,24 @@ def test_audit_shows_no_mask_anywhere(capsys):
 def test_apply_remove_round_trip():
     model = build_flux()
     inputs = flux_inputs(model, 4, 4, batch=2)
-    before, out_before = _processors(model), _forward(model, inputs)
+    before, out_before = processors(model), forward(model, inputs)
     for cfg in (SafeConfig("dense-fp"), SafeConfig("safe-core"), SafeConfig("dense")):
         apply_safe_dit(model, cfg)
         apply_safe_dit(model, cfg)
     apply_safe_dit(model, SafeConfig("safe-core"))
-    assert all(type(p).__name__ == "SafeFluxAttnProcessor" for p in _processors(model).values())
+    assert all(type(p).__name__ == "SafeFluxAttnProcessor" for p in processors(model).values())
     remove_safe_dit(model)
-    assert all(_processors(model)[n] is before[n] for n in before)
+    assert all(processors(model)[n] is before[n] for n in before)
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert not model.x_embedder._forward_hooks and not model.proj_out._forward_hooks
-    assert torch.equal(_forward(model, inputs), out_before)
+    assert torch.equal(forward(model, inputs), out_before)
 
 
 def test_safe_sw_is_refused_with_the_reason():
     model = build_flux()
     with pytest.raises(SafeDitError, match="guidance-distilled"):
         apply_safe_dit(model, SafeConfig("safe-sw"))
-    assert runtime_of(model) is None and all(type(p).__name__ == "FluxAttnProcessor" for p in _processors(model).values())
+    assert runtime_of(model) is None and all(type(p).__name__ == "FluxAttnProcessor" for p in processors(model).values())
 
 
 def test_selective_rows_equal_dense_rows_right_after_an_anchor():
@@ -113,7 +91,7 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     model = build_flux(num_layers=2, num_single_layers=2)
     inputs = flux_inputs(model, 5, 6, batch=2)
     apply_safe_dit(model, SafeConfig("dense-fp"))
-    dense = _forward(model, inputs)
+    dense = forward(model, inputs)
     apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         outs = [model(**inputs)[0] for _ in range(4)]  # PCSP tap, anchors and selective steps all on the flash kernel

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
@@ -14,6 +12,7 @@ from safe_dit.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.masks import DISCARD_BIAS, KeyPaddingPlan, key_padding_from_bias
 from safe_dit.models import build_pixart, build_pixart_pipeline, pixart_inputs
+from helpers import SdpaSpy, forward, processors
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # max abs error relative to max |output|, as for Lumina
 
@@ -26,38 +25,15 @@ CASES = [  # (height tokens, width tokens, batch, valid caption lengths)
 ]
 
 
-def _forward(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
-
-
-def _processors(model):
-    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
-
-
-class SdpaSpy(TorchFunctionMode):
-    """Every mask handed to F.scaled_dot_product_attention."""
-
-    def __init__(self):
-        super().__init__()
-        self.masks = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            self.masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("h,w,b,valid", CASES)
 def test_dense_fp_equals_dense(h, w, b, valid, dtype):
     model = build_pixart(dtype=dtype)
     inputs = pixart_inputs(model, h, w, batch=b, valid_lens=valid, seed=h * 10 + w)
-    dense = _forward(model, inputs).float()
+    dense = forward(model, inputs).float()
     apply_safe_dit(model, SafeConfig("dense-fp"))
     with SdpaSpy() as spy:
-        fast = _forward(model, inputs).float()
+        fast = forward(model, inputs).float()
     remove_safe_dit(model)
     assert spy.masks and all(m is None for m in spy.masks)  # no mask reaches SDPA
     assert torch.isfinite(fast).all() and fast.shape == dense.shape == (b, 8, h * 2, w * 2)
@@ -67,12 +43,12 @@ def test_dense_fp_equals_dense(h, w, b, valid, dtype):
 def test_dense_fp_matches_float64_reference():
     model = build_pixart()
     inputs = pixart_inputs(model, 3, 8, batch=2, valid_lens=[8, 3])
-    ref64 = _forward(model.double(), {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+    ref64 = forward(model.double(), {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
                                       for k, v in inputs.items()})
     model.float()
-    dense = _forward(model, inputs).double()
+    dense = forward(model, inputs).double()
     apply_safe_dit(model, SafeConfig("dense-fp"))
-    fast = _forward(model, inputs).double()
+    fast = forward(model, inputs).double()
     err_dense, err_fast = (dense - ref64).abs().max().item(), (fast - ref64).abs().max().item()
     assert err_fast <= 1e-5 * ref64.abs().max().item()
     assert err_fast <= 4 * err_dense + 1e-6
@@ -83,7 +59,7 @@ def test_padding_changes_the_output():
     model = build_pixart()
     padded = pixart_inputs(model, 4, 4, batch=1, valid_lens=[3])
     unpadded = dict(padded, encoder_attention_mask=torch.ones_like(padded["encoder_attention_mask"]))
-    assert (_forward(model, padded) - _forward(model, unpadded)).abs().max() > 1e-3
+    assert (forward(model, padded) - forward(model, unpadded)).abs().max() > 1e-3
 
 
 def test_audit_self_attention_has_no_mask_and_cross_attention_is_rewritten():
@@ -99,24 +75,24 @@ def test_audit_self_attention_has_no_mask_and_cross_attention_is_rewritten():
     assert not hasattr(model, "_safe_dit_handle")
 
 
-def test_caption_mask_is_read_once_per_forward(monkeypatch):
+def test_caption_mask_is_read_once_perforward(monkeypatch):
     reads = []
     original = KeyPaddingPlan.from_key_mask
     monkeypatch.setattr(KeyPaddingPlan, "from_key_mask", staticmethod(lambda m: reads.append(tuple(m.shape)) or original(m)))
     model = build_pixart(num_layers=4)
     apply_safe_dit(model, SafeConfig("dense-fp"))
-    _forward(model, pixart_inputs(model, 4, 4, batch=2, valid_lens=[8, 5]))
+    forward(model, pixart_inputs(model, 4, 4, batch=2, valid_lens=[8, 5]))
     assert reads == [(2, 8)]
 
 
 def test_rewrite_padding_off_keeps_the_stock_bias():
     model = build_pixart()
     inputs = pixart_inputs(model, 4, 3, batch=2, valid_lens=[8, 2])
-    dense = _forward(model, inputs)
+    dense = forward(model, inputs)
     apply_safe_dit(model, SafeConfig("dense-fp", rewrite_padding=False))
     cross = [c for c in trace_forward(model, inputs) if c["module"].endswith("attn2")]
     assert cross and all(c["mask"]["kind"] == "additive float32" and c["verdict"] == "kept: padding" for c in cross)
-    assert torch.equal(_forward(model, inputs), dense)  # the very computation of the stock processor
+    assert torch.equal(forward(model, inputs), dense)  # the very computation of the stock processor
 
 
 def test_key_padding_from_bias():
@@ -132,30 +108,30 @@ def test_soft_bias_is_kept_and_exact():
     model = build_pixart()
     inputs = pixart_inputs(model, 3, 3, batch=2)
     inputs["encoder_attention_mask"] = -torch.rand(2, 1, 8)  # a user bias, not padding
-    dense = _forward(model, inputs)
+    dense = forward(model, inputs)
     apply_safe_dit(model, SafeConfig("dense-fp"))
     cross = [c for c in trace_forward(model, inputs) if c["module"].endswith("attn2")]
     assert all(c["verdict"].startswith("kept: semantic") for c in cross)
-    assert torch.equal(_forward(model, inputs), dense)
+    assert torch.equal(forward(model, inputs), dense)
 
 
 def test_apply_remove_round_trip_and_idempotence():
     model = build_pixart()
     inputs = pixart_inputs(model, 4, 4, batch=2, valid_lens=[8, 3])
-    before, out_before = _processors(model), _forward(model, inputs)
+    before, out_before = processors(model), forward(model, inputs)
     apply_safe_dit(model, SafeConfig("dense-fp"))
-    patched = _processors(model)
+    patched = processors(model)
     assert all(type(p).__name__ == "SafePixArtAttnProcessor" for p in patched.values())
     apply_safe_dit(model, SafeConfig("dense-fp"))
-    assert all(_processors(model)[n] is patched[n] for n in patched)
+    assert all(processors(model)[n] is patched[n] for n in patched)
     for cfg in (SafeConfig("dense-fp", rewrite_padding=False), SafeConfig("safe-core")):  # another config replaces
         apply_safe_dit(model, cfg)
     remove_safe_dit(model)
-    assert all(_processors(model)[n] is before[n] for n in before)
+    assert all(processors(model)[n] is before[n] for n in before)
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert not model.pos_embed._forward_hooks and not model.proj_out._forward_hooks
     assert not hasattr(model, "_safe_dit_handle")
-    assert torch.equal(_forward(model, inputs), out_before)
+    assert torch.equal(forward(model, inputs), out_before)
 
 
 def test_audit_cli_has_a_pixart_model(tmp_path, capsys):
@@ -291,7 +267,7 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     model = build_pixart(num_layers=3)
     inputs = pixart_inputs(model, 5, 6, batch=2, valid_lens=[8, 4])
     apply_safe_dit(model, SafeConfig("dense-fp"))
-    dense = _forward(model, inputs)
+    dense = forward(model, inputs)
     apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
         outs = [model(**inputs)[0] for _ in range(4)]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from helpers import SdpaSpy
 from torch.utils.flop_counter import FlopCounterMode
 
 import safe_dit
@@ -120,20 +119,11 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
 
 
 def test_no_spatial_mask_reaches_sdpa_in_any_step(pipe):
-    masks = []
-
-    class Spy(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is F.scaled_dot_product_attention:
-                masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
-            return func(*args, **kwargs)
-
     apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25))
-    with Spy():
+    with SdpaSpy() as spy:
         _run(pipe, steps=8)
     remove_safe_dit(pipe)
-    assert masks and all(m is None for m in masks)
+    assert spy.masks and all(m is None for m in spy.masks)
 
 
 def test_work_per_selective_step_scales_with_keep_ratio():

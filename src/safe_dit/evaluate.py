@@ -11,13 +11,11 @@ last stdout line, one JSON object {"modes": {mode: {accuracy, psnr_vs_dense_fp, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -144,7 +144,7 @@ PIXART_PRESETS = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, caption_channels=24),
     # PixArt-Sigma XL/2: hidden 1152 = 16 heads of 72, 28 blocks, T5-XXL caption states (4096).
     "pixart-sigma": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, cross_attention_dim=1152,
-                         caption_channels=4096, sample_size=128, interpolation_scale=2),
+                         caption_channels=4096, sample_size=128, interpolation_scale=2, use_additional_conditions=False),
 }
 
 

@@ -30,12 +30,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
