@@ -37,6 +37,8 @@ safe-dit bench e2e --no-progress --tokens 16384 --hidden-size 1152 --heads 16 --
 #    12 heads = 1536, 1 double + 1 single block, 512 caption tokens, batch 1, 20 steps; no safe-sw).
 safe-dit bench e2e --model sd3 --no-progress --tokens 4096 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
   --json "$out/e2e-$tag-sd3.json" --plot "$out/e2e-$tag-sd3.png" > "$out/e2e-$tag-sd3.txt"
+safe-dit bench e2e --model pixart --no-progress --tokens 4096 --layers 1 --steps 20 --repeats 2 --guidance 4.5 \
+  --json "$out/e2e-$tag-pixart.json" --plot "$out/e2e-$tag-pixart.png" > "$out/e2e-$tag-pixart.txt"
 safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
   --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
 # 8. Speed-quality Pareto vs diffusers' cache hooks and step reduction, with SAFE-Core ablations:
