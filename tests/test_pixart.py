@@ -211,7 +211,7 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     """What the scheduler receives is u + gamma_i (c - u) on the latent channels (learned sigma split off)."""
-    from safe_dit.adapters.pixart import _SchedulerGuidance
+    from safe_dit.adapters.base import SchedulerGuidance
     from safe_dit.guidance import guide, token_guidance
     from safe_dit.selective import Generation
 
@@ -225,7 +225,7 @@ def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     gen.grid, gen.cfg_batch = (2, 3), True
     gen.sensitivity = torch.rand(2, 6)
     sched = Scheduler()
-    sw = _SchedulerGuidance(sched)
+    sw = SchedulerGuidance(sched)
     assert "generator" in __import__("inspect").signature(sched.step).parameters  # the pipeline still passes it
     sample = torch.randn(2, 8, 4, 6)  # [uncond; cond], 4 latent + 4 sigma channels, p = 2
     sw(type("RT", (), {"config": cfg}), gen, (sample,))

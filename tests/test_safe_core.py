@@ -76,7 +76,7 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_matches_the_per_token_formula():
     """The rewritten cond prediction makes the pipeline's scalar guidance equal gamma_i."""
-    from safe_dit.adapters.lumina_next import _sensitivity_weighted
+    from safe_dit.adapters.base import sensitivity_weighted
     from safe_dit.guidance import guide, token_guidance
     from safe_dit.selective import Generation
 
@@ -93,7 +93,7 @@ def test_sw_cfg_matches_the_per_token_formula():
             guidance_scale = 4.0
 
     sample = torch.randn(2, 8, 4, 6)  # p = 2
-    out = _sensitivity_weighted(RT, gen, (sample.clone(),))[0]
+    out = sensitivity_weighted(RT, gen, (sample.clone(),), channels=3)[0]  # Lumina guides 3 channels
     pipeline_eps = out[1:, :3] + 4.0 * (out[:1, :3] - out[1:, :3])
     gamma = token_guidance(gen.sensitivity[:1], 1.5, 6.0).view(1, 1, 2, 3)
     gamma = gamma.repeat_interleave(2, 2).repeat_interleave(2, 3)

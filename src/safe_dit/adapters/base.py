@@ -12,6 +12,7 @@ import torch
 from ..config import SafeConfig, SafeDitError
 from ..guidance import config_guidance, guide
 from ..masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
+from ..partition import image_to_text_probs
 from ..schedule import SELECTIVE
 from ..selective import Generation
 
@@ -145,6 +146,10 @@ class Handle:
         while self._undo:
             self._undo.pop()()
 
+    def remove_hooks(self, hooks: list) -> None:
+        """Undo: remove these torch hook handles."""
+        self.on_remove(lambda: [h.remove() for h in hooks])
+
 
 class Adapter:
     """One backbone: knows its blocks, its masks' provenance and how its pipeline runs."""
@@ -155,6 +160,69 @@ class Adapter:
 
     def attach(self, model: torch.nn.Module, config: SafeConfig, pipe=None) -> Handle:  # pragma: no cover
         raise NotImplementedError
+
+    def start(self, config: SafeConfig, pipe=None, **runtime_options) -> Handle:
+        """A runtime (bound to the pipeline's scheduler, if any) and the undo log for one applied model."""
+        runtime = Runtime(config, **runtime_options)
+        runtime.pipe, runtime.scheduler = pipe, getattr(pipe, "scheduler", None)
+        return Handle(config, runtime, self.name)
+
+
+def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
+    """Hooks that give every model forward its own ``ForwardState`` (released even on error)."""
+    return [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
+
+
+def schedule_hooks(model: torch.nn.Module, runtime: Runtime, grid, tokens_in: torch.nn.Module | None,
+                   tokens_out: torch.nn.Module, guide: Callable | None = None) -> list:
+    """The scheduled modes' hooks: step tracking (``grid`` as for ``StepTracker``), sensitive rows in after
+    ``tokens_in`` (None: the adapter gathers them itself), outputs scattered/cached after ``tokens_out`` (the
+    last per-token layer), SW-CFG ``guide`` and the generation's release after the model's forward."""
+    hooks = [model.register_forward_pre_hook(StepTracker(runtime, grid), with_kwargs=True)]
+    if tokens_in is not None:
+        hooks.append(tokens_in.register_forward_hook(gather_sensitive(runtime)))
+    return hooks + [tokens_out.register_forward_hook(on_final_tokens(runtime)),
+                    model.register_forward_hook(finish_step(runtime, guide or _unguided), always_call=True)]
+
+
+def _unguided(_runtime, _gen, output):
+    return output
+
+
+def repeat_kv(key: torch.Tensor, value: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query K/V [B, L, Hkv, d] -> [B, L, heads, d], each KV head repeated for its query heads."""
+    n_rep = heads // key.shape[2]
+    if n_rep <= 1:
+        return key, value
+    return tuple(t.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3) for t in (key, value))
+
+
+def collect_text_probs(runtime: Runtime, gen, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None):
+    """PCSP tap on a cross-attention call: query [B, N, H, d], caption keys [B, T, Hkv, d], valid keys [B, T] or
+    None; the image->text probabilities [B, N, T] go to the generation with the runtime's token weights."""
+    k, _ = repeat_kv(key, key, query.shape[2])
+    probs = image_to_text_probs(query.transpose(1, 2), k.transpose(1, 2), valid)  # [B, N, T]
+    gen.collect(probs, runtime.text_weights(valid, probs.shape[-1], probs.device))
+
+
+def caption_mask_check(mask_arg: str, text_arg: str, positional: tuple[str, ...] = ()):
+    """Model forward pre-hook: clear errors for caption masks the stock model would silently misread."""
+
+    def hook(_model, args, kwargs):
+        given = dict(zip(positional, args)) | {k: v for k, v in kwargs.items() if k in (mask_arg, text_arg)}
+        mask, text = given.get(mask_arg), given.get(text_arg)
+        if mask is None or text is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(text.shape[:2]):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise SafeDitError(f"{mask_arg} must be [B, T] = {list(text.shape[:2])} like the captions, got {shape}")
+        if mask.dtype.is_floating_point and bool(torch.isnan(mask).any()):
+            raise SafeDitError(f"{mask_arg} contains NaN; refusing to guess which caption tokens are valid")
+        if mask.dtype.is_complex:
+            raise SafeDitError(f"{mask_arg} must be bool, integer or float, got {mask.dtype}")
+        return None
+
+    return hook
 
 
 def attend(runtime: Runtime, name: str, query, key, value, mask, scale, *, rewrite: bool, stock_mask,

@@ -28,8 +28,8 @@ from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, F
 from ..config import SafeConfig, SafeDitError
 from ..masks import key_padding_from_bias
 from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, StepTracker, finish_step, gather_sensitive, layer_of, on_final_tokens,
-                   refuse_inputs, register, swap_processors)
+from .base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
+                   swap_processors)
 from .joint import joint_attention
 
 NOTES = ("FLUX: FluxPipeline builds no attention mask and the model passes none (T5 padding is ordinary tokens "
@@ -132,10 +132,8 @@ class FluxAdapter(Adapter):
     def attach(self, model: FluxTransformer2DModel, config: SafeConfig, pipe=None) -> Handle:
         if config.mode == "safe-sw":
             raise SafeDitError(NO_SW_CFG)
-        runtime = Runtime(config)
-        runtime.pipe = pipe
-        runtime.scheduler = getattr(pipe, "scheduler", None)
-        handle = Handle(config, runtime, self.name)
+        handle = self.start(config, pipe)
+        runtime = handle.runtime
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
@@ -148,18 +146,12 @@ class FluxAdapter(Adapter):
             captions = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)  # [B, T, Dc]
             runtime.state.text_len = 0 if captions is None else captions.shape[1]
 
-        hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True),
-                 model.register_forward_pre_hook(text_len, with_kwargs=True)]
+        hooks = forward_scope(model, runtime) + [model.register_forward_pre_hook(text_len, with_kwargs=True)]
         if config.scheduled:
-            hooks += [
-                model.register_forward_pre_hook(refuse_inputs("controlnet_block_samples", "controlnet_single_block_samples"),
-                                                with_kwargs=True),
-                model.register_forward_pre_hook(StepTracker(runtime, _token_grid), with_kwargs=True),
-                model.x_embedder.register_forward_hook(gather_sensitive(runtime)),
-                model.proj_out.register_forward_hook(on_final_tokens(runtime)),
-                model.register_forward_hook(finish_step(runtime, lambda _rt, _gen, out: out), always_call=True),
-            ]
-        handle.on_remove(lambda: [h.remove() for h in hooks])
+            hooks.append(model.register_forward_pre_hook(
+                refuse_inputs("controlnet_block_samples", "controlnet_single_block_samples"), with_kwargs=True))
+            hooks += schedule_hooks(model, runtime, _token_grid, model.x_embedder, model.proj_out)
+        handle.remove_hooks(hooks)
         return handle
 
 

@@ -11,6 +11,7 @@ valid caption tokens, split the CFG batch by caption length), decided once per f
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -19,11 +20,10 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
 
-from ..config import SafeConfig, SafeDitError
-from ..partition import image_to_text_probs
+from ..config import SafeConfig
 from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, StepTracker, attend, finish_step, layer_of, on_final_tokens, register,
-                   sensitivity_weighted, swap_processors)
+from .base import (Adapter, Handle, Runtime, attend, caption_mask_check, collect_text_probs, forward_scope, layer_of,
+                   register, repeat_kv, schedule_hooks, sensitivity_weighted, swap_processors)
 
 logger = logging.getLogger(__name__)
 
@@ -38,22 +38,13 @@ class SafeLuminaAttnProcessor:
     """
 
     def __init__(self, runtime: Runtime, name: str, rewrite_padding: bool):
-        self.runtime = runtime
-        self.name = name
-        self.rewrite_padding = rewrite_padding
+        self.runtime, self.name, self.rewrite_padding = runtime, name, rewrite_padding
         self.layer = layer_of(name, "layers")
         self.is_self = name.split(".")[-1] == "attn1"
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        query_rotary_emb: torch.Tensor | None = None,
-        key_rotary_emb: torch.Tensor | None = None,
-        base_sequence_length: int | None = None,
-    ) -> torch.Tensor:
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, query_rotary_emb: torch.Tensor | None = None,
+                 key_rotary_emb: torch.Tensor | None = None, base_sequence_length: int | None = None) -> torch.Tensor:
         if hidden_states.ndim == 4:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
@@ -86,39 +77,21 @@ class SafeLuminaAttnProcessor:
             elif gen.refreshes_cache:
                 gen.store_kv(self.layer, key, value)
         elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
-            self._collect_probs(gen, attn, query, key, attention_mask)
+            collect_text_probs(self.runtime, gen, query, key, None if attention_mask is None else attention_mask.bool())
 
-        # Lumina's proportional attention: only self-attention (RoPE on keys) rescales.
-        if key_rotary_emb is None:
-            scale = None
-        elif base_sequence_length is not None:
-            scale = math.sqrt(math.log(seq_len, base_sequence_length)) * attn.scale
-        else:
-            scale = attn.scale
+        scale = None  # Lumina's proportional attention: only self-attention (RoPE on keys) rescales
+        if key_rotary_emb is not None:
+            scale = attn.scale * (1 if base_sequence_length is None else math.sqrt(math.log(seq_len, base_sequence_length)))
 
-        n_rep = attn.heads // kv_heads
-        if n_rep >= 1:
-            key = key.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)  # [B, Lk, H, d]
-            value = value.unsqueeze(3).repeat(1, 1, 1, n_rep, 1).flatten(2, 3)
+        key, value = repeat_kv(key, value, attn.heads)  # [B, Lk, H, d]
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, d]
 
-        out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, H, Lq, d]
-        return out.transpose(1, 2).to(dtype)  # [B, Lq, H, d]
-
-    def _collect_probs(self, gen, attn, query, key, mask):
-        n_rep = attn.heads // key.shape[2]
-        k = key.repeat_interleave(n_rep, dim=2) if n_rep > 1 else key  # [B, T, H, d]
-        valid = None if mask is None else mask.bool()  # [B, T]
-        probs = image_to_text_probs(query.transpose(1, 2), k.transpose(1, 2), valid)  # [B, N, T]
-        gen.collect(probs, self.runtime.text_weights(mask, probs.shape[-1], probs.device))
-
-    def _attend(self, attn, query, key, value, mask, scale):
         def stock_mask():  # what the stock processor passes: the mask expanded to [B, H, Lq, Lk] bool
-            b, h, lq = query.shape[:3]
-            return mask.bool().view(b, 1, 1, -1).expand(-1, h, lq, -1)
+            return attention_mask.bool().view(batch, 1, 1, -1).expand(-1, query.shape[1], query.shape[2], -1)
 
-        return attend(self.runtime, self.name, query, key, value, mask, scale,
-                      rewrite=self.rewrite_padding, stock_mask=stock_mask)
+        out = attend(self.runtime, self.name, query, key, value, attention_mask, scale, rewrite=self.rewrite_padding,
+                     stock_mask=stock_mask)  # [B, H, Lq, d]
+        return out.transpose(1, 2).to(dtype)  # [B, Lq, H, d]
 
 
 class LuminaNextAdapter(Adapter):
@@ -138,26 +111,19 @@ class LuminaNextAdapter(Adapter):
         )
 
     def attach(self, model: LuminaNextDiT2DModel, config: SafeConfig, pipe=None) -> Handle:
-        # Gemma (Lumina-Next's text encoder) starts every caption with <bos>: not a prompt word.
-        runtime = Runtime(config, special_leading_tokens=1)
-        runtime.pipe = pipe
-        runtime.scheduler = getattr(pipe, "scheduler", None)
-        handle = Handle(config, runtime, self.name)
+        handle = self.start(config, pipe, special_leading_tokens=1)  # Gemma's <bos> is not a prompt word
+        runtime = handle.runtime
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding)))
-        hooks = [
-            model.register_forward_pre_hook(_validate_inputs, with_kwargs=True),
-            model.register_forward_pre_hook(runtime.begin),
-            model.register_forward_hook(runtime.end, always_call=True),
-        ]
+        names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_mask")
+        hooks = [model.register_forward_pre_hook(caption_mask_check("encoder_mask", "encoder_hidden_states", names),
+                                                 with_kwargs=True)] + forward_scope(model, runtime)
         certified = self.provenance_holds(model)
         if not certified:
-            logger.warning(
-                "%s: custom forward/patch embedder; image masks will be checked by value once per forward",
-                type(model).__name__,
-            )
+            logger.warning("%s: custom forward/patch embedder; image masks will be checked by value once per forward",
+                           type(model).__name__)
 
         def on_patch_embed(_module, _inputs, outputs):
             x, mask, img_size, rope = outputs  # [B, N, D], [B, N], sizes, [1, N, d/2]
@@ -171,34 +137,11 @@ class LuminaNextAdapter(Adapter):
             return x, mask, img_size, rope
 
         hooks.append(model.patch_embedder.register_forward_hook(on_patch_embed))
-        if config.scheduled:
-            hooks.append(model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True))
-            hooks.append(model.norm_out.register_forward_hook(on_final_tokens(runtime)))
-            hooks.append(model.register_forward_hook(finish_step(runtime, _sensitivity_weighted), always_call=True))
-        handle.on_remove(lambda: [h.remove() for h in hooks])
+        if config.scheduled:  # SW-CFG where Lumina's pipeline guides: the first 3 channels of [cond; uncond]
+            guide = functools.partial(sensitivity_weighted, channels=3)
+            hooks += schedule_hooks(model, runtime, model.config.patch_size, None, model.norm_out, guide)
+        handle.remove_hooks(hooks)
         return handle
-
-
-def _sensitivity_weighted(runtime: Runtime, gen, output):
-    """SW-CFG where Lumina's pipeline guides: the first 3 channels of the [cond; uncond] batch."""
-    return sensitivity_weighted(runtime, gen, output, channels=3)
-
-
-def _validate_inputs(_model, args, kwargs):
-    """Clear errors for caption masks the stock model would silently misread (once per forward)."""
-    names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_mask")
-    given = dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}
-    mask, text = given.get("encoder_mask"), given.get("encoder_hidden_states")
-    if mask is None or text is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(text.shape[:2]):
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise SafeDitError(f"encoder_mask must be [B, T] = {list(text.shape[:2])} like the captions, got {shape}")
-    if mask.dtype.is_floating_point and bool(torch.isnan(mask).any()):
-        raise SafeDitError("encoder_mask contains NaN; refusing to guess which caption tokens are valid")
-    if mask.dtype.is_complex:
-        raise SafeDitError(f"encoder_mask must be bool, integer or float, got {mask.dtype}")
-    return None
 
 
 register(LuminaNextAdapter())

@@ -24,12 +24,9 @@ from diffusers.models.transformers.pixart_transformer_2d import PixArtTransforme
 
 from ..config import SafeConfig
 from ..masks import key_padding_from_bias
-from ..partition import image_to_text_probs
 from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, SchedulerGuidance, StepTracker, attend, finish_step, gather_sensitive,
-                   layer_of, on_final_tokens, register, swap_processors)
-
-_SchedulerGuidance = SchedulerGuidance  # where it lived first
+from .base import (Adapter, Handle, Runtime, SchedulerGuidance, attend, collect_text_probs, forward_scope, layer_of, register,
+                   schedule_hooks, swap_processors)
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +71,7 @@ class SafePixArtAttnProcessor:
                 gen.store_kv(self.layer, key, value)
         elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
             valid = None if attention_mask is None else _valid_keys(attention_mask, batch)  # [B, T]
-            probs = image_to_text_probs(query.transpose(1, 2), key.transpose(1, 2), valid)  # [B, N, T]
-            gen.collect(probs, self.runtime.text_weights(valid, probs.shape[-1], probs.device))
+            collect_text_probs(self.runtime, gen, query, key, valid)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, d]
 
         def stock_mask():  # as AttnProcessor2_0: repeated per head, [B, H, 1 or Lq, Lk]
@@ -109,15 +105,13 @@ class PixArtAdapter(Adapter):
 
     def attach(self, model: PixArtTransformer2DModel, config: SafeConfig, pipe=None) -> Handle:
         # T5 ends every caption with </s> (not a prompt word); the CFG batch is [uncond; cond].
-        runtime = Runtime(config, special_trailing_tokens=1, cond_first=False)
-        runtime.pipe = pipe
-        runtime.scheduler = getattr(pipe, "scheduler", None)
-        handle = Handle(config, runtime, self.name)
+        handle = self.start(config, pipe, special_trailing_tokens=1, cond_first=False)
+        runtime = handle.runtime
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafePixArtAttnProcessor(runtime, name, config.rewrite_padding)))
-        hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
+        hooks = forward_scope(model, runtime)
         guidance = None
         if config.mode == "safe-sw" and runtime.scheduler is not None and "step" not in vars(runtime.scheduler):
             guidance = SchedulerGuidance(runtime.scheduler)
@@ -126,14 +120,9 @@ class PixArtAdapter(Adapter):
         elif config.mode == "safe-sw":
             logger.warning("safe-sw on PixArt needs the pipeline (its scheduler.step, not already wrapped): "
                            "plain CFG will be used")
-        if config.scheduled:
-            hooks += [
-                model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True),
-                model.pos_embed.register_forward_hook(gather_sensitive(runtime)),
-                model.proj_out.register_forward_hook(on_final_tokens(runtime)),  # before unpatchify
-                model.register_forward_hook(finish_step(runtime, guidance or (lambda _rt, _gen, out: out)), always_call=True),
-            ]
-        handle.on_remove(lambda: [h.remove() for h in hooks])
+        if config.scheduled:  # proj_out: before unpatchify
+            hooks += schedule_hooks(model, runtime, model.config.patch_size, model.pos_embed, model.proj_out, guidance)
+        handle.remove_hooks(hooks)
         return handle
 
 

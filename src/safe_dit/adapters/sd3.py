@@ -20,8 +20,8 @@ from diffusers.models.attention_processor import Attention, JointAttnProcessor2_
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from ..config import SafeConfig
-from .base import (Adapter, Handle, Runtime, StepTracker, finish_step, gather_sensitive, layer_of, on_final_tokens,
-                   refuse_inputs, register, sensitivity_weighted, swap_processors)
+from .base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
+                   sensitivity_weighted, swap_processors)
 from .joint import joint_attention
 
 NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3Pipeline builds none "
@@ -74,25 +74,19 @@ class SD3Adapter(Adapter):
     notes = NOTES
 
     def attach(self, model: SD3Transformer2DModel, config: SafeConfig, pipe=None) -> Handle:
-        runtime = Runtime(config, cond_first=False)  # CFG batch [uncond; cond]
-        runtime.pipe = pipe
-        runtime.scheduler = getattr(pipe, "scheduler", None)
-        handle = Handle(config, runtime, self.name)
+        handle = self.start(config, pipe, cond_first=False)  # CFG batch [uncond; cond]
+        runtime = handle.runtime
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
 
         handle.on_remove(swap_processors(model, lambda name: SafeSD3AttnProcessor(runtime, name),
                                          expected=(JointAttnProcessor2_0,)))
-        hooks = [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
+        hooks = forward_scope(model, runtime)
         if config.scheduled:
-            hooks += [
-                model.register_forward_pre_hook(refuse_inputs("block_controlnet_hidden_states"), with_kwargs=True),
-                model.register_forward_pre_hook(StepTracker(runtime, model.config.patch_size), with_kwargs=True),
-                model.pos_embed.register_forward_hook(gather_sensitive(runtime)),
-                model.proj_out.register_forward_hook(on_final_tokens(runtime)),  # before unpatchify
-                model.register_forward_hook(finish_step(runtime, sensitivity_weighted), always_call=True),
-            ]
-        handle.on_remove(lambda: [h.remove() for h in hooks])
+            hooks.append(model.register_forward_pre_hook(refuse_inputs("block_controlnet_hidden_states"), with_kwargs=True))
+            hooks += schedule_hooks(model, runtime, model.config.patch_size, model.pos_embed, model.proj_out,
+                                    sensitivity_weighted)  # proj_out: before unpatchify
+        handle.remove_hooks(hooks)
         return handle
 
 
