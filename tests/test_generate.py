@@ -61,5 +61,40 @@ def test_bad_arguments(tmp_path, capsys, extra, match):
 
 def test_unloadable_model_is_explained(tmp_path, capsys):
     code = main(["generate", "x", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")])
-    assert code == 2
-    assert "without downloading" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "without downloading" in err and "tiny-random-flux" in err  # says what it takes
+
+
+@pytest.mark.parametrize("model,backbone", [
+    ("tiny-random-pixart", "pixart"), ("tiny-random-sd3", "sd3"), ("tiny-random-flux", "flux"),
+])
+def test_other_backbones_generate_with_their_map(tmp_path, capsys, model, backbone):
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle at the top left", "--model", model, "--height", "64", "--width", "64",
+                 "--steps", "6", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["backbone"] == backbone and summary["mode"] == "safe-core"
+    n = summary["tokens_per_step"][0]
+    assert min(summary["tokens_per_step"]) == -(-n // 4) and 0 < summary["flop_ratio_vs_dense"] < 1
+    assert (tmp_path / "img.sensitivity.png").stat().st_size > 0
+
+
+def test_flux_refuses_a_negative_prompt_it_would_ignore(tmp_path, capsys):
+    code = main(["generate", "a red circle", "--model", "tiny-random-flux", "--height", "64", "--width", "64",
+                 "--steps", "2", "--negative-prompt", "blue", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "guidance-distilled" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_saved_pipeline_directory_loads_offline(tmp_path, capsys):
+    from safe_dit.models import build_pixart_text_pipeline
+
+    build_pixart_text_pipeline().save_pretrained(tmp_path / "pixart")
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle", "--model", str(tmp_path / "pixart"), "--mode", "dense-fp", "--height", "64",
+                 "--width", "64", "--steps", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["backbone"] == "pixart"
+    assert out.stat().st_size > 0
+

@@ -1,4 +1,4 @@
-"""Generate one image with a diffusers Lumina-Next pipeline under a safe-dit mode.
+"""Generate one image with a diffusers DiT pipeline under a safe-dit mode.
 
 Writes the image, (for safe-core / safe-sw) the sensitivity map of the prompt as a PNG overlay,
 and a JSON summary: mode, config, seconds, peak memory, tokens computed per step and the
@@ -7,13 +7,15 @@ computed, attention with sensitive queries x all keys). Files are written atomic
 crashed or interrupted run never leaves a half-written image.
 
 --model defaults to the embedded shapes model (``safe_dit.default_model``: a small trained
-Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers LuminaPipeline directory
-(or a hub id already in your local cache; nothing is downloaded), or `tiny-random`, a tiny
-randomly initialised pipeline that exercises every code path in seconds but draws noise.
+Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers pipeline directory of any
+supported backbone -- Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5, FLUX.1 -- (or a hub id already in
+your local cache; nothing is downloaded), or `tiny-random[-pixart|-sd3|-flux]`, tiny randomly
+initialised pipelines that exercise every code path in seconds but draw noise.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import resource
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import adapter_for, supported_classes
 from .api import apply_safe_dit, runtime_of
 from .config import MODES, SafeConfig, SafeDitError
 from .envinfo import environment
@@ -33,25 +36,66 @@ from .report import DTYPES
 DEFAULT_MODEL = "default"
 
 
+TINY_PIPELINES = {  # offline, randomly initialised: every code path in seconds, but they draw noise
+    "tiny-random": "build_tiny_text_pipeline",  # Lumina-Next
+    "tiny-random-pixart": "build_pixart_text_pipeline",
+    "tiny-random-sd3": "build_sd3_text_pipeline",
+    "tiny-random-flux": "build_flux_text_pipeline",
+}
+
+
 def load_pipeline(model: str, dtype: torch.dtype, device: str):
+    """The embedded default, a tiny random pipeline, or a local diffusers pipeline of a supported backbone."""
     if model == DEFAULT_MODEL:
         from .default_model import load_default_pipeline
 
         return load_default_pipeline(dtype=dtype).to(device)
-    if model == "tiny-random":
-        from .models import build_tiny_text_pipeline
+    if model in TINY_PIPELINES:
+        from . import models
 
-        return build_tiny_text_pipeline().to(device, dtype)
-    from diffusers import LuminaPipeline
+        return getattr(models, TINY_PIPELINES[model])().to(device, dtype)
+    from diffusers import DiffusionPipeline
 
     try:
-        pipe = LuminaPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         raise SafeDitError(
-            f"could not load a Lumina-Next pipeline from {model!r} without downloading ({err.__class__.__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Pass a local diffusers pipeline directory, or --model tiny-random"
+            f"could not load a diffusers pipeline from {model!r} without downloading ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Pass a local pipeline directory (Lumina-Next, PixArt, SD3, FLUX), "
+            f"'{DEFAULT_MODEL}', or one of {', '.join(TINY_PIPELINES)}"
         ) from err
+    if getattr(pipe, "transformer", None) is None:
+        raise SafeDitError(f"{model!r} loads a {type(pipe).__name__} without a transformer: safe-dit accelerates DiT "
+                           f"pipelines ({', '.join(supported_classes())})")
+    adapter_for(pipe.transformer)  # a clear error naming the supported classes, before any work
     return pipe.to(device)
+
+
+def native_size(pipe, model: str) -> int:
+    """The pipeline's own default image side in pixels (64 for the embedded model)."""
+    if model == DEFAULT_MODEL:
+        return 64
+    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    return int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def call_kwargs(pipe, args) -> dict:
+    """What this pipeline's ``__call__`` takes: backbones differ in caption cleaning, negative prompts, binning."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  generator=torch.Generator().manual_seed(args.seed))
+    if "true_cfg_scale" in params:  # FLUX: guidance-distilled; a negative prompt would need true CFG
+        if args.negative_prompt:
+            raise SafeDitError("FLUX is guidance-distilled (--guidance sets its guidance embedding): FluxPipeline ignores "
+                               "a negative prompt unless true CFG runs two transformer calls per step, which safe-dit's "
+                               "scheduled modes refuse. Drop --negative-prompt")
+    else:
+        kwargs["negative_prompt"] = args.negative_prompt
+    if "clean_caption" in params:
+        kwargs["clean_caption"] = False  # needs bs4/ftfy; the prompt is used as typed
+    if "use_resolution_binning" in params and pipe.transformer.config.sample_size not in (32, 64, 128, 256):
+        kwargs["use_resolution_binning"] = False  # PixArt has aspect-ratio bins only for its real sample sizes
+    return kwargs
 
 
 def _atomic_save(image, path: Path) -> None:
@@ -84,14 +128,16 @@ def configure_parser(p) -> None:
     d = SafeConfig("safe-sw")
     p.add_argument("prompt", help="the text prompt")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="'default' (the embedded 64x64 shapes model, offline), a local diffusers "
-                        "LuminaPipeline directory, or tiny-random (noise, for smoke tests)")
+                   help="'default' (the embedded 64x64 shapes model, offline); a local diffusers pipeline directory "
+                        "of Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5 or FLUX.1 (nothing is downloaded); or "
+                        "tiny-random[-pixart|-sd3|-flux] (random weights: noise, for smoke tests)")
     p.add_argument("--mode", default="safe-core", choices=MODES, help="default safe-core")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--height", type=int, default=None, help="pixels; default: the model's native size")
     p.add_argument("--width", type=int, default=None, help="pixels; default: the model's native size")
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=4.0,
+                   help="classifier-free guidance scale (FLUX: the distilled guidance embedding, e.g. 3.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-ratio", type=float, default=d.keep_ratio)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
@@ -105,12 +151,13 @@ def configure_parser(p) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
-    native = 64 if args.model == DEFAULT_MODEL else 1024
-    args.height = args.height or native
-    args.width = args.width or native
-    if args.height < 16 or args.width < 16 or args.height % 16 or args.width % 16:
+def _check_size(args) -> None:
+    if any(v is not None and (v < 16 or v % 16) for v in (args.height, args.width)):
         raise SafeDitError("--height and --width must be positive multiples of 16")
+
+
+def run(args) -> int:
+    _check_size(args)  # before loading anything; again once the native size fills a missing side
     if args.steps < 1:
         raise SafeDitError("--steps must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -122,14 +169,16 @@ def run(args) -> int:
                         anchor_interval=args.anchor_interval, tail_dense_steps=args.tail_dense_steps,
                         cfg_context=args.cfg_context, cfg_sensitive=args.cfg_sensitive)
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
+    args.height = args.height or native_size(pipe, args.model)
+    args.width = args.width or native_size(pipe, args.model)
+    _check_size(args)
+    kwargs = call_kwargs(pipe, args)
     apply_safe_dit(pipe, config)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     with torch.no_grad():
-        image = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                     num_inference_steps=args.steps, guidance_scale=args.guidance, clean_caption=False,
-                     generator=torch.Generator().manual_seed(args.seed)).images[0]
+        image = pipe(args.prompt, **kwargs).images[0]
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -144,7 +193,7 @@ def run(args) -> int:
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     summary = {
-        "prompt": args.prompt, "model": args.model, "mode": args.mode, "config": config.__dict__,
+        "prompt": args.prompt, "model": args.model, "backbone": adapter_for(pipe.transformer).name, "mode": args.mode, "config": config.__dict__,
         "height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed, "guidance": args.guidance,
         "seconds": seconds,
         "peak_memory_mb": peak, "peak_memory_kind": "cuda max allocated" if args.device.startswith("cuda") else "process max RSS",

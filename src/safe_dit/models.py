@@ -391,3 +391,16 @@ def build_flux_text_pipeline(seed: int = 0):
                         text_encoder_2=_tiny_t5(seed + 2, 24), tokenizer_2=word_tokenizer("$A <eos>"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_pixart_text_pipeline(seed: int = 0):
+    """A complete, randomly initialised ``PixArtSigmaPipeline`` that takes text prompts offline: a tiny T5
+    (d_model 24 = the tiny transformer's caption channels) with a word-level T5-style tokenizer (``... <eos>``,
+    padded to the pipeline's 300 tokens). Call it with ``use_resolution_binning=False`` (tiny sample size)."""
+    from diffusers import PixArtSigmaPipeline
+
+    base = build_pixart_pipeline(seed=seed)
+    pipe = PixArtSigmaPipeline(tokenizer=word_tokenizer("$A <eos>"), text_encoder=_tiny_t5(seed + 1, 24), vae=base.vae,
+                               transformer=base.transformer, scheduler=base.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
