@@ -28,3 +28,46 @@ class SdpaSpy(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             self.masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
         return func(*args, **kwargs)
+
+
+# -- one seeded sampling run per backbone's tiny pipeline (embeds given, latents out) -------------------
+
+def seeded(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _sample(pipe, args: dict, kw: dict) -> torch.Tensor:
+    args.update(kw)
+    return pipe(generator=torch.Generator().manual_seed(0), **args).images
+
+
+def run_lumina(pipe, steps=10, height=64, width=96, prompt_seed=1, **kw):
+    """Lumina-Next, CFG batch [cond; uncond], captions of 8 tokens with 6 / 2 valid."""
+    return _sample(pipe, dict(
+        prompt_embeds=seeded(prompt_seed, 1, 8, 32), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
+        negative_prompt_embeds=seeded(2, 1, 8, 32), negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
+        height=height, width=width, num_inference_steps=steps, guidance_scale=4.0, output_type="latent"), kw)
+
+
+def run_pixart(pipe, steps=10, height=24, width=40, prompt_seed=1, negative_seed=2, **kw):
+    """PixArt-Sigma, CFG batch [uncond; cond], T5-like captions of 8 tokens with 6 / 2 valid."""
+    return _sample(pipe, dict(
+        prompt_embeds=seeded(prompt_seed, 1, 8, 24), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
+        negative_prompt=None, negative_prompt_embeds=seeded(negative_seed, 1, 8, 24),
+        negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]), height=height, width=width,
+        num_inference_steps=steps, guidance_scale=4.0, output_type="latent", use_resolution_binning=False), kw)
+
+
+def run_sd3(pipe, steps=10, height=32, width=48, prompt_seed=1, negative_seed=3, **kw):
+    """SD3, CFG batch [uncond; cond], joint text of 8 tokens."""
+    return _sample(pipe, dict(
+        prompt_embeds=seeded(prompt_seed, 1, 8, 24), pooled_prompt_embeds=seeded(2, 1, 20),
+        negative_prompt_embeds=seeded(negative_seed, 1, 8, 24), negative_pooled_prompt_embeds=seeded(4, 1, 20),
+        height=height, width=width, num_inference_steps=steps, guidance_scale=4.0, output_type="latent"), kw)
+
+
+def run_flux(pipe, steps=10, height=32, width=48, prompt_seed=1, **kw):
+    """FLUX, batch 1 (guidance-distilled), joint text of 8 tokens."""
+    return _sample(pipe, dict(
+        prompt_embeds=seeded(prompt_seed, 1, 8, 24), pooled_prompt_embeds=seeded(2, 1, 20), height=height, width=width,
+        num_inference_steps=steps, guidance_scale=3.5, output_type="latent"), kw)

@@ -12,7 +12,7 @@ from safe_dit.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.masks import DISCARD_BIAS, KeyPaddingPlan, key_padding_from_bias
 from safe_dit.models import build_pixart, build_pixart_pipeline, pixart_inputs
-from helpers import SdpaSpy, forward, processors
+from helpers import SdpaSpy, forward, processors, run_pixart as _run
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # max abs error relative to max |output|, as for Lumina
 
@@ -144,55 +144,9 @@ def test_audit_cli_has_a_pixart_model(tmp_path, capsys):
 
 # -- safe-core / safe-sw through PixArtSigmaPipeline ---------------------------------------------
 
-def _embeds(seed, t=8, d=24):
-    return torch.randn((1, t, d), generator=torch.Generator().manual_seed(seed))
-
-
-def _run(pipe, steps=10, height=24, width=40, negative_seed=2, **kw):
-    args = dict(
-        prompt_embeds=_embeds(1), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
-        negative_prompt=None, negative_prompt_embeds=_embeds(negative_seed),
-        negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
-        height=height, width=width, num_inference_steps=steps, guidance_scale=4.0, output_type="latent",
-        use_resolution_binning=False,
-    )
-    args.update(kw)
-    return pipe(generator=torch.Generator().manual_seed(0), **args).images
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return build_pixart_pipeline()
-
-
-@pytest.fixture(scope="module")
-def dense_fp(pipe):
-    dense = _run(pipe)
-    apply_safe_dit(pipe, SafeConfig("dense-fp"))
-    out = _run(pipe)
-    remove_safe_dit(pipe)
-    assert (out - dense).abs().max() <= 1e-5 * dense.abs().max()  # the whole sampling loop, dense vs dense-fp
-    return out
-
-
-def test_keep_ratio_one_reproduces_dense_fp(pipe, dense_fp):
-    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, warmup_steps=2, anchor_interval=3))
-    out = _run(pipe)
-    report = runtime_of(pipe).last_report
-    remove_safe_dit(pipe)
-    assert "selective" in report["steps"]  # selective steps really ran, on all tokens
-    assert (out - dense_fp).abs().max() <= 1e-5 * dense_fp.abs().max()
-
-
-def test_safe_core_is_token_sparse_and_differs(pipe, dense_fp):
-    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=4, tail_dense_steps=1))
-    out = _run(pipe)
-    report = runtime_of(pipe).last_report
-    remove_safe_dit(pipe)
-    assert report["steps"] == ["warmup"] * 2 + ["selective"] * 3 + ["anchor"] + ["selective"] * 3 + ["tail"]
-    assert report["tokens_per_step"][0] == 6 * 10 and report["sensitive_tokens"] == 15
-    assert all(t == 15 for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "selective")
-    assert torch.isfinite(out).all() and not torch.allclose(out, dense_fp, atol=1e-4)
 
 
 def test_equal_guidance_scales_reproduce_plain_cfg(pipe):

@@ -1,0 +1,74 @@
+"""What every backbone's tiny pipeline must do through its whole sampling loop (Lumina-Next, PixArt, SD3,
+FLUX): dense-fp reproduces dense; safe-core with keep_ratio 1 reproduces dense-fp; safe-core at its
+defaults' shape is token-sparse, hands SDPA no mask, follows the prompt, and releases its state.
+Backbone-specific behaviour (mask provenance, CFG order, refusals) is tested in each backbone's module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SdpaSpy, run_flux, run_lumina, run_pixart, run_sd3
+
+from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+from safe_dit.api import runtime_of
+from safe_dit.models import build_flux_pipeline, build_lumina_pipeline, build_pixart_pipeline, build_sd3_pipeline
+
+# backbone: (pipeline builder, one seeded run, image token grid of that run)
+BACKBONES = {
+    "lumina-next": (build_lumina_pipeline, run_lumina, (4, 6)),
+    "pixart": (build_pixart_pipeline, run_pixart, (6, 10)),
+    "sd3": (build_sd3_pipeline, run_sd3, (8, 12)),
+    "flux": (build_flux_pipeline, run_flux, (8, 12)),
+}
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def backbone(request):
+    build, run, grid = BACKBONES[request.param]
+    pipe = build()
+    dense = run(pipe)
+    apply_safe_dit(pipe, SafeConfig("dense-fp"))
+    dense_fp = run(pipe)
+    remove_safe_dit(pipe)
+    return pipe, run, grid, dense, dense_fp
+
+
+def _close(a, b):
+    return (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_dense_fp_reproduces_dense_through_the_sampling_loop(backbone):
+    _pipe, _run, _grid, dense, dense_fp = backbone
+    assert _close(dense_fp, dense)
+
+
+def test_keep_ratio_one_reproduces_dense_fp(backbone):
+    pipe, run, _grid, _dense, dense_fp = backbone
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, warmup_steps=2, anchor_interval=3))
+    out = run(pipe)
+    report = runtime_of(pipe).last_report
+    remove_safe_dit(pipe)
+    assert "selective" in report["steps"]  # selective steps really ran, on all tokens
+    assert _close(out, dense_fp)
+
+
+def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
+    pipe, run, grid, _dense, dense_fp = backbone
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=4, tail_dense_steps=1))
+    with SdpaSpy() as spy:
+        out = run(pipe)
+    rt = runtime_of(pipe)
+    report, first = rt.last_report, rt.last_index.clone()
+    run(pipe, prompt_seed=9)
+    second = rt.last_index.clone()
+    remove_safe_dit(pipe)
+    assert spy.masks and all(m is None for m in spy.masks)  # every SDPA call of every step kind is mask-free
+    assert report["steps"] == ["warmup"] * 2 + ["selective"] * 3 + ["anchor"] + ["selective"] * 3 + ["tail"]
+    n = grid[0] * grid[1]
+    assert report["tokens_per_step"][0] == n and report["sensitive_tokens"] == -(-n // 4)
+    assert all(t == -(-n // 4) for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "selective")
+    assert rt.generation is None and rt.last_grid == grid  # released after the last step; the map is kept
+    assert not torch.equal(first, second)  # the prompt decides the partition
+    if first.shape[0] == 2:  # a CFG batch: both halves use the cond half's partition
+        assert torch.equal(first[0], first[1])
+    assert torch.isfinite(out).all() and not torch.allclose(out, dense_fp, atol=1e-4)
