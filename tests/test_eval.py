@@ -9,6 +9,7 @@ import pytest
 
 from safe_dit import evaluate, shapes
 from safe_dit.cli import main
+from safe_dit.default_model import file_sha256
 from safe_dit.train import main as train_main
 
 
@@ -55,6 +56,8 @@ def test_eval_cli_contract(micro_dir, tmp_path, capsys):
     assert json.loads(js.read_text()) == result and grid.stat().st_size > 0
     modes = result["modes"]
     assert list(modes) == ["dense", "dense-fp", "safe-core", "safe-sw"]
+    weights = result["settings"]["weights"]  # which trained weights the numbers belong to
+    assert weights["steps"] == 2 and weights["sha256"] == file_sha256(micro_dir / "diffusion_pytorch_model.safetensors")
     for m, e in modes.items():
         for key in ("accuracy", "psnr_vs_dense_fp", "ssim_vs_dense_fp", "seconds"):
             assert isinstance(e[key], float), (m, key)

@@ -134,6 +134,23 @@ def model_card() -> dict:
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
+def weights_identity(path: str | Path | None = None) -> dict:
+    """Which trained weights a measurement used: the safetensors' sha256 and the training steps."""
+    path = Path(path) if path is not None else WEIGHTS_DIR
+    card = path / "training.json"
+    record = json.loads(card.read_text()) if card.is_file() else {}
+    steps, previous = record.get("steps"), record.get("continues") or {}
+    total = None if steps is None else steps + sum(_steps_before(previous))
+    return {"path": "embedded default" if path == WEIGHTS_DIR else str(path),
+            "sha256": file_sha256(path / "diffusion_pytorch_model.safetensors"), "steps": total}
+
+
+def _steps_before(previous: dict):
+    while previous:
+        yield previous.get("steps") or 0
+        previous = previous.get("continues") or {}
+
+
 def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch.float32) -> PixelLuminaPipeline:
     tokenizer, text_encoder = load_text_encoder(dtype)
     return PixelLuminaPipeline(

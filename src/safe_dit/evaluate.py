@@ -246,7 +246,7 @@ def configure_parser(p) -> None:
 
 
 def run(args) -> int:
-    from .default_model import load_default_pipeline
+    from .default_model import load_default_pipeline, weights_identity
 
     if args.quick:
         args.single, args.two, args.steps = 4, 2, 12
@@ -264,7 +264,8 @@ def run(args) -> int:
     result = evaluate(pipe, scenes, modes, args, progress=not args.no_progress)
     images = result.pop("images")
     result["settings"] = dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
-                              guidance=args.guidance, seed=args.seed, model=args.model or "embedded default")
+                              guidance=args.guidance, seed=args.seed, model=args.model or "embedded default",
+                              weights=weights_identity(args.model))
     result["environment"] = environment("cpu")
     grid = args.grid or args.plot
     if grid:

@@ -469,7 +469,7 @@ def configure_parser(p) -> None:
 
 
 def run(args) -> int:
-    from .default_model import load_default_pipeline
+    from .default_model import load_default_pipeline, weights_identity
 
     if args.from_json:
         with open(args.from_json) as f:
@@ -509,7 +509,7 @@ def run(args) -> int:
                   for s in settings],
         settings_common=dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
                              guidance=args.guidance, seed=args.seed, dtype="float32",
-                             model=args.model or "embedded default",
+                             model=args.model or "embedded default", weights=weights_identity(args.model),
                              peers_run_on="dense-fp (the exact fast path on)",
                              diffusers_cache_hooks=available_hooks()),
         quality=part1, scaled=part2, analysis=analyse(settings, part1, part2), rows=rows,
