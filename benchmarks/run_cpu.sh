@@ -10,6 +10,12 @@ if [ "${1:-}" = "pareto" ]; then  # only step 8 (e.g. after the embedded model's
   exec safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
     --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
 fi
+if [ "${1:-}" = "pareto-quality" ]; then  # step 8's quality part only, keeping its random-weight timings
+  cp "$out/pareto-$tag.json" "$out/.pareto-timed-$tag.json"
+  exec safe-dit pareto --threads 1 --no-progress --scaled-from "$out/.pareto-timed-$tag.json" \
+    --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" --ablation-plot "$out/ablation-$tag.png" \
+    > "$out/pareto-$tag.txt"
+fi
 # 1. MIDT sweep: N 1024..8192, head dims 64/72/80/128, float32 + bfloat16, 2 heads.
 safe-dit midt --no-progress --json "$out/midt-$tag.json" --plot "$out/midt-$tag.png" > "$out/midt-$tag.txt"
 # 2. Forward pass, stock dense vs dense-fp vs mask-free oracle, Lumina-Next-2B attention shape

@@ -142,3 +142,15 @@ def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
     png2 = tmp_path / "p2.png"
     assert main(["pareto", "--from-json", str(js), "--plot", str(png2)]) == 0
     assert png2.stat().st_size > 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    # after retraining, the random-weight timings can be reused: only the quality part runs again
+    js3 = tmp_path / "p3.json"
+    assert main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory", "--threads", "1",
+                 "--scaled-from", str(js), "--json", str(js3)]) == 0
+    again = json.loads(js3.read_text())
+    assert again["scaled"]["rows"] == rows and again["scaled"]["reused_from"]["path"] == str(js)
+    assert again["quality"]["summary"]["dense-fp"]["psnr_vs_dense_fp"] == 100.0
+    other = dict(result, settings_common=dict(result["settings_common"], steps=7))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory",
+                 "--scaled-from", str(tmp_path / "other.json")]) == 2  # timed with other steps: refused
+    assert "run the scaled part again" in capsys.readouterr().err

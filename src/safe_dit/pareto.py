@@ -251,6 +251,23 @@ def run_scaled(settings: list[Setting], args, progress: bool) -> dict:
                 rows=rows, mag_ratios=h.mag_ratios)
 
 
+def reuse_scaled(settings: list[Setting], args) -> dict:
+    """The scaled-model timings of an earlier ``--json`` result. They are measured on random weights, so they
+    do not depend on the embedded model: after retraining it, only the quality part needs to run again.
+    Refused unless the earlier run timed the same settings with the same number of steps."""
+    with open(args.scaled_from) as f:
+        earlier = json.load(f)
+    part = earlier.get("scaled")
+    if not part:
+        raise SafeDitError(f"{args.scaled_from} has no scaled-model timings to reuse")
+    steps = earlier.get("settings_common", {}).get("steps")
+    missing = sorted(s.name for s in settings if (s.scaled or not args.scaled_subset) and s.name not in part["rows"])
+    if missing or steps != args.steps:
+        raise SafeDitError(f"{args.scaled_from} timed other settings or steps ({steps} steps; missing: "
+                           f"{', '.join(missing) or 'none'}): run the scaled part again")
+    return dict(part, reused_from=dict(path=str(args.scaled_from), environment=earlier.get("environment")))
+
+
 # -- analysis -------------------------------------------------------------------------------------
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """Names not dominated by another point (at least as fast and as good, better in one)."""
@@ -463,6 +480,9 @@ def configure_parser(p) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory calls")
     p.add_argument("--quick", action="store_true", help="CI-sized: 2 prompts, 6 steps, a tiny model at 64 tokens")
     p.add_argument("--ablation-plot", metavar="PATH", help="write the ablation bar chart PNG here")
+    p.add_argument("--scaled-from", metavar="PATH",
+                   help="reuse the scaled-model timings (random weights) of an earlier --json result instead of "
+                        "timing again, e.g. after the embedded model was retrained; the quality part runs anew")
     p.add_argument("--from-json", metavar="PATH", help="redraw table and plots from an earlier --json result (no run)")
     add_output_arguments(p, plot_help="write the Pareto plot PNG here")
     p.set_defaults(func=run)
@@ -499,7 +519,8 @@ def run(args) -> int:
     scenes = prompt_set(args.single, args.two, args.seed)
     progress = not args.no_progress
     part1 = run_quality(pipe, settings, scenes, args, progress)
-    part2 = run_scaled(settings, args, progress) if args.scaled_tokens else None
+    part2 = reuse_scaled(settings, args) if args.scaled_from else run_scaled(settings, args, progress) \
+        if args.scaled_tokens else None
     rows = part1.pop("rows")
     result = dict(
         benchmark="pareto",
