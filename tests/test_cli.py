@@ -65,6 +65,13 @@ def test_bench_e2e_quick(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_bench_e2e_modes_subset_keeps_what_the_ratios_need(capsys):
+    assert main(["bench", "e2e", "--quick", "--no-progress", "--modes", "dense"]) == 0
+    result, _ = _last_json(capsys)
+    assert {r["mode"] for r in result["rows"]} == {"dense", "dense-fp", "safe-core"}  # no safe-sw run
+    assert result["summary"][0]["total_gain"] > 0
+
+
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "e2e", "--steps", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err

@@ -130,7 +130,8 @@ class _Backbone:
 def run_e2e(args, progress: bool = True) -> dict:
     dtype = DTYPES[args.dtype]
     bb = _Backbone(args, dtype)
-    pipe, modes = bb.pipe, bb.modes
+    pipe = bb.pipe
+    modes = tuple(m for m in bb.modes if args.modes is None or m in args.modes)
     configs = _configs(args)
     rows = []
     bar = tqdm(total=len(args.tokens) * len(modes) * (args.repeats + 2), disable=not progress,
@@ -313,6 +314,9 @@ def configure_parser(p) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="a subset of the modes (default: all the backbone has); the ratios need dense, dense-fp "
+                        "and safe-core, so those three are always run")
     p.add_argument("--time-up-to", type=int, default=9216, metavar="TOKENS",
                    help="larger token counts are only probed (runs or OOM, peak memory), not timed (default 9216)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
@@ -331,5 +335,7 @@ def run(args) -> int:
         raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
+    if args.modes is not None:
+        args.modes = sorted(set(args.modes) | {"dense", "dense-fp", "safe-core"}, key=MODES.index)
     result = run_e2e(args, progress=not args.no_progress)
     return emit(result, format_table(result), args, plot)
