@@ -75,6 +75,9 @@ def test_captions_round_trip_and_renders_are_deterministic():
     for _ in range(200):
         scene = shapes.sample_scene(rng)
         assert shapes.parse_caption(shapes.caption(scene)) == scene
+    two = shapes.Scene("gray", (shapes.Obj("red", "circle", (2, 2)), shapes.Obj("blue", "square", (0, 1))))
+    assert shapes.caption(two) == ("a blue square at the top center and a red circle at the bottom right "
+                                   "on a gray background")  # objects listed in reading order
     scene = shapes.sample_scene(random.Random(1), two_object_prob=1.0)
     assert np.array_equal(shapes.render(scene, random.Random(3)), shapes.render(scene, random.Random(3)))
     with pytest.raises(ValueError, match="colour"):
