@@ -11,8 +11,8 @@ if [ "${1:-}" = "pareto" ]; then  # only step 8 (e.g. after the embedded model's
     --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
 fi
 if [ "${1:-}" = "pareto-quality" ]; then  # step 8's quality part only, keeping its random-weight timings
-  cp "$out/pareto-$tag.json" "$out/.pareto-timed-$tag.json"
-  exec safe-dit pareto --threads 1 --no-progress --scaled-from "$out/.pareto-timed-$tag.json" \
+  [ -f "$out/pareto-timed-$tag.json" ] || cp "$out/pareto-$tag.json" "$out/pareto-timed-$tag.json"
+  exec safe-dit pareto --threads 1 --no-progress --scaled-from "$out/pareto-timed-$tag.json" \
     --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" --ablation-plot "$out/ablation-$tag.png" \
     > "$out/pareto-$tag.txt"
 fi
