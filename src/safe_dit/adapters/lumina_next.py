@@ -86,12 +86,16 @@ class SafeLuminaAttnProcessor:
         key, value = repeat_kv(key, value, attn.heads)  # [B, Lk, H, d]
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, d]
 
-        def stock_mask():  # what the stock processor passes: the mask expanded to [B, H, Lq, Lk] bool
-            return attention_mask.bool().view(batch, 1, 1, -1).expand(-1, query.shape[1], query.shape[2], -1)
-
-        out = attend(self.runtime, self.name, query, key, value, attention_mask, scale, rewrite=self.rewrite_padding,
-                     stock_mask=stock_mask)  # [B, H, Lq, d]
+        out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, H, Lq, d]
         return out.transpose(1, 2).to(dtype)  # [B, Lq, H, d]
+
+    def _attend(self, attn, query, key, value, mask, scale):
+        """SDPA for one call, q/k/v [B, H, L, d] (bench_forward's mask-free oracle overrides this)."""
+        def stock_mask():  # what the stock processor passes: the mask expanded to [B, H, Lq, Lk] bool
+            return mask.bool().view(query.shape[0], 1, 1, -1).expand(-1, query.shape[1], query.shape[2], -1)
+
+        return attend(self.runtime, self.name, query, key, value, mask, scale, rewrite=self.rewrite_padding,
+                      stock_mask=stock_mask)
 
 
 class LuminaNextAdapter(Adapter):
