@@ -71,3 +71,39 @@ def run_flux(pipe, steps=10, height=32, width=48, prompt_seed=1, **kw):
     return _sample(pipe, dict(
         prompt_embeds=seeded(prompt_seed, 1, 8, 24), pooled_prompt_embeds=seeded(2, 1, 20), height=height, width=width,
         num_inference_steps=steps, guidance_scale=3.5, output_type="latent"), kw)
+
+
+# -- bare-transformer checks shared by the joint-attention backbones (SD3, FLUX) ----------------------
+
+def steps_vs_dense_fp(model, inputs, num_steps=4):
+    """dense-fp output, then ``num_steps`` safe-core forwards (keep 0.3, warm-up 1, anchor every 2, no tail) on
+    the flash kernel only; returns (dense-fp output, the generation, the safe-core outputs)."""
+    import safe_dit
+    from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    dense = forward(model, inputs)
+    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    with torch.no_grad(), safe_dit.generation(model, num_steps=num_steps) as g, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        outs = [model(**inputs)[0] for _ in range(num_steps)]  # PCSP tap, anchors and selective steps
+    remove_safe_dit(model)
+    return dense, g, outs
+
+
+def selective_flops(model, inputs, keep_ratios=(1.0, 0.25)) -> dict:
+    """FLOPs of one selective safe-core forward per keep ratio."""
+    import safe_dit
+    from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for keep in keep_ratios:
+        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+        with torch.no_grad(), safe_dit.generation(model, num_steps=3):
+            model(**inputs)  # warm-up (also the first anchor)
+            with FlopCounterMode(display=False) as counter:
+                model(**inputs)  # selective
+        flops[keep] = counter.get_total_flops()
+    remove_safe_dit(model)
+    return flops

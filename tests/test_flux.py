@@ -6,13 +6,12 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.models import build_flux, build_flux_pipeline, flux_inputs
-from helpers import SdpaSpy, forward, processors, run_flux as _run, seeded
+from helpers import SdpaSpy, forward, processors, selective_flops, run_flux as _run, seeded, steps_vs_dense_fp
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -89,13 +88,7 @@ def test_safe_sw_is_refused_with_the_reason():
 def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     """Double- and single-stream blocks; gathered rows rotated with their own positions' RoPE."""
     model = build_flux(num_layers=2, num_single_layers=2)
-    inputs = flux_inputs(model, 5, 6, batch=2)
-    apply_safe_dit(model, SafeConfig("dense-fp"))
-    dense = forward(model, inputs)
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
-    with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        outs = [model(**inputs)[0] for _ in range(4)]  # PCSP tap, anchors and selective steps all on the flash kernel
-    remove_safe_dit(model)
+    dense, g, outs = steps_vs_dense_fp(model, flux_inputs(model, 5, 6, batch=2))  # all on the flash kernel
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
     assert g.report()["tokens_per_step"] == [30, 9, 30, 9]
     for out in outs:
@@ -103,19 +96,8 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
 
 
 def test_selective_step_work_shrinks_with_keep_ratio():
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = build_flux(num_attention_heads=4, attention_head_dim=16, axes_dims_rope=(4, 6, 6))
-    inputs = flux_inputs(model, 16, 16, batch=1, text_len=4)
-    flops = {}
-    for keep in (1.0, 0.25):
-        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
-        with torch.no_grad(), safe_dit.generation(model, num_steps=3):
-            model(**inputs)
-            with FlopCounterMode(display=False) as counter:
-                model(**inputs)
-        flops[keep] = counter.get_total_flops()
-    remove_safe_dit(model)
+    flops = selective_flops(model, flux_inputs(model, 16, 16, batch=1, text_len=4))
     assert 0.25 <= flops[0.25] / flops[1.0] <= 0.25 * 1.2, flops
 
 

@@ -12,7 +12,7 @@ from safe_dit.api import runtime_of
 from safe_dit.audit import audit
 from safe_dit.cli import main
 from safe_dit.models import build_sd3, build_sd3_pipeline, sd3_inputs
-from helpers import SdpaSpy, forward, processors, run_sd3 as _run, seeded
+from helpers import SdpaSpy, forward, processors, selective_flops, run_sd3 as _run, seeded, steps_vs_dense_fp
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -64,13 +64,7 @@ def test_apply_remove_round_trip():
 
 def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     model = build_sd3(num_layers=3, dual_attention_layers=(0,))
-    inputs = sd3_inputs(model, 5, 6, batch=2)
-    apply_safe_dit(model, SafeConfig("dense-fp"))
-    dense = forward(model, inputs)
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
-    with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        outs = [model(**inputs)[0] for _ in range(4)]  # PCSP tap, anchors and selective steps all on the flash kernel
-    remove_safe_dit(model)
+    dense, g, outs = steps_vs_dense_fp(model, sd3_inputs(model, 5, 6, batch=2))  # all on the flash kernel
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
     assert g.report()["tokens_per_step"] == [30, 9, 30, 9]
     for out in outs:
@@ -78,19 +72,8 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
 
 
 def test_selective_step_work_shrinks_with_keep_ratio():
-    from torch.utils.flop_counter import FlopCounterMode
-
     model = build_sd3(num_attention_heads=4, attention_head_dim=16, caption_projection_dim=64)
-    inputs = sd3_inputs(model, 16, 16, batch=2, text_len=4)
-    flops = {}
-    for keep in (1.0, 0.25):
-        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
-        with torch.no_grad(), safe_dit.generation(model, num_steps=3):
-            model(**inputs)
-            with FlopCounterMode(display=False) as counter:
-                model(**inputs)  # selective
-        flops[keep] = counter.get_total_flops()
-    remove_safe_dit(model)
+    flops = selective_flops(model, sd3_inputs(model, 16, 16, batch=2, text_len=4))
     assert 0.25 <= flops[0.25] / flops[1.0] <= 0.25 * 1.2, flops  # text rows (4 of 260) are always computed
 
 
