@@ -1,0 +1,80 @@
+"""One picture of where each backbone's end-to-end gain comes from, read from `bench e2e` JSON files.
+
+    python benchmarks/summarize_backbones.py benchmarks/results/e2e-cpu-*.json --plot backbones-cpu.png
+
+For every file and token count it takes the three ratios `bench e2e` measured side by side in that
+run (fast path = dense / dense-fp, scheduling = dense-fp / safe-core, total = dense / safe-core),
+prints a Markdown table and draws grouped bars, one group per backbone and token count. Nothing is
+re-measured or combined across runs; files from different machines are labelled by their processor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from safe_dit.report import pyplot  # noqa: E402
+
+GAINS = (("fast_path_gain", "fast path: dense / dense-fp"),
+         ("scheduling_gain", "scheduling: dense-fp / safe-core"),
+         ("total_gain", "total: dense / safe-core"))
+
+
+def rows_of(path: str) -> list[dict]:
+    result = json.loads(Path(path).read_text())
+    if result.get("benchmark") != "e2e":
+        raise SystemExit(f"{path}: not a `safe-dit bench e2e` result")
+    settings = result["settings"]
+    label = settings.get("model_label") or "Lumina-Next"
+    env = result["environment"]
+    out = []
+    for s in result["summary"]:
+        if "tokens" not in s or s.get("total_gain") is None:
+            continue
+        out.append({"backbone": label, "tokens": s["tokens"], "steps": settings["steps"],
+                    "repeats": settings["repeats"], "width": settings.get("hidden_size"),
+                    "heads": settings.get("heads"), "processor": env.get("processor"),
+                    "device": env.get("device"), "file": Path(path).name,
+                    **{k: s[k] for k, _ in GAINS}})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="bench e2e --json outputs")
+    p.add_argument("--plot", metavar="PATH", help="write the grouped bar chart PNG here")
+    args = p.parse_args(argv)
+    rows = sorted((r for f in args.files for r in rows_of(f)), key=lambda r: (r["backbone"], r["tokens"]))
+    if not rows:
+        raise SystemExit("no timed token counts in these files")
+    print("| backbone | tokens | steps | repeats | fast path | scheduling | total | machine | file |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['backbone']} | {r['tokens']} | {r['steps']} | {r['repeats']} | {r['fast_path_gain']:.2f}x"
+              f" | {r['scheduling_gain']:.2f}x | {r['total_gain']:.2f}x | {r['device']}, {r['processor']} | {r['file']} |")
+    if args.plot:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+        width = 0.27
+        for i, (key, name) in enumerate(GAINS):
+            xs = [j + (i - 1) * width for j in range(len(rows))]
+            bars = ax.bar(xs, [r[key] for r in rows], width, label=name)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(rows)), [f"{r['backbone']}\n{r['tokens']} tok" for r in rows])
+        ax.set_ylabel("median end-to-end latency ratio")
+        machines = sorted({f"{r['device']} ({r['processor']})" for r in rows})
+        ax.set_title("safe-dit bench e2e, 1 block per backbone: " + "; ".join(machines), fontsize=9)
+        ax.legend(fontsize=8, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
