@@ -71,3 +71,13 @@ def test_eval_cli_contract(micro_dir, tmp_path, capsys):
 def test_eval_refuses_bad_arguments(micro_dir, capsys):
     assert main(["eval", "--model", str(micro_dir), "--single", "0", "--two", "0"]) != 0
     assert "not both 0" in capsys.readouterr().err
+
+
+def test_table_marks_missing_prompt_kinds(micro_dir, capsys):
+    """A two-object-only prompt set (e.g. a held-out check of binding) has no one-object column value."""
+    assert main(["eval", "--model", str(micro_dir), "--single", "0", "--two", "1", "--steps", "2",
+                 "--modes", "dense-fp", "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = next(ln for ln in out if ln.startswith("dense-fp"))
+    assert row.split()[2] == "-" and "nan" not in row
+    assert "accuracy_single_object" not in json.loads(out[-1])["modes"]["dense-fp"]

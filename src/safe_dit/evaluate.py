@@ -186,10 +186,13 @@ def table(result: dict) -> str:
     base = next(iter(modes.values()))["speedup_baseline"]
     head += f" {'PSNR':>6} {'SSIM':>6} {'s/img':>7} {'vs '+base:>9} {'tokens':>6}"
     lines = [head]
+
+    def share(e, key):  # "-" where the prompt set has no prompts of that kind
+        return f"{e[key]:6.1%}" if key in e else f"{'-':>6}"
+
     for m, e in modes.items():
         lines.append(
-            f"{m:10} {e['accuracy']:6.1%} {e.get('accuracy_single_object', float('nan')):6.1%} "
-            f"{e.get('accuracy_two_object', float('nan')):6.1%} "
+            f"{m:10} {e['accuracy']:6.1%} {share(e, 'accuracy_single_object')} {share(e, 'accuracy_two_object')} "
             + " ".join(f"{e['attributes'][a]:6.1%}" for a in ATTRIBUTES)
             + f" {e['psnr_vs_dense_fp']:6.2f} {e['ssim_vs_dense_fp']:6.4f} {e['seconds']:7.3f}"
             f" {e['speedup']:8.2f}x {e['token_fraction']:6.3f}"
