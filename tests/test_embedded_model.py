@@ -60,13 +60,14 @@ def test_dense_fp_draws_the_prompt(pipe):
 
 def test_dense_fp_places_and_colours_two_objects(pipe):
     """Two objects: where each goes and its colour are learnt (eval-cpu, 30 steps: position 100%, colour 80%);
-    the shape bound to each object is the weak attribute (63%), so only a floor is asserted for all attributes."""
+    the shape bound to each object is the weak attribute (67%), so all attributes get a floor one prompt below
+    what was measured."""
     scenes = [shapes.sample_scene(random.Random(100 + i), two_object_prob=1.0) for i in range(8)]
     acc = _dense_fp_accuracy(pipe, scenes, "8 two-object prompts")
-    # measured at 20 steps: position/count 8/8, colour 5/8, shape 4/8, all 2/8 (the earlier 3000-step weights
-    # bound colours at about chance: 33% on eval's 30 two-object prompts)
-    assert acc["position"] >= 7 / 8 and acc["count"] >= 7 / 8 and acc["color"] >= 5 / 8
-    assert acc["all"] >= 2 / 8
+    # measured at 20 steps with the 8,800-step weights: position/count 8/8, colour 7/8, shape 6/8, all 5/8
+    # (6,800 steps: colour 5/8, all 2/8; the 3,000-step weights bound colours at about chance)
+    assert acc["position"] >= 7 / 8 and acc["count"] >= 7 / 8 and acc["color"] >= 6 / 8
+    assert acc["all"] >= 4 / 8
 
 
 def test_sensitivity_map_lands_on_the_prompted_cell(pipe):
