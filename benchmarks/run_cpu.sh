@@ -49,7 +49,7 @@ safe-dit bench e2e --model pixart --no-progress --tokens 9216 --layers 1 --steps
   --json "$out/e2e-$tag-pixart-9216.json" --plot "$out/e2e-$tag-pixart-9216.png" > "$out/e2e-$tag-pixart-9216.txt"
 safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
   --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
-#    SD3 and FLUX again at 9216 tokens (1536^2), safe-sw skipped (same cost as safe-core; ~17 / ~30 min alone).
+#    SD3 and FLUX again at 9216 tokens (1536^2), safe-sw skipped (same cost as safe-core; ~17 / ~13 min alone).
 safe-dit bench e2e --model sd3 --no-progress --tokens 9216 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
   --modes safe-core --time-up-to 9216 \
   --json "$out/e2e-$tag-sd3-9216.json" --plot "$out/e2e-$tag-sd3-9216.png" > "$out/e2e-$tag-sd3-9216.txt"
