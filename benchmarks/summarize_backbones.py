@@ -24,6 +24,12 @@ GAINS = (("fast_path_gain", "fast path: dense / dense-fp"),
          ("total_gain", "total: dense / safe-core"))
 
 
+def _short(processor: str | None) -> str:
+    """'Intel(R) Xeon(R) Processor' -> 'Intel Xeon', 'AMD EPYC 7B13' -> 'AMD EPYC'."""
+    words = (processor or "unknown").replace("(R)", "").replace("(TM)", "").split()
+    return " ".join(words[:2])
+
+
 def rows_of(path: str) -> list[dict]:
     result = json.loads(Path(path).read_text())
     if result.get("benchmark") != "e2e":
@@ -65,7 +71,9 @@ def main(argv=None) -> int:
             bars = ax.bar(xs, [r[key] for r in rows], width, label=name)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(range(len(rows)), [f"{r['backbone']}\n{r['tokens']} tok" for r in rows])
+        several = len({r["processor"] for r in rows}) > 1  # then each bar group says where it ran
+        ax.set_xticks(range(len(rows)), [f"{r['backbone']}\n{r['tokens']} tok"
+                                         + (f"\n{_short(r['processor'])}" if several else "") for r in rows])
         ax.set_ylabel("median end-to-end latency ratio")
         machines = sorted({f"{r['device']} ({r['processor']})" for r in rows})
         ax.set_title("safe-dit bench e2e, 1 block per backbone: " + "; ".join(machines), fontsize=9)

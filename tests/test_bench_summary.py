@@ -57,3 +57,9 @@ def test_committed_results_are_readable(summarize, capsys):
     out = capsys.readouterr().out
     for backbone in ("SD3", "FLUX", "PixArt", "Lumina-Next"):
         assert f"| {backbone} | 4096 |" in out
+
+
+def test_machine_names_are_shortened_for_tick_labels(summarize):
+    assert summarize._short("Intel(R) Xeon(R) Processor") == "Intel Xeon"
+    assert summarize._short("AMD EPYC 7B13 64-Core Processor") == "AMD EPYC"
+    assert summarize._short(None) == "unknown"
