@@ -15,13 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from safe_dit.report import pyplot  # noqa: E402
-
-GAINS = (("fast_path_gain", "fast path: dense / dense-fp"),
-         ("scheduling_gain", "scheduling: dense-fp / safe-core"),
-         ("total_gain", "total: dense / safe-core"))
+from safe_dit.bench_e2e import GAINS
+from safe_dit.report import pyplot
 
 
 def _short(processor: str | None) -> str:

@@ -263,13 +263,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+# the three ratios every e2e summary row carries, with their plot labels
+GAINS = (("fast_path_gain", "fast path: dense / dense-fp"), ("scheduling_gain", "scheduling: dense-fp / safe-core"),
+         ("total_gain", "total: dense / safe-core"))
+
+
 def plot(result: dict, path: str) -> None:
     plt = pyplot()
 
     summ = [s for s in result["summary"] if "tokens" in s]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("fast_path_gain", "fast path: dense / dense-fp"),
-                       ("scheduling_gain", "scheduling: dense-fp / safe-core"), ("total_gain", "total: dense / safe-core")):
+    for key, label in GAINS:
         pts = [(s["tokens"], s[key]) for s in summ if key in s]
         if pts:
             axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
