@@ -24,6 +24,16 @@ step() {  # step NAME SECONDS ARGS...: run one safe-dit command, its table into 
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 
+if [ "${2:-}" = "cross" ]; then  # only the other backbones (a second, shorter call)
+  # SD3-Medium at full size (24 joint blocks, 24 heads x 64), CFG batch 2, 333 caption tokens, 28 steps.
+  step "e2e-$tag-sd3" 110 bench e2e --model sd3 --device cuda --dtype bfloat16 --layers 24 --steps 28 \
+    --guidance 7.0 --repeats 1 --tokens 4096 16384 --time-up-to 16384 --modes safe-core
+  # FLUX.1-dev's full width (24 heads x 128) but 4 double + 4 single blocks (of 19 + 38), batch 1, 512 T5 tokens.
+  step "e2e-$tag-flux" 100 bench e2e --model flux --device cuda --dtype bfloat16 --layers 4 --steps 20 \
+    --guidance 3.5 --repeats 1 --tokens 4096 16384 --time-up-to 16384
+  exit 0
+fi
+
 # 1. One forward of the full Lumina-Next-2B (24 blocks, hidden 2304, 32 heads x 72, 8 KV heads), CFG batch 2:
 #    stock dense vs dense-fp vs a hard-wired mask-free oracle; correctness checked first.
 step "forward-$tag" 120 bench forward --device cuda --dtype bfloat16 --layers 24 --batch 2 \
