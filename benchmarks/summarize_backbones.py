@@ -5,7 +5,8 @@
 For every file and token count it takes the three ratios `bench e2e` measured side by side in that
 run (fast path = dense / dense-fp, scheduling = dense-fp / safe-core, total = dense / safe-core),
 prints a Markdown table and draws grouped bars, one group per backbone and token count. Nothing is
-re-measured or combined across runs; files from different machines are labelled by their processor.
+re-measured or combined across runs; files from different machines are labelled by their processor
+(by the GPU's name for CUDA runs); each bar group names its transformer blocks.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def _short(processor: str | None) -> str:
     return " ".join(words[:2])
 
 
+def _blocks(row: dict) -> str:
+    """'24 blk'; FLUX's --layers counts double and single blocks alike: '4+4 blk'."""
+    n = row.get("layers")
+    return "? blk" if n is None else f"{n}+{n} blk" if row["backbone"] == "FLUX" else f"{n} blk"
+
+
 def rows_of(path: str) -> list[dict]:
     result = json.loads(Path(path).read_text())
     if result.get("benchmark") != "e2e":
@@ -38,7 +45,8 @@ def rows_of(path: str) -> list[dict]:
             continue
         out.append({"backbone": label, "tokens": s["tokens"], "steps": settings["steps"],
                     "repeats": settings["repeats"], "width": settings.get("hidden_size"),
-                    "heads": settings.get("heads"), "processor": env.get("processor"),
+                    "heads": settings.get("heads"), "layers": settings.get("layers"),
+                    "processor": env.get("gpu") or env.get("processor"),  # the GPU's name for CUDA runs
                     "device": env.get("device"), "file": Path(path).name,
                     **{k: s[k] for k, _ in GAINS}})
     return out
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
               f" | {r['scheduling_gain']:.2f}x | {r['total_gain']:.2f}x | {r['device']}, {r['processor']} | {r['file']} |")
     if args.plot:
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.3))
         width = 0.27
         for i, (key, name) in enumerate(GAINS):
             xs = [j + (i - 1) * width for j in range(len(rows))]
@@ -67,11 +75,11 @@ def main(argv=None) -> int:
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="gray", lw=0.8)
         several = len({r["processor"] for r in rows}) > 1  # then each bar group says where it ran
-        ax.set_xticks(range(len(rows)), [f"{r['backbone']}\n{r['tokens']} tok"
+        ax.set_xticks(range(len(rows)), [f"{r['backbone']}\n{r['tokens']} tok\n{_blocks(r)}"
                                          + (f"\n{_short(r['processor'])}" if several else "") for r in rows])
         ax.set_ylabel("median end-to-end latency ratio")
         machines = sorted({f"{r['device']} ({r['processor']})" for r in rows})
-        ax.set_title("safe-dit bench e2e, 1 block per backbone: " + "; ".join(machines), fontsize=9)
+        ax.set_title("safe-dit bench e2e: " + "; ".join(machines), fontsize=9)
         ax.legend(fontsize=8, loc="upper left")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)

@@ -18,11 +18,11 @@ def summarize():
     return module
 
 
-def _fake_e2e(path, label, gains):
+def _fake_e2e(path, label, gains, env=None):
     path.write_text(json.dumps({
         "benchmark": "e2e",
-        "environment": {"processor": "test cpu", "device": "cpu"},
-        "settings": {"model_label": label, "steps": 7, "repeats": 2, "hidden_size": 64, "heads": 2},
+        "environment": env or {"processor": "test cpu", "device": "cpu"},
+        "settings": {"model_label": label, "steps": 7, "repeats": 2, "hidden_size": 64, "heads": 2, "layers": 1},
         "summary": [{"tokens": t, "fast_path_gain": a, "scheduling_gain": b, "total_gain": a * b}
                     for t, (a, b) in gains.items()] + [{"largest_tokens_that_ran": {}}],
     }))
@@ -41,6 +41,13 @@ def test_table_and_plot_carry_each_runs_own_ratios(summarize, tmp_path, capsys):
         "| SD3 | 9216 | 7 | 2 | 0.98x | 1.80x | 1.76x | cpu, test cpu | a.json |",
     ]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cuda_runs_are_labelled_by_their_gpu(summarize, tmp_path, capsys):
+    f = _fake_e2e(tmp_path / "g.json", "SD3", {4096: (1.02, 1.4)},
+                  env={"processor": "host cpu", "device": "cuda", "gpu": "NVIDIA H200"})
+    summarize.main([f])
+    assert "| SD3 | 4096 | 7 | 2 | 1.02x | 1.40x | 1.43x | cuda, NVIDIA H200 | g.json |" in capsys.readouterr().out
 
 
 def test_refuses_other_results(summarize, tmp_path):

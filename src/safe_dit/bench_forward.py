@@ -9,7 +9,7 @@ path itself (the target is within noise, <= 2%).
 A correctness check (dense-fp vs dense, max abs error) runs before any timing is printed.
 Default model: the Lumina-Next-2B attention shape (hidden 2304, 32 heads of dim 72, 8 KV
 heads) with random weights and 2 blocks on CPU; image token counts 1024, 4096, 9216 are the
-1024², 2048², 3072² resolutions of the real model's latent grid (VAE 8, patch 2).
+512², 1024², 1536² resolutions of the real model's latent grid (VAE 8, patch 2).
 """
 
 from __future__ import annotations
