@@ -77,6 +77,23 @@ def test_prompt_free_partitions_have_the_pcsp_size():
     assert torch.equal(prompt_free_partition("uniform", 1, 8, 0.5)[0], torch.tensor([0, 2, 4, 6]))
 
 
+@pytest.mark.parametrize("kind", ["uniform", "random"])
+def test_prompt_free_partition_is_made_where_the_latents_are(kind):
+    """The seeded index is drawn on the CPU, then moved to the latents' device (a GPU run gathers rows
+    of CUDA tensors with it); 'meta' stands in for a device other than the CPU here."""
+    from safe_dit.selective import Generation
+
+    gen = Generation(SafeConfig("safe-core", partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
+    gen.begin_step(0, 16, (4, 4), batch=2, device="meta")
+    gen.begin_step(1, 16, (4, 4), batch=2, device="meta")  # the partition is made when warm-up ends
+    assert gen.index.device.type == "meta" and gen.sensitivity.device.type == "meta"
+    assert gen.index.shape == (2, sensitive_count(16, 0.25))
+    cpu = Generation(SafeConfig("safe-core", partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
+    cpu.begin_step(0, 16, (4, 4), batch=2)
+    cpu.begin_step(1, 16, (4, 4), batch=2)
+    assert cpu.index.device.type == "cpu" and torch.equal(cpu.sensitivity.sum(1), torch.full((2,), 4.0))
+
+
 def test_random_and_uniform_partitions_replace_pcsp(pipe, safe_core):
     _, pcsp_report, pcsp_index = safe_core
     for kind in ("uniform", "random"):

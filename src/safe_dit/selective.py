@@ -53,13 +53,16 @@ class Generation:
         self.tokens_per_step: list[int] = []
         self.kinds: list[str] = []
         self.batch = 1
+        self.device: torch.device | None = None  # where the latents live; prompt-free partitions are made there
 
     # -- step control -------------------------------------------------------------------------
-    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int], batch: int = 1) -> str:
+    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int], batch: int = 1,
+                   device: torch.device | str | None = None) -> str:
         if self.grid is not None and grid != self.grid:
             raise RuntimeError(f"token grid changed from {self.grid} to {grid} inside one generation")
         self.grid = grid
         self.batch = batch
+        self.device = torch.device(device) if device is not None else self.device
         self.step = step
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
@@ -86,9 +89,10 @@ class Generation:
     def _finish_partition(self) -> None:
         if self.config.partition != "pcsp":  # ablation: same K, chosen without the prompt
             n = self.grid[0] * self.grid[1]
-            self.index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
-                                               self.config.partition_seed)  # [B, K]
-            self.sensitivity = torch.zeros(self.batch, n).scatter_(1, self.index, 1.0)  # [B, N] indicator
+            index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
+                                          self.config.partition_seed)  # [B, K], made on the CPU (seeded)
+            self.index = index.to(self.device) if self.device is not None else index
+            self.sensitivity = torch.zeros(self.batch, n, device=self.index.device).scatter_(1, self.index, 1.0)
             return
         score = self.accumulator.mean()  # [B, N]
         if self.cfg_batch:

@@ -334,7 +334,7 @@ class StepTracker:
             b = latents.shape[0]
             gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
             gen.cond_first = rt.cond_first
-        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0])
+        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device)
         return None
 
 
