@@ -2,8 +2,10 @@
 # The full-size GPU runs: MIDT sweep, Lumina-Next-2B forward pass and end to end (all 24 blocks,
 # bfloat16, random weights). Sized for one ~9-minute call on one H100/H200:
 #   bash benchmarks/run_gpu.sh [OUTDIR]        (default benchmarks/results, tag from TAG, default gpu)
-# Each step has its own time limit (cut to what is left before DEADLINE seconds, if set) and its files are written as soon as it ends, so a step that
-# runs out of time loses only itself. After every step, AFTER_STEP (a shell command) runs, if set.
+# Each step has its own time limit (cut to what is left before DEADLINE seconds, if set) and its files
+# are written as soon as it ends, so a step that runs out of time loses only itself. After every step,
+# AFTER_STEP (a shell command) runs, if set. Steps call the CLI through python3, so that a checkout on
+# PYTHONPATH (no `pip install`, as on a bare GPU machine) works as well as an installed package.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
