@@ -16,8 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from safe_dit.bench_e2e import GAINS
-from safe_dit.report import pyplot
+from safe_dit.bench.e2e import GAINS
+from safe_dit.bench.report import pyplot
 
 
 def _short(processor: str | None) -> str:

@@ -8,10 +8,10 @@ from helpers import SdpaSpy
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.guidance import config_guidance
-from safe_dit.models import build_lumina_pipeline
-from safe_dit.partition import prompt_free_partition, sensitive_count
-from safe_dit.schedule import ANCHOR, DENSE, SELECTIVE, TAIL, StepPlan
+from safe_dit.engine.guidance import config_guidance
+from safe_dit.testing.kits import build_lumina_pipeline
+from safe_dit.engine.partition import prompt_free_partition, sensitive_count
+from safe_dit.engine.schedule import ANCHOR, DENSE, SELECTIVE, TAIL, StepPlan
 
 STEPS = 8
 
@@ -81,7 +81,7 @@ def test_prompt_free_partitions_have_the_pcsp_size():
 def test_prompt_free_partition_is_made_where_the_latents_are(kind):
     """The seeded index is drawn on the CPU, then moved to the latents' device (a GPU run gathers rows
     of CUDA tensors with it); 'meta' stands in for a device other than the CPU here."""
-    from safe_dit.selective import Generation
+    from safe_dit.engine.generation import Generation
 
     gen = Generation(SafeConfig("safe-core", partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
     gen.begin_step(0, 16, (4, 4), batch=2, device="meta")

@@ -11,7 +11,7 @@ from helpers import SdpaSpy, run_flux, run_lumina, run_pixart, run_sd3
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.models import build_flux_pipeline, build_lumina_pipeline, build_pixart_pipeline, build_sd3_pipeline
+from safe_dit.testing.kits import build_flux_pipeline, build_lumina_pipeline, build_pixart_pipeline, build_sd3_pipeline
 
 # backbone: (pipeline builder, one seeded run, image token grid of that run)
 BACKBONES = {

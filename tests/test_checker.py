@@ -1,6 +1,6 @@
-"""The automatic checker (safe_dit.checker) against rendered ground truth.
+"""The automatic checker (safe_dit.embedded.grader) against rendered ground truth.
 
-Accuracy is measured on ``shapes.render`` with jitter over seeded sampled scenes (one and two
+Accuracy is measured on ``world.render`` with jitter over seeded sampled scenes (one and two
 objects) plus every one-object scene, clean, degraded (3x3 box blur, then Gaussian noise of
 sigma 12 levels) and upscaled to 128 px. Negative controls check that each attribute goes False
 when that attribute of the scene is wrong, and that empty or random images are not passed.
@@ -16,16 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_dit import checker, shapes
+from safe_dit.embedded import grader
+
+from safe_dit.embedded import world
 from safe_dit.config import SafeDitError
 
-KEYS = (*checker.ATTRIBUTES, "all")
+KEYS = (*grader.ATTRIBUTES, "all")
 
 
-def scene_set(n_sampled: int = 500, seed: int = 0) -> list[shapes.Scene]:
+def scene_set(n_sampled: int = 500, seed: int = 0) -> list[world.Scene]:
     """``n_sampled`` seeded scenes (about half with two objects), then every one-object scene."""
     rng = random.Random(seed)
-    return [shapes.sample_scene(rng) for _ in range(n_sampled)] + shapes.all_single_scenes()
+    return [world.sample_scene(rng) for _ in range(n_sampled)] + world.all_single_scenes()
 
 
 def box_blur(img: np.ndarray, k: int = 3) -> np.ndarray:
@@ -42,14 +44,14 @@ def degrade(img: np.ndarray, rng: np.random.Generator, sigma: float = 12.0) -> n
 
 
 def measure(name: str, images_and_scenes) -> dict[str, float]:
-    grades = [checker.grade(img, scene) for img, scene in images_and_scenes]
-    acc = checker.accuracy(grades)
+    grades = [grader.grade(img, scene) for img, scene in images_and_scenes]
+    acc = grader.accuracy(grades)
     print(f"\n{name} ({len(grades)} images): " + ", ".join(f"{k} {acc[k]:.2%}" for k in KEYS))
     return acc
 
 
-def single(color="red", shape="circle", cell=(1, 1), background="gray") -> shapes.Scene:
-    return shapes.Scene(background, (shapes.Obj(color, shape, cell),))
+def single(color="red", shape="circle", cell=(1, 1), background="gray") -> world.Scene:
+    return world.Scene(background, (world.Obj(color, shape, cell),))
 
 
 # ---------------------------------------------------------------- accuracy on ground truth
@@ -58,7 +60,7 @@ def single(color="red", shape="circle", cell=(1, 1), background="gray") -> shape
 def test_clean_renders_with_jitter():
     scenes = scene_set()
     assert len(scenes) >= 500 + 324 and any(len(s.objects) == 2 for s in scenes)
-    acc = measure("clean", ((shapes.render(s, random.Random(i)), s) for i, s in enumerate(scenes)))
+    acc = measure("clean", ((world.render(s, random.Random(i)), s) for i, s in enumerate(scenes)))
     for k in KEYS:
         assert acc[k] >= 0.99, (k, acc[k])
 
@@ -67,26 +69,26 @@ def test_blurred_noisy_renders():
     scenes = scene_set(seed=1)
     rng = np.random.default_rng(1)
     acc = measure("blur 3x3 + noise sigma 12",
-                  ((degrade(shapes.render(s, random.Random(i)), rng), s) for i, s in enumerate(scenes)))
+                  ((degrade(world.render(s, random.Random(i)), rng), s) for i, s in enumerate(scenes)))
     for k in KEYS:
         assert acc[k] >= 0.97, (k, acc[k])
 
 
 def test_upscaled_128_renders():
-    scenes = scene_set(n_sampled=150, seed=2)[:150] + shapes.all_single_scenes()[::4]
-    acc = measure("128 px", ((shapes.render(s, random.Random(i), size=128), s) for i, s in enumerate(scenes)))
+    scenes = scene_set(n_sampled=150, seed=2)[:150] + world.all_single_scenes()[::4]
+    acc = measure("128 px", ((world.render(s, random.Random(i), size=128), s) for i, s in enumerate(scenes)))
     for k in KEYS:
         assert acc[k] >= 0.99, (k, acc[k])
     rng = np.random.default_rng(2)
     acc = measure("128 px, blur 3x3 + noise sigma 12",
-                  ((degrade(shapes.render(s, random.Random(i), size=128), rng), s) for i, s in enumerate(scenes)))
+                  ((degrade(world.render(s, random.Random(i), size=128), rng), s) for i, s in enumerate(scenes)))
     for k in KEYS:
         assert acc[k] >= 0.97, (k, acc[k])
 
 
 def test_detection_contents():
-    scene = shapes.Scene("white", (shapes.Obj("blue", "triangle", (0, 2)), shapes.Obj("yellow", "square", (2, 0))))
-    det = checker.detect(shapes.render(scene, random.Random(0)))
+    scene = world.Scene("white", (world.Obj("blue", "triangle", (0, 2)), world.Obj("yellow", "square", (2, 0))))
+    det = grader.detect(world.render(scene, random.Random(0)))
     assert det.background == "white"
     assert [(f.color, f.shape, f.cell) for f in det.objects] == [("blue", "triangle", (0, 2)), ("yellow", "square", (2, 0))]
     for f in det.objects:
@@ -94,25 +96,25 @@ def test_detection_contents():
     with pytest.raises(dataclasses.FrozenInstanceError):
         det.background = "black"
     # deterministic, and the same for a PIL image, a float image and an int64 array
-    img = shapes.render(scene, random.Random(0))
-    assert checker.detect(img) == det
-    assert checker.detect(Image.fromarray(img)) == det
-    assert checker.detect(img.astype(np.float32) / 255.0).objects == det.objects
-    assert checker.detect(img.astype(np.int64)) == det
-    assert checker.detect(Image.fromarray(img).convert("RGBA")) == det
+    img = world.render(scene, random.Random(0))
+    assert grader.detect(img) == det
+    assert grader.detect(Image.fromarray(img)) == det
+    assert grader.detect(img.astype(np.float32) / 255.0).objects == det.objects
+    assert grader.detect(img.astype(np.int64)) == det
+    assert grader.detect(Image.fromarray(img).convert("RGBA")) == det
 
 
 def test_adjacent_objects_blurred_together():
     """Neighbouring objects jittered towards each other and blurred still count as two."""
     rng = np.random.default_rng(3)
     for color2 in ("red", "blue"):  # same colour (split along the grid line) and different colours
-        scene = shapes.Scene("black", (shapes.Obj("red", "square", (1, 0)), shapes.Obj(color2, "square", (1, 1))))
+        scene = world.Scene("black", (world.Obj("red", "square", (1, 0)), world.Obj(color2, "square", (1, 1))))
         img = np.empty((64, 64, 3), np.uint8)
-        img[:] = shapes.BACKGROUNDS["black"]
+        img[:] = world.BACKGROUNDS["black"]
         for o, dx in zip(scene.objects, (+2, -2)):
-            cy, cx = shapes.cell_center(o.cell)
-            img[shapes.shape_mask(o.shape, cy, cx + dx, shapes.RADIUS)] = shapes.COLORS[o.color]
-        g = checker.grade(degrade(img, rng), scene)
+            cy, cx = world.cell_center(o.cell)
+            img[world.shape_mask(o.shape, cy, cx + dx, world.RADIUS)] = world.COLORS[o.color]
+        g = grader.grade(degrade(img, rng), scene)
         assert g["all"], (color2, g)
 
 
@@ -121,7 +123,7 @@ def test_adjacent_objects_blurred_together():
 
 def _others_true(g: dict, wrong: str) -> None:
     assert g[wrong] is False and g["all"] is False, g
-    for k in checker.ATTRIBUTES:
+    for k in grader.ATTRIBUTES:
         if k != wrong:
             assert g[k] is True, (wrong, k, g)
 
@@ -131,49 +133,49 @@ def test_each_wrong_attribute_is_caught(noisy):
     rng = random.Random(4)
     nrng = np.random.default_rng(4)
     for i in range(60):
-        scene = shapes.sample_scene(rng)
-        img = shapes.render(scene, random.Random(i))
+        scene = world.sample_scene(rng)
+        img = world.render(scene, random.Random(i))
         if noisy:
             img = degrade(img, nrng)
-        assert checker.grade(img, scene)["all"]
+        assert grader.grade(img, scene)["all"]
         objs = list(scene.objects)
         o = objs[0]
-        other_colors = [c for c in sorted(shapes.COLORS) if c != o.color]
-        other_shapes = [s for s in shapes.SHAPES if s != o.shape]
-        free = [c for c in sorted(shapes.POSITIONS) if c not in {x.cell for x in objs}]
+        other_colors = [c for c in sorted(world.COLORS) if c != o.color]
+        other_shapes = [s for s in world.SHAPES if s != o.shape]
+        free = [c for c in sorted(world.POSITIONS) if c not in {x.cell for x in objs}]
         wrong = {
             "color": dataclasses.replace(o, color=rng.choice(other_colors)),
             "shape": dataclasses.replace(o, shape=rng.choice(other_shapes)),
             "position": dataclasses.replace(o, cell=rng.choice(free)),
         }
         for attr, obj in wrong.items():
-            _others_true(checker.grade(img, shapes.Scene(scene.background, (obj, *objs[1:]))), attr)
-        bg = rng.choice([b for b in sorted(shapes.BACKGROUNDS) if b != scene.background])
-        _others_true(checker.grade(img, dataclasses.replace(scene, background=bg)), "background")
+            _others_true(grader.grade(img, world.Scene(scene.background, (obj, *objs[1:]))), attr)
+        bg = rng.choice([b for b in sorted(world.BACKGROUNDS) if b != scene.background])
+        _others_true(grader.grade(img, dataclasses.replace(scene, background=bg)), "background")
 
 
 def test_object_count_mismatch():
-    two = shapes.Scene("gray", (shapes.Obj("red", "circle", (0, 0)), shapes.Obj("blue", "square", (2, 2))))
-    img = shapes.render(two, random.Random(0))
+    two = world.Scene("gray", (world.Obj("red", "circle", (0, 0)), world.Obj("blue", "square", (2, 2))))
+    img = world.render(two, random.Random(0))
     # the image holds an extra object: only count is wrong
-    _others_true(checker.grade(img, shapes.Scene("gray", two.objects[:1])), "count")
+    _others_true(grader.grade(img, world.Scene("gray", two.objects[:1])), "count")
     # the image misses the second object: count, and that object's colour/shape/position
-    g = checker.grade(shapes.render(shapes.Scene("gray", two.objects[:1]), random.Random(0)), two)
+    g = grader.grade(world.render(world.Scene("gray", two.objects[:1]), random.Random(0)), two)
     assert g == dict(background=True, color=False, shape=False, position=False, count=False, all=False)
 
 
 def test_empty_background_fails_count():
-    for bg, rgb in shapes.BACKGROUNDS.items():
+    for bg, rgb in world.BACKGROUNDS.items():
         img = np.empty((64, 64, 3), np.uint8)
         img[:] = rgb
-        det = checker.detect(img)
+        det = grader.detect(img)
         assert det.background == bg and det.objects == ()
-        g = checker.grade(img, single(background=bg))
+        g = grader.grade(img, single(background=bg))
         assert g["background"] and not g["count"] and not g["all"]
         assert not (g["color"] or g["shape"] or g["position"])
         # with noise as well
         noisy = degrade(img, np.random.default_rng(5))
-        assert checker.detect(noisy).objects == ()
+        assert grader.detect(noisy).objects == ()
 
 
 def test_random_noise_is_not_all_correct():
@@ -181,35 +183,35 @@ def test_random_noise_is_not_all_correct():
     scenes = scene_set(n_sampled=20, seed=6)[:20]
     for scene in scenes:
         img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-        assert not checker.grade(img, scene)["all"]
+        assert not grader.grade(img, scene)["all"]
         smooth = np.clip(box_blur(img, 5), 0, 255).astype(np.uint8)  # low-contrast mush
-        assert not checker.grade(smooth, scene)["all"]
+        assert not grader.grade(smooth, scene)["all"]
 
 
 def test_matching_rules():
     # drawn one cell off: colour and shape are still judged, position is wrong
-    img = shapes.render(single("green", "triangle", (0, 0)), random.Random(0))
-    g = checker.grade(img, single("green", "triangle", (0, 1)))
+    img = world.render(single("green", "triangle", (0, 0)), random.Random(0))
+    g = grader.grade(img, single("green", "triangle", (0, 1)))
     assert g == dict(background=True, color=True, shape=True, position=False, count=True, all=False)
     # two objects with their colours swapped: positions right, colour wrong, shapes right
-    a, b = shapes.Obj("red", "circle", (0, 1)), shapes.Obj("blue", "circle", (2, 1))
-    img = shapes.render(shapes.Scene("white", (a, b)), random.Random(0))
-    swapped = shapes.Scene("white", (dataclasses.replace(a, color="blue"), dataclasses.replace(b, color="red")))
-    _others_true(checker.grade(img, swapped), "color")
+    a, b = world.Obj("red", "circle", (0, 1)), world.Obj("blue", "circle", (2, 1))
+    img = world.render(world.Scene("white", (a, b)), random.Random(0))
+    swapped = world.Scene("white", (dataclasses.replace(a, color="blue"), dataclasses.replace(b, color="red")))
+    _others_true(grader.grade(img, swapped), "color")
     # an object at its own cell is matched there even when a tie would allow a swap
-    scene = shapes.Scene("gray", (shapes.Obj("red", "square", (0, 1)), shapes.Obj("blue", "circle", (0, 0))))
-    drawn = shapes.Scene("gray", (shapes.Obj("blue", "circle", (0, 1)), shapes.Obj("red", "square", (0, 2))))
-    g = checker.grade(shapes.render(drawn, random.Random(0)), scene)
+    scene = world.Scene("gray", (world.Obj("red", "square", (0, 1)), world.Obj("blue", "circle", (0, 0))))
+    drawn = world.Scene("gray", (world.Obj("blue", "circle", (0, 1)), world.Obj("red", "square", (0, 2))))
+    g = grader.grade(world.render(drawn, random.Random(0)), scene)
     assert g["count"] and not g["position"] and not g["color"]
 
 
 def test_accuracy():
     t = dict.fromkeys(KEYS, True)
     f = dict(t, shape=False, all=False)
-    acc = checker.accuracy([t, f, t, t])
+    acc = grader.accuracy([t, f, t, t])
     assert acc == dict(background=1.0, color=1.0, shape=0.75, position=1.0, count=1.0, all=0.75)
     with pytest.raises(SafeDitError):
-        checker.accuracy([])
+        grader.accuracy([])
 
 
 # ---------------------------------------------------------------- bad input
@@ -230,6 +232,6 @@ def test_accuracy():
 ])
 def test_bad_input(bad, match):
     with pytest.raises(SafeDitError, match=match):
-        checker.detect(bad)
+        grader.detect(bad)
     with pytest.raises(ValueError):  # SafeDitError is a ValueError
-        checker.grade(bad, single())
+        grader.grade(bad, single())

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from safe_dit import SafeConfig, apply_safe_dit
-from safe_dit.models import build_lumina_next, lumina_inputs
+from safe_dit.testing.kits import build_lumina_next, lumina_inputs
 
 
 def test_dense_fp_compiles_to_one_graph_with_mask_free_self_attention():

@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit, shapes
-from safe_dit import default_model as dm
+from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+
+from safe_dit.embedded import world
+from safe_dit.embedded import model as dm
 from safe_dit.config import SafeDitError
-from safe_dit.train import CaptionCache
-from safe_dit.train import main as train_main
+from safe_dit.embedded.train import CaptionCache
+from safe_dit.embedded.train import main as train_main
 
 MICRO = json.dumps(dict(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=2))
 
@@ -73,19 +75,19 @@ def test_pixel_pipeline_runs_every_mode_at_native_and_other_sizes(micro_model_di
 def test_captions_round_trip_and_renders_are_deterministic():
     rng = random.Random(0)
     for _ in range(200):
-        scene = shapes.sample_scene(rng)
-        assert shapes.parse_caption(shapes.caption(scene)) == scene
-    two = shapes.Scene("gray", (shapes.Obj("red", "circle", (2, 2)), shapes.Obj("blue", "square", (0, 1))))
-    assert shapes.caption(two) == ("a blue square at the top center and a red circle at the bottom right "
+        scene = world.sample_scene(rng)
+        assert world.parse_caption(world.caption(scene)) == scene
+    two = world.Scene("gray", (world.Obj("red", "circle", (2, 2)), world.Obj("blue", "square", (0, 1))))
+    assert world.caption(two) == ("a blue square at the top center and a red circle at the bottom right "
                                    "on a gray background")  # objects listed in reading order
-    scene = shapes.sample_scene(random.Random(1), two_object_prob=1.0)
-    assert np.array_equal(shapes.render(scene, random.Random(3)), shapes.render(scene, random.Random(3)))
+    scene = world.sample_scene(random.Random(1), two_object_prob=1.0)
+    assert np.array_equal(world.render(scene, random.Random(3)), world.render(scene, random.Random(3)))
     with pytest.raises(ValueError, match="colour"):
-        shapes.Obj("mauve", "circle", (0, 0))
+        world.Obj("mauve", "circle", (0, 0))
     with pytest.raises(ValueError, match="share"):
-        shapes.Scene("white", (shapes.Obj("red", "circle", (0, 0)), shapes.Obj("blue", "square", (0, 0))))
+        world.Scene("white", (world.Obj("red", "circle", (0, 0)), world.Obj("blue", "square", (0, 0))))
     with pytest.raises(ValueError, match="not a shapes caption"):
-        shapes.parse_caption("a photo of a cat")
+        world.parse_caption("a photo of a cat")
 
 
 def test_missing_weights_get_a_clear_error(tmp_path):

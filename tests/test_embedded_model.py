@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from safe_dit import SafeConfig, apply_safe_dit, checker, remove_safe_dit, shapes
+from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+
+from safe_dit.embedded import grader
+
+from safe_dit.embedded import world
 from safe_dit.api import runtime_of
 from safe_dit.cli import main
-from safe_dit.default_model import WEIGHTS_DIR, load_default_pipeline
+from safe_dit.embedded.model import WEIGHTS_DIR, load_default_pipeline
 
 # one prompt per grid cell, colours/shapes/backgrounds rotating
 PROMPTS = [
-    shapes.Scene(bg, (shapes.Obj(color, shape, cell),))
+    world.Scene(bg, (world.Obj(color, shape, cell),))
     for cell, color, shape, bg in zip(
-        sorted(shapes.POSITIONS), ["red", "green", "blue", "yellow"] * 3, list(shapes.SHAPES) * 3,
+        sorted(world.POSITIONS), ["red", "green", "blue", "yellow"] * 3, list(world.SHAPES) * 3,
         ["gray", "white", "black"] * 3,
     )
 ]
@@ -43,11 +47,11 @@ def _dense_fp_accuracy(pipe, scenes, what):
     apply_safe_dit(pipe, SafeConfig("dense-fp"))
     grades = []
     for i, scene in enumerate(scenes):
-        img = pipe(shapes.caption(scene), num_inference_steps=20, guidance_scale=4.0, clean_caption=False,
+        img = pipe(world.caption(scene), num_inference_steps=20, guidance_scale=4.0, clean_caption=False,
                    generator=torch.Generator().manual_seed(i), output_type="np").images[0]
-        grades.append(checker.grade((np.clip(img, 0, 1) * 255).round().astype(np.uint8), scene))
+        grades.append(grader.grade((np.clip(img, 0, 1) * 255).round().astype(np.uint8), scene))
     remove_safe_dit(pipe)
-    acc = checker.accuracy(grades)
+    acc = grader.accuracy(grades)
     print(f"dense-fp accuracy on {what}:", acc)
     return acc
 
@@ -61,7 +65,7 @@ def test_dense_fp_draws_the_prompt(pipe):
 def test_dense_fp_places_and_colours_two_objects(pipe):
     """Two objects: where each goes, its colour and (less surely) its shape are learnt (eval-cpu, 30 steps:
     position 100%, colour 97%, shape 80%); every floor is one prompt below what was measured."""
-    scenes = [shapes.sample_scene(random.Random(100 + i), two_object_prob=1.0) for i in range(8)]
+    scenes = [world.sample_scene(random.Random(100 + i), two_object_prob=1.0) for i in range(8)]
     acc = _dense_fp_accuracy(pipe, scenes, "8 two-object prompts")
     # measured at 20 steps with the 11,300-step weights: position/count/colour 8/8, shape 7/8, all 7/8
     # (8,800 steps: colour 7/8, all 5/8; 6,800 steps: colour 5/8, all 2/8; 3,000 steps: colours at about chance)
@@ -74,17 +78,17 @@ def test_sensitivity_map_lands_on_the_prompted_cell(pipe):
     rt = runtime_of(pipe)
     hits, shares = 0, []
     side = pipe.transformer.config.sample_size // pipe.transformer.config.patch_size  # 16 tokens
-    cell_of_token = torch.arange(side) * shapes.GRID // side
+    cell_of_token = torch.arange(side) * world.GRID // side
     for i, scene in enumerate(PROMPTS):
-        pipe(shapes.caption(scene), num_inference_steps=6, guidance_scale=4.0, clean_caption=False,
+        pipe(world.caption(scene), num_inference_steps=6, guidance_scale=4.0, clean_caption=False,
              generator=torch.Generator().manual_seed(i), output_type="latent")
         s = rt.last_sensitivity[0].reshape(side, side)
-        mass = torch.zeros(shapes.GRID, shapes.GRID).index_put_(
+        mass = torch.zeros(world.GRID, world.GRID).index_put_(
             (cell_of_token[:, None].expand(side, side).reshape(-1), cell_of_token[None, :].expand(side, side).reshape(-1)),
             s.reshape(-1), accumulate=True)
         mass = mass / mass.sum()
         target = scene.objects[0].cell
-        hits += divmod(int(mass.argmax()), shapes.GRID) == target
+        hits += divmod(int(mass.argmax()), world.GRID) == target
         shares.append(float(mass[target]))
     remove_safe_dit(pipe)
     print("map mass in the prompted cell:", [round(s, 3) for s in shares])
@@ -100,5 +104,5 @@ def test_readme_main_command_writes_a_correct_image(tmp_path, capsys):
     assert summary["model"] == "default" and summary["height"] == summary["width"] == 64
     from PIL import Image
 
-    grade = checker.grade(np.asarray(Image.open(out).convert("RGB")), shapes.parse_caption(prompt))
+    grade = grader.grade(np.asarray(Image.open(out).convert("RGB")), world.parse_caption(prompt))
     assert grade["background"] and grade["position"] and grade["color"], grade

@@ -7,35 +7,37 @@ import math
 import numpy as np
 import pytest
 
-from safe_dit import evaluate, shapes
+from safe_dit.bench import quality
+
+from safe_dit.embedded import world
 from safe_dit.cli import main
-from safe_dit.default_model import file_sha256
-from safe_dit.train import main as train_main
+from safe_dit.embedded.model import file_sha256
+from safe_dit.embedded.train import main as train_main
 
 
 def test_psnr_and_ssim_closed_forms():
     a = np.full((32, 32, 3), 100, np.uint8)
     b = np.full((32, 32, 3), 110, np.uint8)
-    assert evaluate.psnr(a, a) == math.inf and evaluate.ssim(a, a) == pytest.approx(1.0)
-    assert evaluate.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100))
+    assert quality.psnr(a, a) == math.inf and quality.ssim(a, a) == pytest.approx(1.0)
+    assert quality.psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 100))
     c1 = (0.01 * 255) ** 2  # flat images: SSIM = (2ab + c1) / (a^2 + b^2 + c1)
-    assert evaluate.ssim(a, b) == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1))
+    assert quality.ssim(a, b) == pytest.approx((2 * 100 * 110 + c1) / (100**2 + 110**2 + c1))
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
     noisy = [np.clip(img + rng.normal(0, s, img.shape), 0, 255).astype(np.uint8) for s in (5, 20, 60)]
-    scores = [evaluate.ssim(img, n) for n in noisy]
+    scores = [quality.ssim(img, n) for n in noisy]
     assert scores == sorted(scores, reverse=True) and scores[0] < 1
 
 
 def test_prompt_set_is_fixed_and_covers_the_vocabulary():
-    a, b = evaluate.prompt_set(54, 30, seed=0), evaluate.prompt_set(54, 30, seed=0)
+    a, b = quality.prompt_set(54, 30, seed=0), quality.prompt_set(54, 30, seed=0)
     assert a == b and len(a) == 84 and len(set(a)) == 84
     singles = a[:54]
     assert all(len(s.objects) == 1 for s in singles) and all(len(s.objects) == 2 for s in a[54:])
-    assert {s.objects[0].color for s in singles} == set(shapes.COLORS)
-    assert {s.objects[0].shape for s in singles} == set(shapes.SHAPES)
-    assert {s.background for s in singles} == set(shapes.BACKGROUNDS)
-    assert {s.objects[0].cell for s in singles} == set(shapes.POSITIONS)
+    assert {s.objects[0].color for s in singles} == set(world.COLORS)
+    assert {s.objects[0].shape for s in singles} == set(world.SHAPES)
+    assert {s.background for s in singles} == set(world.BACKGROUNDS)
+    assert {s.objects[0].cell for s in singles} == set(world.POSITIONS)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_eval_cli_contract(micro_dir, tmp_path, capsys):
     for m, e in modes.items():
         for key in ("accuracy", "psnr_vs_dense_fp", "ssim_vs_dense_fp", "seconds"):
             assert isinstance(e[key], float), (m, key)
-        assert 0 <= e["accuracy"] <= 1 and set(e["attributes"]) == set(evaluate.ATTRIBUTES)
+        assert 0 <= e["accuracy"] <= 1 and set(e["attributes"]) == set(quality.ATTRIBUTES)
     assert modes["dense-fp"]["psnr_vs_dense_fp"] == 100.0 and modes["dense-fp"]["ssim_vs_dense_fp"] == pytest.approx(1)
     assert modes["dense"]["psnr_vs_dense_fp"] > 60  # exact fast path: same image up to float rounding
     assert modes["safe-core"]["token_fraction"] < 1 and modes["dense"]["token_fraction"] == 1

@@ -10,7 +10,7 @@ from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.audit import audit, trace_forward
 from safe_dit.cli import main
-from safe_dit.models import build_flux, build_flux_pipeline, flux_inputs
+from safe_dit.testing.kits import build_flux, build_flux_pipeline, flux_inputs
 from helpers import SdpaSpy, forward, processors, selective_flops, run_flux as _run, seeded, steps_vs_dense_fp
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -131,7 +131,7 @@ def test_true_cfg_is_refused_by_safe_core_and_runs_under_dense_fp(pipe):
 
 def test_text_prompts_through_every_mode():
     """The complete pipeline offline: tiny random CLIP and T5 encoders, tokenizers built in code."""
-    from safe_dit.models import build_flux_text_pipeline
+    from safe_dit.testing.kits import build_flux_text_pipeline
 
     pipe = build_flux_text_pipeline()
     outs = {}

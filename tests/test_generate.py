@@ -88,7 +88,7 @@ def test_flux_refuses_a_negative_prompt_it_would_ignore(tmp_path, capsys):
 
 
 def test_a_saved_pipeline_directory_loads_offline(tmp_path, capsys):
-    from safe_dit.models import build_pixart_text_pipeline
+    from safe_dit.testing.kits import build_pixart_text_pipeline
 
     build_pixart_text_pipeline().save_pretrained(tmp_path / "pixart")
     out = tmp_path / "img.png"

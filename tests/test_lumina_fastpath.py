@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.audit import audit, trace_forward
-from safe_dit.masks import KeyPaddingPlan
-from safe_dit.models import build_lumina_next, lumina_inputs
+from safe_dit.engine.masks import KeyPaddingPlan
+from safe_dit.testing.kits import build_lumina_next, lumina_inputs
 
 # Documented tolerances for dense-fp vs stock dense (max abs error relative to max |output|):
 # float32: the mask-free kernel sums in a different order; bfloat16: 8-bit mantissa.

@@ -3,7 +3,7 @@
 import torch
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-from safe_dit.models import build_lumina_pipeline
+from safe_dit.testing.kits import build_lumina_pipeline
 
 
 def _run(pipe, **kw):

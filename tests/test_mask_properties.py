@@ -1,5 +1,5 @@
 """Property tests (hypothesis): a mask that changes the attention output is never elided or
-rewritten, and whatever ``safe_dit.masks.attention`` does equals the float64 reference WITH
+rewritten, and whatever ``safe_dit.engine.masks.attention`` does equals the float64 reference WITH
 the mask.
 
 Tiny shapes (B 1-2, H 1-3, Lq/Lk 1-9, D 1-4), masks of every profile: bool and additive,
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safe_dit.config import SafeDitError
-from safe_dit.masks import MAX_ELIDED_ROW_CONSTANT, KeyPaddingPlan, attention, decide, is_row_constant, sdpa_with_plan
+from safe_dit.engine.masks import MAX_ELIDED_ROW_CONSTANT, KeyPaddingPlan, attention, decide, is_row_constant, sdpa_with_plan
 from test_masks import F32_TOL, assert_matches_ref, ref_attention
 
 # Examples per property; the total is what the suite's default run generates.

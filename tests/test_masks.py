@@ -1,6 +1,6 @@
 """Mask elision and exact mask-free rewrites against an explicit float64 reference.
 
-Every path of :func:`safe_dit.masks.attention` (elide, slice, gather, split-batch, keep) is
+Every path of :func:`safe_dit.engine.masks.attention` (elide, slice, gather, split-batch, keep) is
 compared with ``ref_attention``, written out by hand in float64. ``decide`` must name the path,
 semantic masks must be kept, and malformed masks must raise ``SafeDitError``.
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from safe_dit.config import SafeDitError
-from safe_dit.masks import (
+from safe_dit.engine.masks import (
     MAX_ELIDED_ROW_CONSTANT,
     KeyPaddingPlan,
     attention,

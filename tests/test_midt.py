@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from safe_dit import midt
+from safe_dit.bench import midt
 from safe_dit.cli import main
 from safe_dit.config import SafeDitError
 

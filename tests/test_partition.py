@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from safe_dit.partition import SensitivityAccumulator, image_to_text_probs, select_sensitive, sensitivity_map, smooth
-from safe_dit.schedule import StepPlan
+from safe_dit.engine.partition import SensitivityAccumulator, image_to_text_probs, select_sensitive, sensitivity_map, smooth
+from safe_dit.engine.schedule import StepPlan
 
 
 def test_sensitivity_lands_on_the_prompted_region():

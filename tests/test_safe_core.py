@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.models import build_lumina_next, build_lumina_pipeline, lumina_inputs
+from safe_dit.testing.kits import build_lumina_next, build_lumina_pipeline, lumina_inputs
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 def test_sw_cfg_matches_the_per_token_formula():
     """The rewritten cond prediction makes the pipeline's scalar guidance equal gamma_i."""
     from safe_dit.adapters.base import sensitivity_weighted
-    from safe_dit.guidance import guide, token_guidance
-    from safe_dit.selective import Generation
+    from safe_dit.engine.guidance import guide, token_guidance
+    from safe_dit.engine.generation import Generation
 
     cfg = SafeConfig("safe-sw", cfg_context=1.5, cfg_sensitive=6.0)
     gen = Generation(cfg, 4)

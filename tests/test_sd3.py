@@ -11,7 +11,7 @@ from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.audit import audit
 from safe_dit.cli import main
-from safe_dit.models import build_sd3, build_sd3_pipeline, sd3_inputs
+from safe_dit.testing.kits import build_sd3, build_sd3_pipeline, sd3_inputs
 from helpers import SdpaSpy, forward, processors, selective_flops, run_sd3 as _run, seeded, steps_vs_dense_fp
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -78,7 +78,7 @@ def test_selective_step_work_shrinks_with_keep_ratio():
 
 
 def test_pcsp_reads_the_joint_softmax_image_to_text_block():
-    from safe_dit.partition import joint_image_to_text_probs
+    from safe_dit.engine.partition import joint_image_to_text_probs
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, 14, 8, generator=g)  # 10 image + 4 text keys
@@ -137,7 +137,7 @@ def test_unsupported_model_names_the_supported_ones():
 def test_text_prompts_through_every_mode():
     """The complete pipeline offline: tiny random CLIP-L/G and T5 encoders, tokenizers built in code."""
     from safe_dit.config import MODES
-    from safe_dit.models import build_sd3_text_pipeline
+    from safe_dit.testing.kits import build_sd3_text_pipeline
 
     pipe = build_sd3_text_pipeline()
     outs = {}

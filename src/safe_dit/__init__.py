@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .config import MODES, SafeConfig, SafeDitError  # noqa: E402
-from .api import apply_safe_dit, generation, remove_safe_dit, is_safe_dit_applied  # noqa: E402
+from safe_dit.config import MODES, SafeConfig, SafeDitError  # noqa: E402
+from safe_dit.api import apply_safe_dit, generation, remove_safe_dit, is_safe_dit_applied  # noqa: E402
 
 __all__ = [
     "MODES",

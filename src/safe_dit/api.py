@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from .adapters import Handle, adapter_for
-from .config import SafeConfig, SafeDitError
+from safe_dit.adapters import Handle, adapter_for
+from safe_dit.config import SafeConfig, SafeDitError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class generation:
     step; ``g.report()`` afterwards. Releases the partition and caches on exit."""
 
     def __init__(self, pipe_or_transformer, num_steps: int):
-        from .selective import Generation
+        from safe_dit.engine.generation import Generation
 
         self.runtime = runtime_of(pipe_or_transformer)
         if self.runtime is None or not self.runtime.config.scheduled:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.profiler import record_function
 
-from .api import apply_safe_dit, remove_safe_dit, runtime_of
-from .config import SafeConfig
-from .envinfo import quiet_profiler
+from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
+from safe_dit.config import SafeConfig
+from safe_dit.environment import quiet_profiler
 
 _TAG = "safe_dit.sdpa#"
 KERNEL_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn")
@@ -148,7 +148,7 @@ def audit(model: torch.nn.Module, inputs: dict, config: SafeConfig | None = None
         safe = trace_forward(model, inputs)
     finally:
         remove_safe_dit(model)
-    from .adapters import adapter_for
+    from safe_dit.adapters import adapter_for
 
     return {"model": type(model).__name__, "mode": config.mode, "notes": adapter_for(model).notes, "stock": stock,
             "safe": safe, "summary": summarize(stock, safe)}
@@ -234,8 +234,8 @@ BACKBONES = ("lumina-next", "pixart", "sd3", "flux")
 
 
 def run(args) -> int:
-    from . import models
-    from .config import SafeDitError
+    from safe_dit.testing import kits
+    from safe_dit.config import SafeDitError
 
     for name in ("layers", "height_tokens", "width_tokens", "batch", "text_len"):
         if getattr(args, name) < 1:
@@ -244,10 +244,10 @@ def run(args) -> int:
     if len(valid) != args.batch or any(not 1 <= v <= args.text_len for v in valid):
         raise SafeDitError(f"--valid-lens needs {args.batch} values in [1, {args.text_len}]")
     build, make_inputs = {
-        "lumina-next": (models.build_lumina_next, models.lumina_inputs),
-        "pixart": (models.build_pixart, models.pixart_inputs),
-        "sd3": (models.build_sd3, models.sd3_inputs),
-        "flux": (getattr(models, "build_flux", None), getattr(models, "flux_inputs", None)),
+        "lumina-next": (kits.build_lumina_next, kits.lumina_inputs),
+        "pixart": (kits.build_pixart, kits.pixart_inputs),
+        "sd3": (kits.build_sd3, kits.sd3_inputs),
+        "flux": (getattr(kits, "build_flux", None), getattr(kits, "flux_inputs", None)),
     }[args.model]
     try:
         model = build(args.preset, num_layers=args.layers)

@@ -22,7 +22,12 @@ Run 'safe-dit COMMAND --help' for the options of each command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, audit, bench_e2e, bench_forward, evaluate, generate, midt, pareto
+    from safe_dit import __version__, audit, generate
+    from safe_dit.bench import e2e as bench_e2e
+    from safe_dit.bench import forward as bench_forward
+    from safe_dit.bench import quality
+    from safe_dit.bench import midt
+    from safe_dit.bench import pareto
 
     parser = argparse.ArgumentParser(
         prog="safe-dit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -33,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.configure_parser(sub.add_parser("generate", help="generate an image under a safe-dit mode",
                                              description=generate.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
-    evaluate.configure_parser(sub.add_parser("eval", help="quality and latency of every mode on the embedded model",
-                                             description=evaluate.__doc__,
+    quality.configure_parser(sub.add_parser("eval", help="quality and latency of every mode on the embedded model",
+                                             description=quality.__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     pareto.configure_parser(sub.add_parser("pareto", help="Pareto of safe-dit vs peer accelerators, with ablations",
                                            description=pareto.__doc__,
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .config import SafeDitError
+    from safe_dit.config import SafeDitError
 
     try:
         return int(args.func(args) or 0)

@@ -6,7 +6,7 @@ fraction of dense token-work done (the FLOP ratio vs dense: linear layers scale 
 computed, attention with sensitive queries x all keys). Files are written atomically: a
 crashed or interrupted run never leaves a half-written image.
 
---model defaults to the embedded shapes model (``safe_dit.default_model``: a small trained
+--model defaults to the embedded shapes model (``safe_dit.embedded.model``: a small trained
 Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers pipeline directory of any
 supported backbone -- Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5, FLUX.1 -- (or a hub id already in
 your local cache; nothing is downloaded), or `tiny-random[-pixart|-sd3|-flux]`, tiny randomly
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_for, supported_classes
-from .api import apply_safe_dit, runtime_of
-from .config import MODES, SafeConfig, SafeDitError
-from .envinfo import environment
-from .report import DTYPES
+from safe_dit.adapters import adapter_for, supported_classes
+from safe_dit.api import apply_safe_dit, runtime_of
+from safe_dit.config import MODES, SafeConfig, SafeDitError
+from safe_dit.environment import environment
+from safe_dit.bench.report import DTYPES
 
 
 DEFAULT_MODEL = "default"
@@ -47,13 +47,13 @@ TINY_PIPELINES = {  # offline, randomly initialised: every code path in seconds,
 def load_pipeline(model: str, dtype: torch.dtype, device: str):
     """The embedded default, a tiny random pipeline, or a local diffusers pipeline of a supported backbone."""
     if model == DEFAULT_MODEL:
-        from .default_model import load_default_pipeline
+        from safe_dit.embedded.model import load_default_pipeline
 
         return load_default_pipeline(dtype=dtype).to(device)
     if model in TINY_PIPELINES:
-        from . import models
+        from safe_dit.testing import kits
 
-        return getattr(models, TINY_PIPELINES[model])().to(device, dtype)
+        return getattr(kits, TINY_PIPELINES[model])().to(device, dtype)
     from diffusers import DiffusionPipeline
 
     try:

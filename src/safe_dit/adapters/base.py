@@ -9,12 +9,12 @@ from typing import Callable
 
 import torch
 
-from ..config import SafeConfig, SafeDitError
-from ..guidance import config_guidance, guide
-from ..masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
-from ..partition import image_to_text_probs
-from ..schedule import SELECTIVE
-from ..selective import Generation
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.engine.guidance import config_guidance, guide
+from safe_dit.engine.masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
+from safe_dit.engine.partition import image_to_text_probs
+from safe_dit.engine.schedule import SELECTIVE
+from safe_dit.engine.generation import Generation
 
 logger = logging.getLogger(__name__)
 

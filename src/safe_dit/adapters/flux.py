@@ -25,12 +25,12 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxTransformer2DModel,
                                                             _get_qkv_projections)
 
-from ..config import SafeConfig, SafeDitError
-from ..masks import key_padding_from_bias
-from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.engine.masks import key_padding_from_bias
+from safe_dit.engine.schedule import SELECTIVE
+from safe_dit.adapters.base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
                    swap_processors)
-from .joint import joint_attention
+from safe_dit.engine.joint import joint_attention
 
 NOTES = ("FLUX: FluxPipeline builds no attention mask and the model passes none (T5 padding is ordinary tokens "
          "of the joint sequence): nothing to elide, dense-fp == dense; SAFE-Core's gain here is scheduling only. "

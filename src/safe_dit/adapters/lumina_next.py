@@ -20,9 +20,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
 
-from ..config import SafeConfig
-from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, attend, caption_mask_check, collect_text_probs, forward_scope, layer_of,
+from safe_dit.config import SafeConfig
+from safe_dit.engine.schedule import SELECTIVE
+from safe_dit.adapters.base import (Adapter, Handle, Runtime, attend, caption_mask_check, collect_text_probs, forward_scope, layer_of,
                    register, repeat_kv, schedule_hooks, sensitivity_weighted, swap_processors)
 
 logger = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
-from ..config import SafeConfig
-from ..masks import key_padding_from_bias
-from ..schedule import SELECTIVE
-from .base import (Adapter, Handle, Runtime, SchedulerGuidance, attend, collect_text_probs, forward_scope, layer_of, register,
+from safe_dit.config import SafeConfig
+from safe_dit.engine.masks import key_padding_from_bias
+from safe_dit.engine.schedule import SELECTIVE
+from safe_dit.adapters.base import (Adapter, Handle, Runtime, SchedulerGuidance, attend, collect_text_probs, forward_scope, layer_of, register,
                    schedule_hooks, swap_processors)
 
 logger = logging.getLogger(__name__)

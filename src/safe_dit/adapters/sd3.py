@@ -19,10 +19,10 @@ from __future__ import annotations
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from ..config import SafeConfig
-from .base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
+from safe_dit.config import SafeConfig
+from safe_dit.adapters.base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
                    sensitivity_weighted, swap_processors)
-from .joint import joint_attention
+from safe_dit.engine.joint import joint_attention
 
 NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3Pipeline builds none "
          "(caption padding is ordinary tokens of the joint sequence): nothing to elide, dense-fp == dense; "

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .config import SafeDitError
-from .envinfo import environment, peak_memory_mb, quiet_profiler, synchronize
-from .report import DTYPES, add_output_arguments, emit, pyplot
+from safe_dit.config import SafeDitError
+from safe_dit.environment import environment, peak_memory_mb, quiet_profiler, synchronize
+from safe_dit.bench.report import DTYPES, add_output_arguments, emit, pyplot
 
 MASKS = ("bool-full", "bool-expanded", "additive-zero", "additive-rowconst", "key-padding")
 REDUNDANT = {m: m != "key-padding" for m in MASKS}

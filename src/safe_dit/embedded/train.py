@@ -1,4 +1,4 @@
-"""Train the embedded default model (``safe_dit.default_model``) on the shapes world.
+"""Train the embedded default model (``safe_dit.embedded.model``) on the shapes world.
 
 Rectified flow in Lumina's convention: x_t = t * image + (1 - t) * noise with t ~ logit-normal,
 the model (first 3 of its 6 output channels; Lumina's pipeline drops the other half) regresses
@@ -7,7 +7,7 @@ probability ``--caption-dropout`` so classifier-free guidance works. Text states
 proportional-attention scale are computed exactly as the pipeline computes them at 64x64.
 An EMA of the weights is what gets saved (fp16 safetensors + config + training.json).
 
-    python scripts/train_default_model.py --steps 6000 --out src/safe_dit/weights/shapes-lumina
+    python scripts/train_default_model.py --steps 6000 --out src/safe_dit/embedded/weights/shapes-lumina
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 from tqdm.auto import tqdm
 
-from . import shapes
-from .default_model import (
+from safe_dit.embedded import world
+from safe_dit.embedded.model import (
     TRANSFORMER_CONFIG, WEIGHTS_DIR, encode_prompts, load_text_encoder, proportional_attention_kwargs,
 )
-from .envinfo import environment
+from safe_dit.environment import environment
 
 
 def build_transformer(seed: int, **overrides) -> LuminaNextDiT2DModel:
@@ -67,7 +67,7 @@ class CaptionCache:
 
 
 def batch_images(scenes, rng: random.Random) -> torch.Tensor:
-    imgs = np.stack([shapes.render(s, rng) for s in scenes])  # [B, H, W, 3] uint8
+    imgs = np.stack([world.render(s, rng) for s in scenes])  # [B, H, W, 3] uint8
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -109,9 +109,9 @@ def train(args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     record = dict(
-        data="shapes world (safe_dit.shapes): 64x64, 1-2 objects, "
-             f"{len(shapes.COLORS)} colours x {len(shapes.SHAPES)} shapes x {len(shapes.POSITIONS)} cells, "
-             f"{len(shapes.BACKGROUNDS)} backgrounds, two-object probability {args.two_object_prob}",
+        data="shapes world (safe_dit.embedded.world): 64x64, 1-2 objects, "
+             f"{len(world.COLORS)} colours x {len(world.SHAPES)} shapes x {len(world.POSITIONS)} cells, "
+             f"{len(world.BACKGROUNDS)} backgrounds, two-object probability {args.two_object_prob}",
         command="python scripts/train_default_model.py " + " ".join(args.argv),
         transformer_config=dict(model.config), parameters=n_params, text_encoder="all-MiniLM-L6-v2",
         seed=args.seed, batch=args.batch, lr=args.lr, ema=args.ema, caption_dropout=args.caption_dropout,
@@ -123,8 +123,8 @@ def train(args) -> dict:
     running = []
     bar = tqdm(range(args.steps), desc="train", disable=args.quiet)
     for step in bar:
-        scenes = [shapes.sample_scene(rng, args.two_object_prob) for _ in range(args.batch)]
-        texts = [shapes.caption(s) if rng.random() >= args.caption_dropout else "" for s in scenes]
+        scenes = [world.sample_scene(rng, args.two_object_prob) for _ in range(args.batch)]
+        texts = [world.caption(s) if rng.random() >= args.caption_dropout else "" for s in scenes]
         x0 = batch_images(scenes, rng)
         states, mask = captions(texts)
         noise = torch.randn(x0.shape, generator=gen)

@@ -30,7 +30,7 @@ def environment(device: str = "cpu") -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
-    from . import __version__
+    from safe_dit import __version__
 
     info["safe_dit"] = __version__
     return info

@@ -22,11 +22,11 @@ import time
 import torch
 from tqdm import tqdm
 
-from .adapters.lumina_next import SafeLuminaAttnProcessor
-from .api import apply_safe_dit, remove_safe_dit
-from .config import SafeConfig, SafeDitError
-from .envinfo import environment, peak_memory_mb
-from .report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
+from safe_dit.adapters.lumina_next import SafeLuminaAttnProcessor
+from safe_dit.api import apply_safe_dit, remove_safe_dit
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.environment import environment, peak_memory_mb
+from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "maskless-oracle")
 
@@ -58,7 +58,7 @@ def run_forward_bench(
     tokens: list[int], preset: str = "lumina-next-2b", layers: int = 2, batch: int = 1,
     dtype: str = "float32", repeats: int = 3, warmup: int = 1, device: str = "cpu", progress: bool = True,
 ) -> dict:
-    from .models import build_lumina_next, lumina_inputs
+    from safe_dit.testing.kits import build_lumina_next, lumina_inputs
 
     torch_dtype = DTYPES[dtype]
     model = build_lumina_next(preset, num_layers=layers, dtype=torch_dtype).to(device)

@@ -1,7 +1,7 @@
-"""Automatic checker for images of the synthetic shapes world (:mod:`safe_dit.shapes`).
+"""Automatic checker for images of the synthetic shapes world (:mod:`safe_dit.embedded.world`).
 
 :func:`detect` reads an image and says what it sees (background, and per grid cell an object's
-colour and shape); :func:`grade` compares that with the intended :class:`~safe_dit.shapes.Scene`
+colour and shape); :func:`grade` compares that with the intended :class:`~safe_dit.embedded.world.Scene`
 attribute by attribute; :func:`accuracy` averages grades. Everything is deterministic, numpy only,
 and meant to hold up on images from a diffusion model: noise, slight blur, colours off by some
 tens of levels, stray speckles, imperfect shapes.
@@ -9,7 +9,7 @@ tens of levels, stray speckles, imperfect shapes.
 How :func:`detect` works (pixel sizes are given at 64 px and scaled by ``size / 64``):
 
 1. Background: the per-channel median of all pixels (objects cover at most ~10% of the image),
-   named by the nearest ``shapes.BACKGROUNDS`` colour.
+   named by the nearest ``world.BACKGROUNDS`` colour.
 2. Foreground: pixels farther (RGB distance) than a threshold from the background. The threshold
    is half the background's distance to the nearest object colour, clipped to
    ``THRESHOLD_RANGE``. A second pass measures the distance from a per-channel plane fitted to
@@ -20,11 +20,11 @@ How :func:`detect` works (pixel sizes are given at 64 px and scaled by ``size / 
    still too large along the grid lines. Each piece goes to the grid cell holding its centroid,
    so an object that spills a little over a cell boundary still counts for its own cell.
 4. A cell holds an object when its pieces reach ``MIN_OBJECT_FRACTION`` of ``OBJECT_AREA``.
-   Colour: the ``shapes.COLORS`` entry nearest the median of its more saturated half of pixels
+   Colour: the ``world.COLORS`` entry nearest the median of its more saturated half of pixels
    (blurred edges, mixed with the background, do not vote). Shape: the pixels (plus a one-pixel
    ring) whose coverage along background -> object colour is at least 1/2 (a blurred edge is
    cut at half contrast, which keeps the geometry), compared with an anti-aliased
-   ``shapes.shape_mask`` template of each shape with the same area and centroid; the highest
+   ``world.shape_mask`` template of each shape with the same area and centroid; the highest
    IoU wins (a circle only by ``CIRCLE_MARGIN``).
 """
 
@@ -36,10 +36,10 @@ import math
 
 import numpy as np
 
-from . import shapes
-from .config import SafeDitError
+from safe_dit.embedded import world
+from safe_dit.config import SafeDitError
 
-#: Area of one object at ``shapes.IMAGE_SIZE`` in pixels (circle ~201, square ~207, triangle ~128).
+#: Area of one object at ``world.IMAGE_SIZE`` in pixels (circle ~201, square ~207, triangle ~128).
 OBJECT_AREA = 200.0
 #: A cell holds an object when its foreground pixels reach this fraction of ``OBJECT_AREA``.
 MIN_OBJECT_FRACTION = 0.25
@@ -61,15 +61,15 @@ MIN_SIZE = 16
 #: Keys of a :func:`grade` result, in order; ``all`` is every other one at once.
 ATTRIBUTES = ("background", "color", "shape", "position", "count")
 
-_COLOR_NAMES = tuple(sorted(shapes.COLORS))
-_COLOR_RGB = np.array([shapes.COLORS[c] for c in _COLOR_NAMES], np.float64)
-_BACKGROUND_NAMES = tuple(sorted(shapes.BACKGROUNDS))
-_BACKGROUND_RGB = np.array([shapes.BACKGROUNDS[b] for b in _BACKGROUND_NAMES], np.float64)
+_COLOR_NAMES = tuple(sorted(world.COLORS))
+_COLOR_RGB = np.array([world.COLORS[c] for c in _COLOR_NAMES], np.float64)
+_BACKGROUND_NAMES = tuple(sorted(world.BACKGROUNDS))
+_BACKGROUND_RGB = np.array([world.BACKGROUNDS[b] for b in _BACKGROUND_NAMES], np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
 class Found:
-    """One detected object: names as in :mod:`safe_dit.shapes`, ``cell`` = (row, col).
+    """One detected object: names as in :mod:`safe_dit.embedded.world`, ``cell`` = (row, col).
 
     ``pixels`` is its foreground pixel count, ``color_share`` the fraction of its more saturated
     half of pixels whose nearest object colour is ``color`` (1.0 = uniformly that colour),
@@ -184,9 +184,9 @@ def _extent(pix: np.ndarray, size: int) -> int:
 def _grid_split(pix: np.ndarray, size: int) -> list[np.ndarray]:
     """Flat pixel indices ``pix`` cut along the grid lines, one array per grid cell touched."""
     ys, xs = np.divmod(pix, size)
-    step = size / shapes.GRID
-    cells = (np.minimum((ys / step).astype(int), shapes.GRID - 1) * shapes.GRID
-             + np.minimum((xs / step).astype(int), shapes.GRID - 1))
+    step = size / world.GRID
+    cells = (np.minimum((ys / step).astype(int), world.GRID - 1) * world.GRID
+             + np.minimum((xs / step).astype(int), world.GRID - 1))
     return [pix[cells == c] for c in np.unique(cells)]
 
 
@@ -197,7 +197,7 @@ def _nearest(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def _template(shape: str, area: float, cy: float, cx: float, size: int, ss: int) -> np.ndarray:
-    """Anti-aliased ``shapes.shape_mask`` of ``shape`` with the given area and centroid in a
+    """Anti-aliased ``world.shape_mask`` of ``shape`` with the given area and centroid in a
     [size, size] window (pixel centres at +0.5): float coverage in [0, 1] from ``ss`` x ``ss``
     subsamples per pixel."""
     if shape == "circle":
@@ -207,14 +207,14 @@ def _template(shape: str, area: float, cy: float, cx: float, size: int, ss: int)
     else:  # triangle: base 2r, height 2r, centroid r/3 below the bounding-box centre
         r = math.sqrt(area / 2.0)
         cy -= r / 3.0
-    fine = shapes.shape_mask(shape, cy * ss, cx * ss, r * ss, size * ss)
+    fine = world.shape_mask(shape, cy * ss, cx * ss, r * ss, size * ss)
     return fine.reshape(size, ss, size, ss).mean(axis=(1, 3))
 
 
 def _classify_shape(ys: np.ndarray, xs: np.ndarray, image_size: int) -> tuple[str, float]:
     """Best-fitting shape of the pixel set (``ys``, ``xs``) and its IoU.
 
-    Each ``shapes.SHAPES`` template gets the set's area and centroid and is anti-aliased (so a
+    Each ``world.SHAPES`` template gets the set's area and centroid and is anti-aliased (so a
     pixel-aligned square is not penalised for sub-pixel placement); the score is the soft IoU
     (sum of minima over sum of maxima) with the set. The highest score wins, except that the
     circle must win by ``CIRCLE_MARGIN``.
@@ -230,9 +230,9 @@ def _classify_shape(ys: np.ndarray, xs: np.ndarray, image_size: int) -> tuple[st
     obj = np.zeros((win, win))
     obj[wy[inside], wx[inside]] = 1.0
     outside = float((~inside).sum())
-    ss = max(1, math.ceil(4 * shapes.IMAGE_SIZE / image_size))
+    ss = max(1, math.ceil(4 * world.IMAGE_SIZE / image_size))
     scores = {}
-    for s in shapes.SHAPES:
+    for s in world.SHAPES:
         t = _template(s, area, cy - y0, cx - x0, win, ss)
         scores[s] = float(np.minimum(t, obj).sum() / (np.maximum(t, obj).sum() + outside))
     best = max(scores, key=lambda s: scores[s] - (CIRCLE_MARGIN if s == "circle" else 0.0))
@@ -254,10 +254,10 @@ def _foreground(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _pieces_by_cell(img: np.ndarray, bg_map: np.ndarray, fg: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
     """Step 3 of :func:`detect`: flat indices of the foreground pixels that belong to each cell."""
     size = img.shape[0]
-    scale = size / shapes.IMAGE_SIZE
+    scale = size / world.IMAGE_SIZE
     min_component = MIN_COMPONENT_FRACTION * OBJECT_AREA * scale * scale
-    max_extent = SPLIT_EXTENT * 2 * shapes.RADIUS * scale
-    step = size / shapes.GRID
+    max_extent = SPLIT_EXTENT * 2 * world.RADIUS * scale
+    step = size / world.GRID
     flat_rgb, flat_bg = img.reshape(-1, 3), bg_map.reshape(-1, 3)
     idx = np.flatnonzero(fg)
     if not idx.size:
@@ -276,8 +276,8 @@ def _pieces_by_cell(img: np.ndarray, bg_map: np.ndarray, fg: np.ndarray) -> dict
             pieces = [q for p in pieces for q in (_grid_split(p, size) if _extent(p, size) > max_extent else [p])]
         for piece in pieces:
             ys, xs = np.divmod(piece, size)
-            cell = (min(int((ys.mean() + 0.5) / step), shapes.GRID - 1),
-                    min(int((xs.mean() + 0.5) / step), shapes.GRID - 1))
+            cell = (min(int((ys.mean() + 0.5) / step), world.GRID - 1),
+                    min(int((xs.mean() + 0.5) / step), world.GRID - 1))
             cells.setdefault(cell, []).append(piece)
     return {c: np.concatenate(p) for c, p in sorted(cells.items())}
 
@@ -313,7 +313,7 @@ def detect(image) -> Detection:
     :class:`~safe_dit.config.SafeDitError` (a ``ValueError``) for anything else.
     """
     img = _as_rgb(image)
-    scale = img.shape[0] / shapes.IMAGE_SIZE
+    scale = img.shape[0] / world.IMAGE_SIZE
     bg_rgb, bg_map, fg = _foreground(img)
     background = _BACKGROUND_NAMES[int(_nearest(bg_rgb[None], _BACKGROUND_RGB)[0])]
     objects = tuple(
@@ -324,7 +324,7 @@ def detect(image) -> Detection:
     return Detection(background, tuple(float(v) for v in bg_rgb), objects)
 
 
-def _match(intended: tuple[shapes.Obj, ...], found: tuple[Found, ...]) -> list[Found | None]:
+def _match(intended: tuple[world.Obj, ...], found: tuple[Found, ...]) -> list[Found | None]:
     """For each intended object, the detected object it is judged against (or None).
 
     The injective assignment that, in this order of priority, leaves the fewest intended objects
@@ -348,7 +348,7 @@ def _match(intended: tuple[shapes.Obj, ...], found: tuple[Found, ...]) -> list[F
     return [None if c is None else found[c] for c in best]
 
 
-def grade(image, scene: shapes.Scene) -> dict[str, bool]:
+def grade(image, scene: world.Scene) -> dict[str, bool]:
     """Per-attribute verdict of ``image`` against the intended ``scene``.
 
     Each intended object is matched to one detected object (nearest grid cell first, see

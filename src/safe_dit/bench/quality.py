@@ -22,25 +22,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checker, shapes
-from .api import apply_safe_dit, remove_safe_dit, runtime_of
-from .config import MODES, SafeConfig, SafeDitError
-from .envinfo import environment
-from .report import add_output_arguments, emit, pyplot
+from safe_dit.embedded import grader
+
+from safe_dit.embedded import world
+from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
+from safe_dit.config import MODES, SafeConfig, SafeDitError
+from safe_dit.environment import environment
+from safe_dit.bench.report import add_output_arguments, emit, pyplot
 
 REFERENCE = "dense-fp"
 ATTRIBUTES = ("background", "color", "shape", "position", "count")
 
 
-def prompt_set(n_single: int, n_two: int, seed: int = 0) -> list[shapes.Scene]:
+def prompt_set(n_single: int, n_two: int, seed: int = 0) -> list[world.Scene]:
     """A fixed prompt set: ``n_single`` one-object scenes spread over every colour, shape, cell and
     background (a seeded shuffle of all of them), then ``n_two`` seeded two-object scenes."""
     rng = random.Random(seed)
-    singles = shapes.all_single_scenes()
+    singles = world.all_single_scenes()
     rng.shuffle(singles)
     twos = []
     while len(twos) < n_two:
-        s = shapes.sample_scene(rng, two_object_prob=1.0)
+        s = world.sample_scene(rng, two_object_prob=1.0)
         if s not in twos:
             twos.append(s)
     return singles[:n_single] + twos
@@ -100,7 +102,7 @@ def mode_run(name: str, config: SafeConfig, steps: int | None = None) -> Run:
     return Run(name, setup, steps)
 
 
-def run_interleaved(pipe, scenes: list[shapes.Scene], runs: list[Run], steps: int, guidance: float, seed: int,
+def run_interleaved(pipe, scenes: list[world.Scene], runs: list[Run], steps: int, guidance: float, seed: int,
                     progress: bool = True, desc: str = "eval", warmup: bool = True,
                     ) -> tuple[list[dict], dict[str, list[np.ndarray]]]:
     """Every run on every prompt, interleaved per prompt (every run sees the same machine state for
@@ -109,14 +111,14 @@ def run_interleaved(pipe, scenes: list[shapes.Scene], runs: list[Run], steps: in
     for r in runs if warmup else ():
         undo = r.setup(pipe)
         try:
-            generate(pipe, shapes.caption(scenes[0]), seed, r.steps or steps, guidance)
+            generate(pipe, world.caption(scenes[0]), seed, r.steps or steps, guidance)
         finally:
             undo()
     images = {r.name: [] for r in runs}
     rows = []
     bar = tqdm(total=len(scenes) * len(runs), desc=desc, disable=not progress, file=sys.stderr)
     for i, scene in enumerate(scenes):
-        prompt = shapes.caption(scene)
+        prompt = world.caption(scene)
         for r in runs:
             undo = r.setup(pipe)
             try:
@@ -126,7 +128,7 @@ def run_interleaved(pipe, scenes: list[shapes.Scene], runs: list[Run], steps: in
             finally:
                 undo()
             images[r.name].append(img)
-            grade = checker.grade(img, scene)
+            grade = grader.grade(img, scene)
             rows.append(dict(index=i, prompt=prompt, objects=len(scene.objects), seed=seed + i, mode=r.name,
                              seconds=seconds, token_fraction=report["token_fraction"] if report else 1.0,
                              grade={k: bool(v) for k, v in grade.items()}))
@@ -167,7 +169,7 @@ def summarize(rows: list[dict], names: list[str], baseline: str) -> dict[str, di
     return summary
 
 
-def evaluate(pipe, scenes: list[shapes.Scene], modes: list[str], args, progress: bool = True) -> dict:
+def evaluate(pipe, scenes: list[world.Scene], modes: list[str], args, progress: bool = True) -> dict:
     if REFERENCE not in modes:
         raise SafeDitError(f"the paired metrics need {REFERENCE!r} among the modes")
     configs = {m: mode_config(m, args) for m in modes}
@@ -249,7 +251,7 @@ def configure_parser(p) -> None:
 
 
 def run(args) -> int:
-    from .default_model import load_default_pipeline, weights_identity
+    from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
     if args.quick:
         args.single, args.two, args.steps = 4, 2, 12

@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..partition import joint_image_to_text_probs
-from ..schedule import SELECTIVE
-from .base import Runtime, attend
+from safe_dit.engine.partition import joint_image_to_text_probs
+from safe_dit.engine.schedule import SELECTIVE
+from safe_dit.adapters.base import Runtime, attend
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

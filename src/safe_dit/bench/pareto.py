@@ -37,13 +37,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import shapes
-from .api import apply_safe_dit, remove_safe_dit, runtime_of
-from .config import SafeConfig, SafeDitError
-from .envinfo import environment, peak_memory_mb
-from .evaluate import REFERENCE, Run, generate, pair_with_reference, prompt_set, run_interleaved, summarize
-from .peers import DEFAULT_PEERS, PeerSetting, PeerUnsupported, apply_peer, available_hooks, calibrate_mag_ratios
-from .report import add_output_arguments, emit, pyplot
+from safe_dit.embedded import world
+from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.environment import environment, peak_memory_mb
+from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, prompt_set, run_interleaved, summarize
+from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, PeerUnsupported, apply_peer, available_hooks, calibrate_mag_ratios
+from safe_dit.bench.report import add_output_arguments, emit, pyplot
 
 FAMILIES = ("safe-dit", "ablation", "peer", "steps")
 CORE = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=5, tail_dense_steps=1)  # SafeConfig's defaults
@@ -165,8 +165,8 @@ class _Harness:
 
 # -- part 1: quality on the embedded model ----------------------------------------------------------
 def run_quality(pipe, settings: list[Setting], scenes, args, progress: bool) -> dict:
-    first = shapes.caption(scenes[0])
-    calib = shapes.caption(shapes.sample_scene(__import__("random").Random(10_000), two_object_prob=0.5))
+    first = world.caption(scenes[0])
+    calib = world.caption(world.sample_scene(__import__("random").Random(10_000), two_object_prob=0.5))
     h = _Harness(pipe, args.steps, lambda n: generate(pipe, calib, 10_000, n, args.guidance))
     memory = {}
     bar = tqdm(settings, desc="probe + memory", disable=not progress, file=sys.stderr)
@@ -189,7 +189,7 @@ def run_quality(pipe, settings: list[Setting], scenes, args, progress: bool) -> 
 
 # -- part 2: latency at scale ---------------------------------------------------------------------
 def run_scaled(settings: list[Setting], args, progress: bool) -> dict:
-    from .models import build_lumina_next, build_lumina_pipeline
+    from safe_dit.testing.kits import build_lumina_next, build_lumina_pipeline
 
     n_tokens = args.scaled_tokens
     side = math.isqrt(n_tokens)
@@ -489,7 +489,7 @@ def configure_parser(p) -> None:
 
 
 def run(args) -> int:
-    from .default_model import load_default_pipeline, weights_identity
+    from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
     if args.from_json:
         with open(args.from_json) as f:

@@ -12,9 +12,9 @@ import logging
 
 import torch
 
-from .config import SafeConfig
-from .partition import SensitivityAccumulator, prompt_free_partition, select_sensitive, sensitivity_map
-from .schedule import ANCHOR, SELECTIVE, WARMUP, StepPlan
+from safe_dit.config import SafeConfig
+from safe_dit.engine.partition import SensitivityAccumulator, prompt_free_partition, select_sensitive, sensitivity_map
+from safe_dit.engine.schedule import ANCHOR, SELECTIVE, WARMUP, StepPlan
 
 logger = logging.getLogger(__name__)
 

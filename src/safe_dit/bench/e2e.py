@@ -28,10 +28,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from .api import apply_safe_dit, remove_safe_dit, runtime_of
-from .config import SafeConfig, SafeDitError
-from .envinfo import environment, peak_memory_mb
-from .report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
+from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.environment import environment, peak_memory_mb
+from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
@@ -51,7 +51,7 @@ class _Backbone:
     """One backbone's pipeline as the benchmark drives it: which modes exist, how one call is made."""
 
     def __init__(self, args, dtype):
-        from . import models
+        from safe_dit.testing import kits
 
         self.model = args.model
         g = torch.Generator().manual_seed(0)
@@ -63,8 +63,8 @@ class _Backbone:
             overrides = dict(num_layers=args.layers)
             if args.hidden_size:
                 overrides |= dict(hidden_size=args.hidden_size, num_attention_heads=args.heads, num_kv_heads=args.kv_heads)
-            self.transformer = models.build_lumina_next(args.preset or "lumina-next-2b", dtype=dtype, **overrides)
-            self.pipe = models.build_lumina_pipeline(self.transformer)
+            self.transformer = kits.build_lumina_next(args.preset or "lumina-next-2b", dtype=dtype, **overrides)
+            self.pipe = kits.build_lumina_pipeline(self.transformer)
             self.text_len, cross = 32, self.transformer.config.cross_attention_dim
             masks = [torch.tensor([[1] * 20 + [0] * 12]), torch.tensor([[1] * 3 + [0] * 29])]  # prompt / negative
             self.kwargs = dict(prompt_embeds=rand(1, 32, cross), prompt_attention_mask=masks[0].to(args.device),
@@ -74,8 +74,8 @@ class _Backbone:
             self.heads, self.head_dim = self.transformer.config.num_attention_heads, self.transformer.head_dim
             self.kv_heads = self.transformer.config.num_kv_heads
         elif args.model == "pixart":  # T5 caption padded to 300 tokens, its padding bias in cross-attention
-            self.transformer = models.build_pixart(args.preset or "pixart-sigma", dtype=dtype, num_layers=args.layers)
-            self.pipe = models.build_pixart_pipeline(self.transformer)
+            self.transformer = kits.build_pixart(args.preset or "pixart-sigma", dtype=dtype, num_layers=args.layers)
+            self.pipe = kits.build_pixart_pipeline(self.transformer)
             cfg = self.transformer.config
             self.text_len = 300
             masks = [torch.tensor([[1] * 20 + [0] * 280]), torch.tensor([[1] * 3 + [0] * 297])]  # prompt / negative
@@ -89,8 +89,8 @@ class _Backbone:
         elif args.model == "sd3":  # CLIP-L/G (77) + T5 (256) caption tokens, as StableDiffusion3Pipeline makes them
             overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads,
                                                              caption_projection_dim=64 * args.heads) if args.heads else {})
-            self.transformer = models.build_sd3(args.preset or "sd3-medium", dtype=dtype, **overrides)
-            self.pipe = models.build_sd3_pipeline(self.transformer)
+            self.transformer = kits.build_sd3(args.preset or "sd3-medium", dtype=dtype, **overrides)
+            self.pipe = kits.build_sd3_pipeline(self.transformer)
             cfg = self.transformer.config
             self.text_len = 77 + 256
             self.kwargs = dict(prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
@@ -102,8 +102,8 @@ class _Backbone:
             self.head_dim = cfg.attention_head_dim
         elif args.model == "flux":  # T5 (512) caption tokens; guidance-distilled: batch 1, no safe-sw
             overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads) if args.heads else {})
-            self.transformer = models.build_flux(args.preset or "flux-dev", dtype=dtype, **overrides)
-            self.pipe = models.build_flux_pipeline(self.transformer)
+            self.transformer = kits.build_flux(args.preset or "flux-dev", dtype=dtype, **overrides)
+            self.pipe = kits.build_flux_pipeline(self.transformer)
             cfg = self.transformer.config
             self.text_len = 512
             self.kwargs = dict(prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),

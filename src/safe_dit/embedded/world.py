@@ -2,7 +2,7 @@
 
 A scene is one or two flat-coloured objects (circle, square, triangle) on a plain background,
 each in one cell of a 3x3 grid. ``render`` draws it, ``caption`` describes it in words. The same
-vocabulary is used by the checker that grades generated images (``safe_dit.checker``).
+vocabulary is used by the checker that grades generated images (``safe_dit.embedded.grader``).
 """
 
 from __future__ import annotations
