@@ -25,11 +25,16 @@ one of them. What this module adds, and nothing more (no change to any method's 
 
 A method that raises on this model, or that attaches no hook to it, is reported as unsupported
 with the reason (``PeerUnsupported``), never silently run as dense.
+
+Every peer is one ``PeerFamily`` entry of ``PEERS``: its diffusers hook names, config class and
+apply function, how its config is built from a setting's parameters, its default settings, the one
+timed at scale, its plot colour. ``DEFAULT_PEERS``, ``apply_peer`` and ``safe-dit pareto`` read it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import io
 import re
@@ -38,22 +43,6 @@ from typing import Any, Callable
 
 import torch
 
-
-def _hook_names(method: str) -> tuple[str, ...]:
-    """Names under which a method registers its hooks (the constants CacheMixin.disable_cache removes)."""
-    from diffusers.hooks import faster_cache, first_block_cache, mag_cache, pyramid_attention_broadcast, sea_cache
-    from diffusers.hooks import taylorseer_cache, text_kv_cache
-
-    return {
-        "first-block-cache": (first_block_cache._FBC_LEADER_BLOCK_HOOK, first_block_cache._FBC_BLOCK_HOOK),
-        "taylorseer": (taylorseer_cache._TAYLORSEER_CACHE_HOOK,),
-        "faster-cache": (faster_cache._FASTER_CACHE_DENOISER_HOOK, faster_cache._FASTER_CACHE_BLOCK_HOOK),
-        "mag-cache": (mag_cache._MAG_CACHE_LEADER_BLOCK_HOOK, mag_cache._MAG_CACHE_BLOCK_HOOK),
-        "pab": (pyramid_attention_broadcast._PYRAMID_ATTENTION_BROADCAST_HOOK,),
-        "sea-cache": (sea_cache._SEA_CACHE_POST_NORM_HOOK, sea_cache._SEA_CACHE_BLOCK_HOOK,
-                      sea_cache._SEA_CACHE_LEADER_BLOCK_HOOK, sea_cache._SEA_CACHE_ROOT_HOOK),
-        "text-kv-cache": (text_kv_cache._TEXT_KV_CACHE_TRANSFORMER_HOOK, text_kv_cache._TEXT_KV_CACHE_BLOCK_HOOK),
-    }.get(method, ())
 
 #: Pipeline keyword arguments of LuminaNextDiT2DModel.forward that carry the CFG batch.
 _LUMINA_BATCH_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_mask")
@@ -74,27 +63,6 @@ class PeerSetting:
     def name(self) -> str:
         knobs = ",".join(f"{k}={v}" for k, v in self.params.items())
         return f"{self.method}({knobs})" if knobs else self.method
-
-
-#: The peers and settings ``safe-dit pareto`` runs (a few per method, from conservative to aggressive).
-DEFAULT_PEERS: tuple[PeerSetting, ...] = (
-    PeerSetting("first-block-cache", {"threshold": 0.05}),
-    PeerSetting("first-block-cache", {"threshold": 0.1}),
-    PeerSetting("first-block-cache", {"threshold": 0.2}),
-    PeerSetting("taylorseer", {"cache_interval": 2}),
-    PeerSetting("taylorseer", {"cache_interval": 3}),
-    PeerSetting("taylorseer", {"cache_interval": 5}),
-    PeerSetting("faster-cache", {"block_skip": 2}),
-    PeerSetting("faster-cache", {"block_skip": 3}),
-    PeerSetting("mag-cache", {"threshold": 0.06}),
-    PeerSetting("mag-cache", {"threshold": 0.12}),
-    PeerSetting("mag-cache", {"threshold": 0.24}),
-    PeerSetting("pab", {"block_skip": 2}),
-    PeerSetting("pab", {"block_skip": 3}),
-    PeerSetting("sea-cache", {"threshold": 0.25}),
-    PeerSetting("sea-cache", {"threshold": 0.5}),
-    PeerSetting("text-kv-cache", {}),
-)
 
 
 def available_hooks() -> list[str]:
@@ -152,15 +120,6 @@ def _lumina_raw_vision(module, args: tuple, kwargs: dict) -> list[torch.Tensor] 
 _LUMINA_SELF_ATTENTION = r"^layers\.\d+\.attn1$"
 
 
-def _faster_cache_config(h, p: dict, clock: _SchedulerClock):
-    return h.FasterCacheConfig(
-        spatial_attention_block_skip_range=p["block_skip"], spatial_attention_timestep_skip_range=(-1, 681),
-        spatial_attention_block_identifiers=(_LUMINA_SELF_ATTENTION,), temporal_attention_block_identifiers=(),
-        current_timestep_callback=clock.timestep, tensor_format="BCHW", attention_weight_callback=lambda _: 0.5,
-        _unconditional_conditional_input_kwargs_identifiers=_LUMINA_BATCH_KWARGS,
-    )
-
-
 def _apply_faster_cache(model: torch.nn.Module, config) -> None:
     """diffusers' apply_faster_cache, whose attention half only visits modules under its built-in
     block names (``^blocks``/``^transformer_blocks``/...): Lumina's self-attention modules
@@ -176,41 +135,126 @@ def _apply_faster_cache(model: torch.nn.Module, config) -> None:
                 faster_cache._apply_faster_cache_on_attention_class(name, module, config)
 
 
+@dataclass(frozen=True)
+class ConfigInputs:
+    """What a peer's config is built from: the setting's knobs and the pipeline call it serves."""
+
+    params: dict
+    clock: _SchedulerClock
+    num_steps: int
+    mag_ratios: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class PeerFamily:
+    """One diffusers cache hook: all that applying, removing, running and plotting it needs."""
+
+    method: str  # its name in settings, JSON and plots
+    hook_module: str  # the ``diffusers.hooks`` submodule defining ...
+    hook_names: tuple[str, ...]  # ... the names its hooks register under (what CacheMixin.disable_cache removes)
+    config_class: str  # its config class in ``diffusers.hooks``
+    config_kwargs: Callable[[ConfigInputs], dict]  # that class's arguments for one setting and call
+    apply: str | Callable[[torch.nn.Module, Any], None]  # the ``diffusers.hooks.apply_*`` name, or a function
+    settings: tuple[dict, ...]  # the params ``safe-dit pareto`` runs, from conservative to aggressive
+    scaled: dict | None  # the params of the one setting also timed at scale (None: none)
+    color: str  # its colour in the Pareto plot
+    no_hook_reason: str = ""  # why it attaches no hook to Lumina, when it cannot
+    calibrated: bool = False  # needs ``mag_ratios`` from ``calibrate_mag_ratios``, once per step count
+
+    def hooks(self) -> tuple[str, ...]:
+        """The hook-name constants' values in the installed diffusers."""
+        module = importlib.import_module(f"diffusers.hooks.{self.hook_module}")
+        return tuple(getattr(module, n) for n in self.hook_names)
+
+    def config(self, inputs: ConfigInputs):
+        """The diffusers config object and the function that applies it."""
+        from diffusers import hooks as h
+
+        apply = getattr(h, self.apply) if isinstance(self.apply, str) else self.apply
+        return getattr(h, self.config_class)(**self.config_kwargs(inputs)), apply
+
+
+def _mag_cache_kwargs(c: ConfigInputs) -> dict:
+    if c.mag_ratios is None:  # the calibration run
+        return dict(calibrate=True, num_inference_steps=c.num_steps)
+    return dict(threshold=c.params["threshold"], num_inference_steps=c.num_steps, mag_ratios=list(c.mag_ratios))
+
+
+#: Lumina's per-block attention and MLP modules (diffusers' default patterns name other models' blocks).
+_LUMINA_TAYLORSEER_MODULES = (r"layers\.\d+\.attn1", r"layers\.\d+\.attn2", r"layers\.\d+\.feed_forward")
+
+#: The peers ``safe-dit pareto`` compares with: a new one is one more entry.
+PEERS: tuple[PeerFamily, ...] = (
+    PeerFamily("first-block-cache", "first_block_cache", ("_FBC_LEADER_BLOCK_HOOK", "_FBC_BLOCK_HOOK"),
+               "FirstBlockCacheConfig", lambda c: dict(threshold=c.params["threshold"]), "apply_first_block_cache",
+               settings=({"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}), scaled={"threshold": 0.1},
+               color="tab:blue"),
+    PeerFamily("taylorseer", "taylorseer_cache", ("_TAYLORSEER_CACHE_HOOK",), "TaylorSeerCacheConfig",
+               lambda c: dict(cache_interval=c.params["cache_interval"], disable_cache_before_step=3, max_order=1,
+                              taylor_factors_dtype=torch.float32, cache_identifiers=list(_LUMINA_TAYLORSEER_MODULES)),
+               "apply_taylorseer_cache", settings=({"cache_interval": 2}, {"cache_interval": 3}, {"cache_interval": 5}),
+               scaled={"cache_interval": 3}, color="tab:orange"),
+    PeerFamily("faster-cache", "faster_cache", ("_FASTER_CACHE_DENOISER_HOOK", "_FASTER_CACHE_BLOCK_HOOK"),
+               "FasterCacheConfig",
+               lambda c: dict(spatial_attention_block_skip_range=c.params["block_skip"],
+                              spatial_attention_timestep_skip_range=(-1, 681),
+                              spatial_attention_block_identifiers=(_LUMINA_SELF_ATTENTION,),
+                              temporal_attention_block_identifiers=(), current_timestep_callback=c.clock.timestep,
+                              tensor_format="BCHW", attention_weight_callback=lambda _: 0.5,
+                              _unconditional_conditional_input_kwargs_identifiers=_LUMINA_BATCH_KWARGS),
+               _apply_faster_cache, settings=({"block_skip": 2}, {"block_skip": 3}), scaled={"block_skip": 2},
+               color="tab:green"),
+    PeerFamily("mag-cache", "mag_cache", ("_MAG_CACHE_LEADER_BLOCK_HOOK", "_MAG_CACHE_BLOCK_HOOK"), "MagCacheConfig",
+               _mag_cache_kwargs, "apply_mag_cache",
+               settings=({"threshold": 0.06}, {"threshold": 0.12}, {"threshold": 0.24}), scaled={"threshold": 0.12},
+               color="tab:purple", calibrated=True),
+    PeerFamily("pab", "pyramid_attention_broadcast", ("_PYRAMID_ATTENTION_BROADCAST_HOOK",),
+               "PyramidAttentionBroadcastConfig",
+               lambda c: dict(spatial_attention_block_skip_range=c.params["block_skip"],
+                              spatial_attention_timestep_skip_range=(100, 800),
+                              spatial_attention_block_identifiers=("layers",), current_timestep_callback=c.clock.timestep),
+               "apply_pyramid_attention_broadcast", settings=({"block_skip": 2}, {"block_skip": 3}),
+               scaled={"block_skip": 2}, color="tab:brown"),
+    PeerFamily("sea-cache", "sea_cache", ("_SEA_CACHE_POST_NORM_HOOK", "_SEA_CACHE_BLOCK_HOOK",
+                                          "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_ROOT_HOOK"),
+               "SeaCacheConfig", lambda c: dict(threshold=c.params["threshold"], raw_vision_callback=_lumina_raw_vision),
+               "apply_sea_cache", settings=({"threshold": 0.25}, {"threshold": 0.5}), scaled={"threshold": 0.25},
+               color="tab:pink"),
+    PeerFamily("text-kv-cache", "text_kv_cache", ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
+               "TextKVCacheConfig", lambda c: {}, "apply_text_kv_cache", settings=({},), scaled=None,
+               color="tab:olive",
+               no_hook_reason="apply_text_kv_cache hooks NucleusMoEImageTransformerBlock only (LuminaNextDiTBlock "
+                              "computes its caption K/V inside the attention processor, which the hook cannot reach)"),
+)
+
+_BY_METHOD = {f.method: f for f in PEERS}
+
+
+def peer_family(method: str) -> PeerFamily | None:
+    """The ``PEERS`` entry of ``method``; None for a method not in the table."""
+    return _BY_METHOD.get(method)
+
+
+#: The peers and settings ``safe-dit pareto`` runs (a few per method, from conservative to aggressive).
+DEFAULT_PEERS: tuple[PeerSetting, ...] = tuple(PeerSetting(f.method, dict(p)) for f in PEERS for p in f.settings)
+
+
+def _hook_names(method: str) -> tuple[str, ...]:
+    """Names under which a method registers its hooks (none for a method not in the table)."""
+    family = peer_family(method)
+    return family.hooks() if family is not None else ()
+
+
 def _config(setting: PeerSetting, clock: _SchedulerClock, num_steps: int, mag_ratios=None):
-    from diffusers import hooks as h
-
-    p = setting.params
-    m = setting.method
-    if m == "first-block-cache":
-        return h.FirstBlockCacheConfig(threshold=p["threshold"]), h.apply_first_block_cache
-    if m == "taylorseer":
-        # Lumina's per-block attention and MLP modules (diffusers' default patterns name other models' blocks)
-        ids = [r"layers\.\d+\.attn1", r"layers\.\d+\.attn2", r"layers\.\d+\.feed_forward"]
-        return h.TaylorSeerCacheConfig(cache_interval=p["cache_interval"], disable_cache_before_step=3, max_order=1,
-                                       taylor_factors_dtype=torch.float32, cache_identifiers=ids), h.apply_taylorseer_cache
-    if m == "faster-cache":
-        return _faster_cache_config(h, p, clock), _apply_faster_cache
-    if m == "mag-cache":
-        if mag_ratios is None:
-            return h.MagCacheConfig(calibrate=True, num_inference_steps=num_steps), h.apply_mag_cache
-        return h.MagCacheConfig(threshold=p["threshold"], num_inference_steps=num_steps, mag_ratios=list(mag_ratios)), \
-            h.apply_mag_cache
-    if m == "pab":
-        return h.PyramidAttentionBroadcastConfig(
-            spatial_attention_block_skip_range=p["block_skip"], spatial_attention_timestep_skip_range=(100, 800),
-            spatial_attention_block_identifiers=("layers",), current_timestep_callback=clock.timestep,
-        ), h.apply_pyramid_attention_broadcast
-    if m == "sea-cache":
-        return h.SeaCacheConfig(threshold=p["threshold"], raw_vision_callback=_lumina_raw_vision), h.apply_sea_cache
-    if m == "text-kv-cache":
-        return h.TextKVCacheConfig(), h.apply_text_kv_cache
-    raise PeerUnsupported(f"unknown peer method {m!r}")
+    family = peer_family(setting.method)
+    if family is None:
+        raise PeerUnsupported(f"unknown peer method {setting.method!r}")
+    return family.config(ConfigInputs(setting.params, clock, num_steps, mag_ratios))
 
 
-_NO_HOOK_REASON = {
-    "text-kv-cache": "apply_text_kv_cache hooks NucleusMoEImageTransformerBlock only (LuminaNextDiTBlock computes "
-                     "its caption K/V inside the attention processor, which the hook cannot reach)",
-}
+def _no_hook_reason(method: str) -> str:
+    family = peer_family(method)
+    return family.no_hook_reason if family is not None else ""
 
 
 def _block_hook_count(model: torch.nn.Module, names: tuple[str, ...]) -> int:
@@ -279,7 +323,7 @@ def apply_peer(pipe, setting: PeerSetting, num_steps: int, mag_ratios=None) -> C
     if _block_hook_count(model, names) == 0:
         _remove(model, names)
         raise PeerUnsupported(f"attached no block hook to {type(model).__name__}: "
-                              + _NO_HOOK_REASON.get(setting.method, "its apply_* only hooks the block classes it knows"))
+                              + (_no_hook_reason(setting.method) or "its apply_* only hooks the block classes it knows"))
     ctx = _ContextHooks(model, clock, num_steps)
 
     def undo():

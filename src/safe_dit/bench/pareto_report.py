@@ -1,0 +1,143 @@
+"""The output of ``safe-dit pareto``: its table, the Pareto plot and the ablation bar chart."""
+
+from __future__ import annotations
+
+from safe_dit.bench.peers import PEERS
+from safe_dit.bench.report import pyplot
+
+
+def table(result: dict) -> str:
+    p1, p2 = result["quality"], result.get("scaled")
+    tok = f"x@{p2['tokens']}" if p2 else ""
+    head = (f"{'setting':34} {'family':8} {'steps':>5} {'x dense':>7} {tok:>7} {'peakMB':>7} {'PSNR':>6} {'SSIM':>6} "
+            f"{'acc':>6} {'1-obj':>6} {'2-obj':>6} {'tokens':>6}")
+    lines = [head]
+    for s in result["settings"]:
+        name = s["name"]
+        if name in p1["unsupported"]:
+            lines.append(f"{name:34} {s['family']:8} unsupported: {p1['unsupported'][name]}")
+            continue
+        e = p1["summary"][name]
+        sc = ""
+        if p2 and name in p2["rows"]:
+            r = p2["rows"][name]
+            sc = f"{r['speedup']:6.2f}x" if r["status"] == "ok" else "unsup."
+        mem = f"{e['peak_memory_mb']:7.1f}" if e.get("peak_memory_mb") is not None else f"{'-':>7}"
+        lines.append(f"{name:34} {s['family']:8} {s['steps']:5d} {e['speedup']:6.2f}x {sc:>7} {mem} "
+                     f"{e['psnr_vs_dense_fp']:6.2f} {e['ssim_vs_dense_fp']:6.4f} {e['accuracy']:6.1%} "
+                     f"{e.get('accuracy_single_object', float('nan')):6.1%} {e.get('accuracy_two_object', float('nan')):6.1%} "
+                     f"{e['token_fraction']:6.3f}")
+    st = result["settings_common"]
+    lines.append(f"{st['prompts']} prompts ({st['single']} one-object, {st['two']} two-object), {st['steps']} steps, "
+                 f"guidance {st['guidance']}, seed {st['seed']}, float32; PSNR/SSIM paired vs dense-fp (identical: 100); "
+                 "'x dense' = median s/image of dense over the setting's, on the embedded model (256 tokens, noisy)")
+    if p2:
+        lines.append(f"x@{p2['tokens']}: latency ratio vs dense at {p2['tokens']} tokens ({p2['resolution']}²), "
+                     f"Lumina-Next {p2['hidden_size']}w/{p2['layers']}L/{p2['heads']}h x {p2['head_dim']}, random weights, "
+                     "1 timed call each; adaptive caches (first-block-cache, mag-cache, sea-cache) choose what to skip "
+                     "from the activations, which random weights do not represent: their x@ values are indicative only")
+        lines.append(f"{'scaled setting':34} {'seconds':>8} {'x dense':>8} {'x dense-fp':>10} {'peak MB':>8}")
+        for name, r in p2["rows"].items():
+            if r["status"] != "ok":
+                lines.append(f"{name:34} unsupported: {r['reason']}")
+                continue
+            mem = f"{r['peak_memory_mb']:8.0f}" if r.get("peak_memory_mb") is not None else f"{'-':>8}"
+            lines.append(f"{name:34} {r['seconds']:8.2f} {r['speedup']:7.2f}x {r['speedup_vs_dense_fp']:9.2f}x {mem}")
+    for key, a in result["analysis"].items():
+        lines.append(f"Pareto front ({key}): " + ", ".join(a["front"]))
+        for v in a["verdicts"]:
+            if v["safe_core"] is None:
+                lines.append(f"  {v['setting']:32} q={v['quality']:.3g} at {v['speedup']:.2f}x -> {v['verdict']}")
+            else:
+                lines.append(f"  {v['setting']:32} q={v['quality']:.3g} at {v['speedup']:.2f}x vs {v['safe_core']} "
+                             f"q={v['safe_core_quality']:.3g} at {v['safe_core_speedup']:.2f}x -> {v['verdict']}")
+    return "\n".join(lines)
+
+
+_COLORS = {f.method: f.color for f in PEERS} | {"steps": "tab:gray", "ablation": "tab:cyan", "safe-dit": "black"}
+
+
+def _color(s: dict) -> str:
+    return _COLORS.get(s["peer"] or s["family"], "black")
+
+
+def plot_pareto(result: dict, path: str) -> None:
+    plt = pyplot()
+    q = result["quality"]["summary"]
+    p2 = result.get("scaled")
+    panels = [("embedded", {n: e["speedup"] for n, e in q.items()},
+               "speedup vs dense, embedded model (256 tokens, noisy)")]
+    if p2:
+        panels.append((f"{p2['tokens']} tokens", {n: r["speedup"] for n, r in p2["rows"].items() if r["status"] == "ok"},
+                       f"speedup vs dense at {p2['tokens']} tokens (random-weight Lumina-Next, latency only)"))
+    metrics = (("psnr_vs_dense_fp", "paired PSNR vs dense-fp (dB, embedded model; >= 60 drawn at 60)"),
+               ("accuracy", "prompt alignment: all attributes right (embedded model)"))
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(7.5 * len(panels), 10), squeeze=False)
+    settings = {s["name"]: s for s in result["settings"]}
+    for j, (where, sp, xlabel) in enumerate(panels):
+        for i, (metric, ylabel) in enumerate(metrics):
+            ax = axes[i][j]
+            cap = 60.0 if metric == "psnr_vs_dense_fp" else None  # identical images score 100: keep the scale readable
+            pts = {n: (v, min(q[n][metric], cap) if cap else q[n][metric]) for n, v in sp.items() if n in q}
+            front = result["analysis"][f"{where} / {metric}"]["front"]
+            fx = [pts[n][0] for n in front]
+            fy = [pts[n][1] for n in front]
+            ax.step(fx, fy, where="post", color="red", lw=0.8, alpha=0.5, label="Pareto front")
+            seen = set()
+            for n, (x, y) in pts.items():
+                s = settings[n]
+                core = s["family"] == "safe-dit" and s["mode"] in ("safe-core", "safe-sw")
+                label = s["peer"] or s["family"]
+                if core:
+                    label = "SAFE-Core / SW"
+                kw = dict(marker="*", s=180, color="red", edgecolor="black", zorder=5) if core else \
+                    dict(marker="o" if s["family"] == "peer" else ("s" if s["family"] == "steps" else "^"), s=40,
+                         color=_color(s), zorder=3)
+                ax.scatter([x], [y], label=None if label in seen else label, **kw)
+                seen.add(label)
+                if core or n in front or s["family"] == "ablation" or n in ("dense", "dense-fp"):
+                    ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.axvline(1.0, color="gray", lw=0.6)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel(ylabel, fontsize=8)
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    env, st = result["environment"], result["settings_common"]
+    fig.suptitle(f"SAFE-DiT vs diffusers cache hooks and step reduction: {st['prompts']} prompts x {st['steps']} steps, "
+                 f"same seeds; {env['device']} ({env['processor'][:30]}), torch {env['torch']}, diffusers {env['diffusers']}",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ablation(result: dict, path: str) -> None:
+    plt = pyplot()
+    q = result["quality"]["summary"]
+    p2 = result.get("scaled")
+    names = [n for n in ("safe-core", "no-fast-path", "no-srsu", "no-car", "uniform-partition", "random-partition",
+                         "safe-sw", "safe-sw flat-map") if n in q]
+    bars = [("paired PSNR vs dense-fp (dB; identical = 100, drawn at 60)",
+             [min(q[n]["psnr_vs_dense_fp"], 60.0) for n in names]),
+            ("accuracy (all attributes)", [q[n]["accuracy"] for n in names]),
+            ("speedup vs dense, embedded", [q[n]["speedup"] for n in names])]
+    if p2:
+        bars.append((f"speedup vs dense at {p2['tokens']} tokens",
+                     [p2["rows"][n]["speedup"] if n in p2["rows"] and p2["rows"][n]["status"] == "ok" else 0.0
+                      for n in names]))
+    fig, axes = plt.subplots(1, len(bars), figsize=(4.2 * len(bars), 4.2))
+    colors = ["red" if n in ("safe-core", "safe-sw") else "tab:cyan" for n in names]
+    for ax, (title, vals) in zip(axes, bars):
+        ax.bar(range(len(names)), vals, color=colors)
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        for k, v in enumerate(vals):
+            ax.annotate(f"{v:.2f}" if v else "-", (k, v), ha="center", va="bottom", fontsize=6)
+        ax.grid(axis="y", alpha=0.3)
+    st = result["settings_common"]
+    fig.suptitle(f"SAFE-Core ablations (keep 0.25, anchor 5): {st['prompts']} prompts x {st['steps']} steps; "
+                 "0 = not timed at scale", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

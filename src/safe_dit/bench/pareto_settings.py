@@ -1,0 +1,114 @@
+"""The settings of ``safe-dit pareto`` (safe-dit modes, ablations, peers, step reduction) and the
+analysis of its results: the Pareto front and, per peer, the verdict against SAFE-Core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from safe_dit.config import SafeConfig
+from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
+
+FAMILIES = ("safe-dit", "ablation", "peer", "steps")
+CORE = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=5, tail_dense_steps=1)  # SafeConfig's defaults
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the comparison: a safe-dit config, optionally a peer hook on top, optionally
+    fewer steps (``step_fraction`` of the run's steps)."""
+
+    name: str
+    family: str
+    safe: SafeConfig
+    peer: PeerSetting | None = None
+    step_fraction: float | None = None
+    scaled: bool = False  # also timed on the scaled random-weight model
+    note: str = ""
+
+    def steps(self, steps: int) -> int:
+        return steps if self.step_fraction is None else max(1, round(steps * self.step_fraction))
+
+    @property
+    def is_safe_core(self) -> bool:
+        return self.family == "safe-dit" and self.safe.scheduled
+
+
+def default_settings() -> list[Setting]:
+    fp = SafeConfig("dense-fp")
+    out = [
+        Setting("dense", "safe-dit", SafeConfig("dense"), scaled=True, note="stock model, masks as shipped"),
+        Setting("dense-fp", "safe-dit", fp, scaled=True, note="exact fast path (reference for PSNR/SSIM)"),
+        Setting("safe-core", "safe-dit", SafeConfig("safe-core", **CORE), scaled=True, note="keep 0.25, anchor 5"),
+    ]
+    for keep, anchor in ((0.25, 3), (0.25, 10), (0.5, 5), (0.15, 5)):
+        out.append(Setting(f"safe-core k{keep} a{anchor}", "safe-dit",
+                           SafeConfig("safe-core", **(CORE | dict(keep_ratio=keep, anchor_interval=anchor))),
+                           note=f"keep {keep}, anchor {anchor}"))
+    out.append(Setting("safe-sw", "safe-dit", SafeConfig("safe-sw", **CORE), note="guidance 3 (context) .. 5 (sensitive)"))
+    ablations = (
+        ("no-fast-path", dict(mask_elision=False), True, "stock masks kept, scheduling on"),
+        ("no-srsu", dict(srsu=False), False, "every step dense (PCSP computed, unused)"),
+        ("no-car", dict(car=False), False, "no anchors or tail after warm-up"),
+        ("uniform-partition", dict(partition="uniform"), False, "strided tokens instead of PCSP"),
+        ("random-partition", dict(partition="random"), False, "seeded random tokens instead of PCSP"),
+    )
+    for name, kw, scaled, note in ablations:
+        out.append(Setting(name, "ablation", SafeConfig("safe-core", **CORE, **kw), scaled=scaled, note=note))
+    out.append(Setting("safe-sw flat-map", "ablation", SafeConfig("safe-sw", **CORE, sw_map=False),
+                       note="safe-sw with the map's mean guidance on every token"))
+    for p in DEFAULT_PEERS:
+        out.append(Setting(p.name, "peer", fp, peer=p, scaled=peer_family(p.method).scaled == p.params,
+                           note="diffusers hook on dense-fp"))
+    for frac in (2 / 3, 1 / 2, 1 / 3):
+        out.append(Setting(f"steps x{frac:.2f}", "steps", fp, step_fraction=frac, scaled=frac == 1 / 2,
+                           note="fewer sampling steps, dense-fp"))
+    return out
+
+
+# -- analysis -------------------------------------------------------------------------------------
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names not dominated by another point (at least as fast and as good, better in one)."""
+    front = []
+    for a, (sa, qa) in points.items():
+        if not any((sb >= sa and qb >= qa) and (sb > sa or qb > qa) for b, (sb, qb) in points.items() if b != a):
+            front.append(a)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def verdicts(settings: list[Setting], quality: dict, speed: dict[str, float], metric: str) -> list[dict]:
+    """For each peer / step-reduction setting: the fastest SAFE-Core setting with at least its
+    quality, and who is faster. ``speed`` maps names to speedup vs dense."""
+    core = [s.name for s in settings if s.is_safe_core and s.safe.mode == "safe-core" and s.name in speed]
+    out = []
+    for s in settings:
+        if s.family not in ("peer", "steps") or s.name not in speed or s.name not in quality:
+            continue
+        q = quality[s.name][metric]
+        rivals = [c for c in core if quality[c][metric] >= q]
+        entry = dict(setting=s.name, quality=q, speedup=speed[s.name])
+        if not rivals:
+            slower = [c for c in core if speed[c] <= speed[s.name]]
+            entry.update(safe_core=None, verdict=(
+                "peer wins: better quality than every SAFE-Core setting and faster than " + ", ".join(slower)
+                if slower else "no SAFE-Core setting reaches its quality; it is slower than all of them (trade-off)"))
+        else:
+            best = max(rivals, key=lambda c: speed[c])
+            faster = speed[best] >= speed[s.name]
+            entry.update(safe_core=best, safe_core_quality=quality[best][metric], safe_core_speedup=speed[best],
+                         verdict="safe-core faster at >= quality" if faster else "peer wins: faster at this quality")
+        out.append(entry)
+    return out
+
+
+def analyse(settings: list[Setting], part1: dict, part2: dict | None) -> dict:
+    q = part1["summary"]
+    out = {}
+    speeds = {"embedded": {n: e["speedup"] for n, e in q.items()}}
+    if part2:
+        speeds[f"{part2['tokens']} tokens"] = {n: r["speedup"] for n, r in part2["rows"].items()
+                                               if r["status"] == "ok" and n in q}
+    for where, sp in speeds.items():
+        for metric in ("psnr_vs_dense_fp", "accuracy"):
+            pts = {n: (v, q[n][metric]) for n, v in sp.items() if n in q}
+            out[f"{where} / {metric}"] = dict(front=pareto_front(pts), verdicts=verdicts(settings, q, sp, metric))
+    return out
