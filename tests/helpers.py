@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from safe_dit.testing.kits import KITS, kit_for
+
 
 def forward(model, inputs):
     with torch.no_grad():
@@ -36,41 +38,44 @@ def seeded(seed: int, *shape) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _sample(pipe, args: dict, kw: dict) -> torch.Tensor:
-    args.update(kw)
-    return pipe(generator=torch.Generator().manual_seed(0), **args).images
+def _draw(prompt_seed: int, negative_seed: int | None):
+    """A kit's ``draw``: the i-th tensor drawn is seeded i + 1, the prompt's ``prompt_seed``, the negative
+    prompt's ``negative_seed`` when given."""
+    count = iter(range(1, 100))
+
+    def draw(role, *shape):
+        seed = next(count)
+        if role == "prompt":
+            seed = prompt_seed
+        elif role == "negative" and negative_seed is not None:
+            seed = negative_seed
+        return seeded(seed, *shape)
+
+    return draw
 
 
-def run_lumina(pipe, steps=10, height=64, width=96, prompt_seed=1, **kw):
-    """Lumina-Next, CFG batch [cond; uncond], captions of 8 tokens with 6 / 2 valid."""
-    return _sample(pipe, dict(
-        prompt_embeds=seeded(prompt_seed, 1, 8, 32), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
-        negative_prompt_embeds=seeded(2, 1, 8, 32), negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
-        height=height, width=width, num_inference_steps=steps, guidance_scale=4.0, output_type="latent"), kw)
+def runner(name: str):
+    """The seeded sampling run of kit ``name``'s tiny pipeline: captions of 8 tokens (6 / 2 valid where padded),
+    its ``tiny_run`` size and guidance, latents out; keywords override the call's."""
+    kit = kit_for(name)
+
+    def run(pipe, steps=10, height=kit.tiny_run.height, width=kit.tiny_run.width, prompt_seed=1, negative_seed=None,
+            **kw):
+        args = kit.prompt_kwargs(pipe.transformer, _draw(prompt_seed, negative_seed), 8, (6, 2))
+        args.update(height=height, width=width, num_inference_steps=steps, guidance_scale=kit.tiny_run.guidance,
+                    output_type="latent")
+        args.update(kw)
+        return pipe(generator=torch.Generator().manual_seed(0), **args).images
+
+    run.__name__ = "run_" + name.replace("-", "_")
+    return run
 
 
-def run_pixart(pipe, steps=10, height=24, width=40, prompt_seed=1, negative_seed=2, **kw):
-    """PixArt-Sigma, CFG batch [uncond; cond], T5-like captions of 8 tokens with 6 / 2 valid."""
-    return _sample(pipe, dict(
-        prompt_embeds=seeded(prompt_seed, 1, 8, 24), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
-        negative_prompt=None, negative_prompt_embeds=seeded(negative_seed, 1, 8, 24),
-        negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]), height=height, width=width,
-        num_inference_steps=steps, guidance_scale=4.0, output_type="latent", use_resolution_binning=False), kw)
-
-
-def run_sd3(pipe, steps=10, height=32, width=48, prompt_seed=1, negative_seed=3, **kw):
-    """SD3, CFG batch [uncond; cond], joint text of 8 tokens."""
-    return _sample(pipe, dict(
-        prompt_embeds=seeded(prompt_seed, 1, 8, 24), pooled_prompt_embeds=seeded(2, 1, 20),
-        negative_prompt_embeds=seeded(negative_seed, 1, 8, 24), negative_pooled_prompt_embeds=seeded(4, 1, 20),
-        height=height, width=width, num_inference_steps=steps, guidance_scale=4.0, output_type="latent"), kw)
-
-
-def run_flux(pipe, steps=10, height=32, width=48, prompt_seed=1, **kw):
-    """FLUX, batch 1 (guidance-distilled), joint text of 8 tokens."""
-    return _sample(pipe, dict(
-        prompt_embeds=seeded(prompt_seed, 1, 8, 24), pooled_prompt_embeds=seeded(2, 1, 20), height=height, width=width,
-        num_inference_steps=steps, guidance_scale=3.5, output_type="latent"), kw)
+RUNS = {name: runner(name) for name in KITS}
+run_lumina = RUNS["lumina-next"]  # CFG batch [cond; uncond], padded captions
+run_pixart = RUNS["pixart"]  # CFG batch [uncond; cond], T5-like padded captions
+run_sd3 = RUNS["sd3"]  # CFG batch [uncond; cond], joint text
+run_flux = RUNS["flux"]  # batch 1 (guidance-distilled), joint text
 
 
 # -- bare-transformer checks shared by the joint-attention backbones (SD3, FLUX) ----------------------

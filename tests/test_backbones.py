@@ -7,19 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy, run_flux, run_lumina, run_pixart, run_sd3
+from helpers import RUNS, SdpaSpy
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.testing.kits import build_flux_pipeline, build_lumina_pipeline, build_pixart_pipeline, build_sd3_pipeline
+from safe_dit.testing.kits import KITS
 
-# backbone: (pipeline builder, one seeded run, image token grid of that run)
-BACKBONES = {
-    "lumina-next": (build_lumina_pipeline, run_lumina, (4, 6)),
-    "pixart": (build_pixart_pipeline, run_pixart, (6, 10)),
-    "sd3": (build_sd3_pipeline, run_sd3, (8, 12)),
-    "flux": (build_flux_pipeline, run_flux, (8, 12)),
-}
+# backbone: (pipeline builder, one seeded run, image token grid of that run), one per kit
+BACKBONES = {name: (kit.pipeline, RUNS[name], kit.tiny_run.grid) for name, kit in KITS.items()}
 
 
 @pytest.fixture(scope="module", params=list(BACKBONES))

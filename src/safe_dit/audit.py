@@ -24,8 +24,9 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import record_function
 
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
-from safe_dit.config import SafeConfig
+from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.environment import quiet_profiler
+from safe_dit.testing.kits import KITS, kit_for
 
 _TAG = "safe_dit.sdpa#"
 KERNEL_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn")
@@ -230,31 +231,23 @@ def configure_parser(p) -> None:
     p.set_defaults(func=run)
 
 
-BACKBONES = ("lumina-next", "pixart", "sd3", "flux")
+BACKBONES = tuple(KITS)
 
 
 def run(args) -> int:
-    from safe_dit.testing import kits
-    from safe_dit.config import SafeDitError
-
     for name in ("layers", "height_tokens", "width_tokens", "batch", "text_len"):
         if getattr(args, name) < 1:
             raise SafeDitError(f"--{name.replace('_', '-')} must be >= 1")
     valid = args.valid_lens or [max(1, args.text_len - 3 * i) for i in range(args.batch)]
     if len(valid) != args.batch or any(not 1 <= v <= args.text_len for v in valid):
         raise SafeDitError(f"--valid-lens needs {args.batch} values in [1, {args.text_len}]")
-    build, make_inputs = {
-        "lumina-next": (kits.build_lumina_next, kits.lumina_inputs),
-        "pixart": (kits.build_pixart, kits.pixart_inputs),
-        "sd3": (kits.build_sd3, kits.sd3_inputs),
-        "flux": (getattr(kits, "build_flux", None), getattr(kits, "flux_inputs", None)),
-    }[args.model]
+    kit = kit_for(args.model)
     try:
-        model = build(args.preset, num_layers=args.layers)
+        model = kit.build(args.preset, num_layers=args.layers)
     except ValueError as e:
         raise SafeDitError(str(e)) from None
-    inputs = make_inputs(model, args.height_tokens, args.width_tokens, batch=args.batch,
-                         text_len=args.text_len, valid_lens=valid)
+    inputs = kit.inputs(model, args.height_tokens, args.width_tokens, batch=args.batch,
+                        text_len=args.text_len, valid_lens=valid)
     report = audit(model, inputs, SafeConfig(args.mode, rewrite_padding=not args.no_rewrite_padding))
     report["settings"] = {k: v for k, v in vars(args).items() if k != "func"} | {"valid_lens": valid}
     print(format_table(report))

@@ -31,17 +31,14 @@ from safe_dit.api import apply_safe_dit, runtime_of
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.environment import environment
 from safe_dit.bench.report import DTYPES
+from safe_dit.testing.kits import KITS
 
 
 DEFAULT_MODEL = "default"
 
 
-TINY_PIPELINES = {  # offline, randomly initialised: every code path in seconds, but they draw noise
-    "tiny-random": "build_tiny_text_pipeline",  # Lumina-Next
-    "tiny-random-pixart": "build_pixart_text_pipeline",
-    "tiny-random-sd3": "build_sd3_text_pipeline",
-    "tiny-random-flux": "build_flux_text_pipeline",
-}
+# offline, randomly initialised: every code path in seconds, but they draw noise (one per backbone kit)
+TINY_PIPELINES = {kit.tiny_name: kit.text_pipeline for kit in KITS.values()}
 
 
 def load_pipeline(model: str, dtype: torch.dtype, device: str):
@@ -51,9 +48,7 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str):
 
         return load_default_pipeline(dtype=dtype).to(device)
     if model in TINY_PIPELINES:
-        from safe_dit.testing import kits
-
-        return getattr(kits, TINY_PIPELINES[model])().to(device, dtype)
+        return TINY_PIPELINES[model]().to(device, dtype)
     from diffusers import DiffusionPipeline
 
     try:

@@ -32,6 +32,7 @@ from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.environment import environment, peak_memory_mb
 from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
+from safe_dit.testing.kits import KITS, kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
@@ -47,79 +48,38 @@ def _configs(args) -> dict[str, SafeConfig]:
     }
 
 
+# valid caption tokens of the (prompt, negative prompt) pair where a backbone pads captions
+PROMPT_VALID = (20, 3)
+
+
 class _Backbone:
-    """One backbone's pipeline as the benchmark drives it: which modes exist, how one call is made."""
+    """One backbone's pipeline as the benchmark drives it (from its kit): which modes exist, how one call is made."""
 
     def __init__(self, args, dtype):
-        from safe_dit.testing import kits
-
+        kit = self.kit = kit_for(args.model)
         self.model = args.model
         g = torch.Generator().manual_seed(0)
 
-        def rand(*shape):
+        def draw(_role, *shape):
             return torch.randn(*shape, generator=g).to(args.device, dtype)
 
-        if args.model == "lumina-next":
-            overrides = dict(num_layers=args.layers)
-            if args.hidden_size:
-                overrides |= dict(hidden_size=args.hidden_size, num_attention_heads=args.heads, num_kv_heads=args.kv_heads)
-            self.transformer = kits.build_lumina_next(args.preset or "lumina-next-2b", dtype=dtype, **overrides)
-            self.pipe = kits.build_lumina_pipeline(self.transformer)
-            self.text_len, cross = 32, self.transformer.config.cross_attention_dim
-            masks = [torch.tensor([[1] * 20 + [0] * 12]), torch.tensor([[1] * 3 + [0] * 29])]  # prompt / negative
-            self.kwargs = dict(prompt_embeds=rand(1, 32, cross), prompt_attention_mask=masks[0].to(args.device),
-                               negative_prompt_embeds=rand(1, 32, cross),
-                               negative_prompt_attention_mask=masks[1].to(args.device))
-            self.modes, self.batch, self.label = MODES, "2 (CFG)", "Lumina-Next"
-            self.heads, self.head_dim = self.transformer.config.num_attention_heads, self.transformer.head_dim
-            self.kv_heads = self.transformer.config.num_kv_heads
-        elif args.model == "pixart":  # T5 caption padded to 300 tokens, its padding bias in cross-attention
-            self.transformer = kits.build_pixart(args.preset or "pixart-sigma", dtype=dtype, num_layers=args.layers)
-            self.pipe = kits.build_pixart_pipeline(self.transformer)
-            cfg = self.transformer.config
-            self.text_len = 300
-            masks = [torch.tensor([[1] * 20 + [0] * 280]), torch.tensor([[1] * 3 + [0] * 297])]  # prompt / negative
-            self.kwargs = dict(prompt_embeds=rand(1, 300, cfg.caption_channels), prompt_attention_mask=masks[0].to(args.device),
-                               negative_prompt_embeds=rand(1, 300, cfg.caption_channels),
-                               negative_prompt_attention_mask=masks[1].to(args.device), negative_prompt=None,
-                               use_resolution_binning=False)
-            self.modes, self.batch, self.label = MODES, "2 (CFG)", "PixArt"
-            self.heads = self.kv_heads = cfg.num_attention_heads
-            self.head_dim = cfg.attention_head_dim
-        elif args.model == "sd3":  # CLIP-L/G (77) + T5 (256) caption tokens, as StableDiffusion3Pipeline makes them
-            overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads,
-                                                             caption_projection_dim=64 * args.heads) if args.heads else {})
-            self.transformer = kits.build_sd3(args.preset or "sd3-medium", dtype=dtype, **overrides)
-            self.pipe = kits.build_sd3_pipeline(self.transformer)
-            cfg = self.transformer.config
-            self.text_len = 77 + 256
-            self.kwargs = dict(prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
-                               pooled_prompt_embeds=rand(1, cfg.pooled_projection_dim),
-                               negative_prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
-                               negative_pooled_prompt_embeds=rand(1, cfg.pooled_projection_dim))
-            self.modes, self.batch, self.label = MODES, "2 (CFG)", "SD3"
-            self.heads = self.kv_heads = cfg.num_attention_heads
-            self.head_dim = cfg.attention_head_dim
-        elif args.model == "flux":  # T5 (512) caption tokens; guidance-distilled: batch 1, no safe-sw
-            overrides = dict(num_layers=args.layers) | (dict(num_attention_heads=args.heads) if args.heads else {})
-            self.transformer = kits.build_flux(args.preset or "flux-dev", dtype=dtype, **overrides)
-            self.pipe = kits.build_flux_pipeline(self.transformer)
-            cfg = self.transformer.config
-            self.text_len = 512
-            self.kwargs = dict(prompt_embeds=rand(1, self.text_len, cfg.joint_attention_dim),
-                               pooled_prompt_embeds=rand(1, cfg.pooled_projection_dim))
-            self.modes, self.batch, self.label = MODES[:3], "1 (guidance-distilled)", "FLUX"
-            self.heads = self.kv_heads = cfg.num_attention_heads
-            self.head_dim = cfg.attention_head_dim
-        else:
-            raise SafeDitError(f"unknown --model {args.model!r}")
+        overrides = kit.bench_overrides(args.layers, heads=args.heads, hidden_size=args.hidden_size,
+                                        kv_heads=args.kv_heads)
+        self.transformer = kit.build(args.preset or kit.real_preset, dtype=dtype, **overrides)
+        self.pipe = kit.pipeline(self.transformer)
+        self.text_len = kit.bench_text_len
+        self.kwargs = kit.prompt_kwargs(self.transformer, draw, self.text_len, PROMPT_VALID, device=args.device)
+        self.modes = MODES[:3] if kit.guidance_distilled else MODES
+        self.batch = "1 (guidance-distilled)" if kit.guidance_distilled else "2 (CFG)"
+        self.label = kit.label
+        self.heads, self.kv_heads, self.head_dim = kit.attention_shape(self.transformer)
         self.transformer.to(args.device)
         self.pipe.to(args.device)
         self.hidden = self.heads * self.head_dim
 
     def size(self, side: int) -> int:
         """Image side in pixels whose latent has ``side`` x ``side`` image tokens."""
-        patch = 2 if self.model == "flux" else self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
+        patch = self.kit.latent_patch or self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
         return side * patch * self.pipe.vae_scale_factor
 
     def call(self, size: int, steps: int, guidance: float):
@@ -292,7 +252,7 @@ def plot(result: dict, path: str) -> None:
 def configure_parser(p) -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 9216, 16384],
                    help="image token counts, square grids (4096 = 1024², 9216 = 1536², 16384 = 2048²)")
-    p.add_argument("--model", default="lumina-next", choices=["lumina-next", "pixart", "sd3", "flux"],
+    p.add_argument("--model", default="lumina-next", choices=list(KITS),
                    help="backbone and its diffusers pipeline: LuminaPipeline, PixArtSigmaPipeline (CFG batch, 300 "
                         "T5 tokens, padded), StableDiffusion3Pipeline (CFG batch, "
                         "333 caption tokens) or FluxPipeline (guidance-distilled, batch 1, 512 caption tokens; no "
@@ -333,7 +293,7 @@ def run(args) -> int:
     if args.quick:
         args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
         args.hidden_size = args.heads = None
-    if args.hidden_size and (args.model != "lumina-next" or not (args.heads and args.kv_heads)):
+    if args.hidden_size and not (kit_for(args.model).bench_hidden_size and args.heads and args.kv_heads):
         raise SafeDitError("--hidden-size needs --heads and --kv-heads")
     if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens):
         raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")
