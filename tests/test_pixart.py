@@ -165,7 +165,7 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     """What the scheduler receives is u + gamma_i (c - u) on the latent channels (learned sigma split off)."""
-    from safe_dit.adapters.base import SchedulerGuidance
+    from safe_dit.engine.guidance import SchedulerGuidance
     from safe_dit.engine.guidance import guide, token_guidance
     from safe_dit.engine.generation import Generation
 
@@ -176,7 +176,7 @@ def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
 
     cfg = SafeConfig("safe-sw", cfg_context=1.5, cfg_sensitive=6.0)
     gen = Generation(cfg, 4)
-    gen.grid, gen.cfg_batch = (2, 3), True
+    gen.grid, gen.cfg_batch, gen.cond_first = (2, 3), True, False  # PixArt's [uncond; cond]
     gen.sensitivity = torch.rand(2, 6)
     sched = Scheduler()
     sw = SchedulerGuidance(sched)
@@ -249,7 +249,7 @@ def test_work_per_selective_step_scales_with_keep_ratio():
 
 
 def test_pcsp_ignores_padding_and_the_t5_end_token():
-    from safe_dit.adapters.base import Runtime
+    from safe_dit.engine.runtime import Runtime
 
     rt = Runtime(SafeConfig("safe-core"), special_trailing_tokens=1, cond_first=False)
     mask = torch.tensor([[True, True, True, False], [True, False, False, False]])

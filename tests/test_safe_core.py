@@ -32,7 +32,7 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_matches_the_per_token_formula():
     """The rewritten cond prediction makes the pipeline's scalar guidance equal gamma_i."""
-    from safe_dit.adapters.base import sensitivity_weighted
+    from safe_dit.engine.guidance import sensitivity_weighted
     from safe_dit.engine.guidance import guide, token_guidance
     from safe_dit.engine.generation import Generation
 

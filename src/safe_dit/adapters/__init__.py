@@ -1,7 +1,24 @@
-"""Backbone adapters, registered by model class. Importing this package registers them."""
+"""Backbone adapters, registered by model class. Importing this package registers every adapter module in it.
 
-from safe_dit.adapters.base import Adapter, Handle, Runtime, adapter_for, supported_classes  # noqa: F401
-from safe_dit.adapters import lumina_next  # noqa: F401  (registers the Lumina-Next adapter)
-from safe_dit.adapters import pixart  # noqa: F401  (registers the PixArt adapter)
-from safe_dit.adapters import sd3  # noqa: F401  (registers the SD3 adapter)
-from safe_dit.adapters import flux  # noqa: F401  (registers the FLUX adapter)
+Each module is imported on its own: one whose diffusers classes this diffusers lacks (an older release)
+is skipped with a debug log, and only its backbone is unsupported.
+"""
+
+import importlib
+import logging
+import pkgutil
+
+from safe_dit.adapters.contract import Adapter, SafeProcessor, adapter_for, register, supported_classes  # noqa: F401
+from safe_dit.engine.runtime import Handle, Runtime  # noqa: F401
+
+logger = logging.getLogger(__name__)
+SKIPPED: dict[str, str] = {}  # adapter module -> why it could not be imported
+
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name == "contract":
+        continue
+    try:
+        importlib.import_module(f"{__name__}.{_info.name}")
+    except ImportError as err:  # e.g. a diffusers without this backbone's classes
+        SKIPPED[_info.name] = str(err)
+        logger.debug("safe-dit adapter %s unavailable: %s", _info.name, err)

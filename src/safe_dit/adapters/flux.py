@@ -25,12 +25,12 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxTransformer2DModel,
                                                             _get_qkv_projections)
 
-from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.adapters.contract import Adapter, SafeProcessor, register
+from safe_dit.config import SafeDitError
+from safe_dit.engine.hooks import layer_of
+from safe_dit.engine.joint import joint_attention
 from safe_dit.engine.masks import key_padding_from_bias
 from safe_dit.engine.schedule import SELECTIVE
-from safe_dit.adapters.base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
-                   swap_processors)
-from safe_dit.engine.joint import joint_attention
 
 NOTES = ("FLUX: FluxPipeline builds no attention mask and the model passes none (T5 padding is ordinary tokens "
          "of the joint sequence): nothing to elide, dense-fp == dense; SAFE-Core's gain here is scheduling only. "
@@ -54,32 +54,29 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class SafeFluxAttnProcessor:
+class SafeFluxAttnProcessor(SafeProcessor):
     """Drop-in for ``FluxAttnProcessor`` (double- and single-stream blocks): same projections, RMS norms,
-    RoPE and [text; image] order, attention through torch SDPA; adds SRSU and the PCSP tap."""
+    [text; image] order and one RoPE over the joint sequence, attention through diffusers' dispatcher; adds
+    SRSU and the PCSP tap. The text length comes from the call itself (the caption stream, or the RoPE table
+    minus the image grid), so recomputation under gradient checkpointing needs no per-forward state."""
 
-    def __init__(self, runtime: Runtime, name: str, num_double: int, rewrite_padding: bool):
-        self.runtime, self.name, self.rewrite_padding = runtime, name, rewrite_padding
-        single = layer_of(name, "single_transformer_blocks")
-        self.layer = num_double + single if single >= 0 else layer_of(name, "transformer_blocks")
+    def setup(self, model) -> None:
+        single = layer_of(self.name, "single_transformer_blocks")
+        self.layer = len(model.transformer_blocks) + single if single >= 0 else layer_of(self.name, "transformer_blocks")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # [B, L, H, d]
         q, k = attn.norm_q(q), attn.norm_k(k)
-        state = self.runtime.state
-        double = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
-        if double:  # image stream [B, n, D] + text stream [B, T, D]
+        double = attn.added_kv_proj_dim is not None
+        if double:  # image stream [B, n, D] + text stream [B, T, D] -> the joint [text; image], as stock
             eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            text, image = (attn.norm_added_q(eq), attn.norm_added_k(ek), ev), (q, k, v)
-        else:  # single stream [B, T + n, D], text first
-            t_len = state.text_len if state is not None else 0
-            text, image = tuple(x[:, :t_len] for x in (q, k, v)), tuple(x[:, t_len:] for x in (q, k, v))
-        t_len = text[0].shape[1]
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        gen = self.runtime.generation
+        n_text = self._text_len(encoder_hidden_states if double else None, image_rotary_emb, gen)
         if image_rotary_emb is not None:
-            (cos_t, sin_t), (cos_i, sin_i) = self._rope(image_rotary_emb, t_len)
-            text = (_rotate(text[0], cos_t, sin_t), _rotate(text[1], cos_t, sin_t), text[2])
-            image = (_rotate(image[0], cos_i, sin_i), _rotate(image[1], cos_i, sin_i), image[2])
+            q, k = self._rotate(q, k, image_rotary_emb, n_text, gen)
         batch = q.shape[0]
 
         def stock_mask():  # as diffusers' native backend: a [B, Lk] mask becomes [B, 1, 1, Lk]
@@ -90,24 +87,40 @@ class SafeFluxAttnProcessor:
             key_only = m.dim() == 2 or (m.dim() == 4 and m.shape[1] == m.shape[2] == 1)
             return key_padding_from_bias(m.reshape(batch, -1), batch) if key_only and m.shape[0] == batch else None
 
-        img, txt = joint_attention(self.runtime, self.name, self.layer, image, text if t_len else None, text_first=True,
-                                   mask=attention_mask, stock_mask=stock_mask, compact=compact,
-                                   rewrite=self.rewrite_padding)  # [B, n, H, d], [B, T, H, d]
-        img = img.flatten(2, 3).to(q.dtype)
+        out = joint_attention(self, q, k, v, n_text, text_first=True, mask=attention_mask, stock_mask=stock_mask,
+                              compact=compact).flatten(2, 3).to(q.dtype)  # [B, T + n, D]
         if not double:
-            return img if txt is None else torch.cat([txt.flatten(2, 3).to(q.dtype), img], dim=1)  # [B, T + n, D]
-        img = attn.to_out[1](attn.to_out[0](img.contiguous()))
-        return img, attn.to_add_out(txt.flatten(2, 3).to(q.dtype).contiguous())
+            return out
+        txt, img = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+        return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
 
-    def _rope(self, rope, t_len: int):
-        """(text cos/sin [T, d], image cos/sin [N, d] or, at selective steps, the sensitive rows' [B, K, d])."""
-        cos, sin = rope  # [T + N, d]
-        gen, state = self.runtime.generation, self.runtime.state
+    def _text_len(self, captions, rope, gen) -> int:
+        if captions is not None:
+            return captions.shape[1]
+        if gen is None:
+            return 0  # dense: the joint sequence needs no split
+        if rope is None:
+            raise SafeDitError("safe-core on FLUX needs image_rotary_emb in every block (call the model as FluxPipeline does)")
+        return rope[0].shape[0] - gen.grid[0] * gen.grid[1]  # the RoPE table covers [text; all N image tokens]
+
+    def _rotate(self, q, k, rope, n_text: int, gen):
+        """One RoPE over the joint sequence: the stock table [T + N, d], or at selective steps the rows of
+        [text; sensitive image rows], [B, T + K, d], gathered once per generation and shared by every block."""
         if gen is None or gen.kind != SELECTIVE:
-            return (cos[:t_len], sin[:t_len]), (cos[t_len:], sin[t_len:])
-        if "rope" not in state.memo:  # gathered once per forward, shared by every block
-            state.memo["rope"] = (gen.gather(cos[None, t_len:]), gen.gather(sin[None, t_len:]))  # [B, K, d]
-        return (cos[:t_len], sin[:t_len]), state.memo["rope"]
+            return apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+        def gathered():
+            rows = gen.joint_rows(n_text, text_first=True)  # [B, T + K]
+            return tuple(t[rows][:, :, None].to(q.device) for t in rope)  # [B, T + K, 1, d]
+
+        cos, sin = gen.remember(("flux-rope", n_text, tuple(rope[0].shape)), gathered)
+        return _rotate_rows(q, cos, sin), _rotate_rows(k, cos, sin)
+
+
+def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """FLUX's RoPE on x [B, L, H, d] with per-sample rows cos/sin [B, L, 1, d] (interleaved real/imag pairs)."""
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, L, H, d/2]
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def _token_grid(_args, kwargs):
@@ -124,35 +137,18 @@ def _token_grid(_args, kwargs):
     return h, w
 
 
+@register
 class FluxAdapter(Adapter):
     name = "flux"
     model_classes = (FluxTransformer2DModel,)
     notes = NOTES
+    processor = SafeFluxAttnProcessor
+    replaces = (FluxAttnProcessor,)
+    tokens_in = "x_embedder"
+    tokens_out = "proj_out"
+    grid = staticmethod(_token_grid)
+    refused_inputs = ("controlnet_block_samples", "controlnet_single_block_samples")
 
-    def attach(self, model: FluxTransformer2DModel, config: SafeConfig, pipe=None) -> Handle:
+    def check(self, model, config) -> None:
         if config.mode == "safe-sw":
             raise SafeDitError(NO_SW_CFG)
-        handle = self.start(config, pipe)
-        runtime = handle.runtime
-        if not config.fast_path:
-            return handle  # dense: the stock model, untouched
-
-        num_double = len(model.transformer_blocks)
-        handle.on_remove(swap_processors(model, lambda name: SafeFluxAttnProcessor(runtime, name, num_double,
-                                                                                   config.rewrite_padding),
-                                         expected=(FluxAttnProcessor,)))
-
-        def text_len(_model, args, kwargs):  # the single-stream blocks split [text; image] by it
-            captions = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)  # [B, T, Dc]
-            runtime.state.text_len = 0 if captions is None else captions.shape[1]
-
-        hooks = forward_scope(model, runtime) + [model.register_forward_pre_hook(text_len, with_kwargs=True)]
-        if config.scheduled:
-            hooks.append(model.register_forward_pre_hook(
-                refuse_inputs("controlnet_block_samples", "controlnet_single_block_samples"), with_kwargs=True))
-            hooks += schedule_hooks(model, runtime, _token_grid, model.x_embedder, model.proj_out)
-        handle.remove_hooks(hooks)
-        return handle
-
-
-register(FluxAdapter())

@@ -20,27 +20,27 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
 
-from safe_dit.config import SafeConfig
+from safe_dit.adapters.contract import Adapter, SafeProcessor, register
+from safe_dit.engine.attend import attend, collect_text_probs
+from safe_dit.engine.guidance import sensitivity_weighted
+from safe_dit.engine.hooks import caption_mask_check, layer_of
 from safe_dit.engine.schedule import SELECTIVE
-from safe_dit.adapters.base import (Adapter, Handle, Runtime, attend, caption_mask_check, collect_text_probs, forward_scope, layer_of,
-                   register, repeat_kv, schedule_hooks, sensitivity_weighted, swap_processors)
 
 logger = logging.getLogger(__name__)
 
 CERTIFIED_BY = "certified: LuminaPatchEmbed builds it all-valid"
 
 
-class SafeLuminaAttnProcessor:
+class SafeLuminaAttnProcessor(SafeProcessor):
     """Drop-in for diffusers' ``LuminaAttnProcessor2_0`` that never hands SDPA a redundant mask.
 
     Same projections, QK-norm, RoPE, GQA and proportional-attention scale as the stock
     processor; only the mask handling differs.
     """
 
-    def __init__(self, runtime: Runtime, name: str, rewrite_padding: bool):
-        self.runtime, self.name, self.rewrite_padding = runtime, name, rewrite_padding
-        self.layer = layer_of(name, "layers")
-        self.is_self = name.split(".")[-1] == "attn1"
+    def setup(self, model) -> None:
+        self.layer = layer_of(self.name, "layers")
+        self.is_self = self.name.split(".")[-1] == "attn1"
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, query_rotary_emb: torch.Tensor | None = None,
@@ -83,27 +83,29 @@ class SafeLuminaAttnProcessor:
         if key_rotary_emb is not None:
             scale = attn.scale * (1 if base_sequence_length is None else math.sqrt(math.log(seq_len, base_sequence_length)))
 
-        key, value = repeat_kv(key, value, attn.heads)  # [B, Lk, H, d]
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, d]
-
-        out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, H, Lq, d]
-        return out.transpose(1, 2).to(dtype)  # [B, Lq, H, d]
+        out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, Lq, H, d]
+        return out.to(dtype)
 
     def _attend(self, attn, query, key, value, mask, scale):
-        """SDPA for one call, q/k/v [B, H, L, d] (bench_forward's mask-free oracle overrides this)."""
+        """One attention call, q [B, Lq, H, d], k/v [B, Lk, Hkv, d] (bench forward's mask-free oracle overrides this)."""
         def stock_mask():  # what the stock processor passes: the mask expanded to [B, H, Lq, Lk] bool
-            return mask.bool().view(query.shape[0], 1, 1, -1).expand(-1, query.shape[1], query.shape[2], -1)
+            return mask.bool().view(query.shape[0], 1, 1, -1).expand(-1, query.shape[2], query.shape[1], -1)
 
         return attend(self.runtime, self.name, query, key, value, mask, scale, rewrite=self.rewrite_padding,
-                      stock_mask=stock_mask)
+                      stock_mask=stock_mask, processor=self)
 
 
+@register
 class LuminaNextAdapter(Adapter):
     name = "lumina-next"
     model_classes = (LuminaNextDiT2DModel,)
     notes = ("Lumina-Next: LuminaPatchEmbed builds an all-ones image mask that every self-attention expands to "
              "[B, H, N, N] (elided by provenance); the caption padding mask reaches cross-attention (semantic: "
              "kept, or rewritten exactly by slicing/gathering valid keys and splitting the batch by length).")
+    processor = SafeLuminaAttnProcessor
+    tokens_in = None  # the patch embedder's hook gathers the sensitive rows with their RoPE rows and mask
+    tokens_out = "norm_out"
+    special_leading_tokens = 1  # Gemma's <bos> is not a prompt word
 
     @staticmethod
     def provenance_holds(model: LuminaNextDiT2DModel) -> bool:
@@ -114,16 +116,11 @@ class LuminaNextAdapter(Adapter):
             and all(type(layer).forward is LuminaNextDiTBlock.forward for layer in model.layers)
         )
 
-    def attach(self, model: LuminaNextDiT2DModel, config: SafeConfig, pipe=None) -> Handle:
-        handle = self.start(config, pipe, special_leading_tokens=1)  # Gemma's <bos> is not a prompt word
-        runtime = handle.runtime
-        if not config.fast_path:
-            return handle  # dense: the stock model, untouched
-
-        handle.on_remove(swap_processors(model, lambda name: SafeLuminaAttnProcessor(runtime, name, config.rewrite_padding)))
+    def hooks(self, model, runtime, handle) -> list:
+        config = runtime.config
         names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_mask")
-        hooks = [model.register_forward_pre_hook(caption_mask_check("encoder_mask", "encoder_hidden_states", names),
-                                                 with_kwargs=True)] + forward_scope(model, runtime)
+        check = model.register_forward_pre_hook(caption_mask_check("encoder_mask", "encoder_hidden_states", names),
+                                                with_kwargs=True)
         certified = self.provenance_holds(model)
         if not certified:
             logger.warning("%s: custom forward/patch embedder; image masks will be checked by value once per forward",
@@ -140,12 +137,7 @@ class LuminaNextAdapter(Adapter):
                 runtime.state.certify(mask, CERTIFIED_BY)
             return x, mask, img_size, rope
 
-        hooks.append(model.patch_embedder.register_forward_hook(on_patch_embed))
-        if config.scheduled:  # SW-CFG where Lumina's pipeline guides: the first 3 channels of [cond; uncond]
-            guide = functools.partial(sensitivity_weighted, channels=3)
-            hooks += schedule_hooks(model, runtime, model.config.patch_size, None, model.norm_out, guide)
-        handle.remove_hooks(hooks)
-        return handle
+        return [check, model.patch_embedder.register_forward_hook(on_patch_embed)]
 
-
-register(LuminaNextAdapter())
+    def guidance(self, model, runtime, handle):
+        return functools.partial(sensitivity_weighted, channels=3)  # Lumina's pipeline guides the first 3 channels

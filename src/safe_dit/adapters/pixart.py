@@ -22,23 +22,23 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
-from safe_dit.config import SafeConfig
+from safe_dit.adapters.contract import Adapter, SafeProcessor, register
+from safe_dit.engine.attend import attend, collect_text_probs
+from safe_dit.engine.guidance import SchedulerGuidance
+from safe_dit.engine.hooks import layer_of
 from safe_dit.engine.masks import key_padding_from_bias
 from safe_dit.engine.schedule import SELECTIVE
-from safe_dit.adapters.base import (Adapter, Handle, Runtime, SchedulerGuidance, attend, collect_text_probs, forward_scope, layer_of, register,
-                   schedule_hooks, swap_processors)
 
 logger = logging.getLogger(__name__)
 
 
-class SafePixArtAttnProcessor:
+class SafePixArtAttnProcessor(SafeProcessor):
     """Drop-in for diffusers' ``AttnProcessor2_0`` in PixArt blocks: same projections and norms;
     only the mask handling differs, plus the SRSU K/V cache and the PCSP tap."""
 
-    def __init__(self, runtime: Runtime, name: str, rewrite_padding: bool):
-        self.runtime, self.name, self.rewrite_padding = runtime, name, rewrite_padding
-        self.layer = layer_of(name, "transformer_blocks")
-        self.is_self = name.split(".")[-1] == "attn1"
+    def setup(self, model) -> None:
+        self.layer = layer_of(self.name, "transformer_blocks")
+        self.is_self = self.name.split(".")[-1] == "attn1"
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
@@ -72,15 +72,15 @@ class SafePixArtAttnProcessor:
         elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
             valid = None if attention_mask is None else _valid_keys(attention_mask, batch)  # [B, T]
             collect_text_probs(self.runtime, gen, query, key, valid)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, H, L, d]
 
         def stock_mask():  # as AttnProcessor2_0: repeated per head, [B, H, 1 or Lq, Lk]
-            m = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            m = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
             return m.view(batch, attn.heads, -1, m.shape[-1])
 
         out = attend(self.runtime, self.name, query, key, value, attention_mask, None, rewrite=self.rewrite_padding,
-                     stock_mask=stock_mask, compact=lambda m: key_padding_from_bias(m, batch))  # [B, H, Lq, d]
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * d).to(query.dtype)  # [B, Lq, H*d]
+                     stock_mask=stock_mask, compact=lambda m: key_padding_from_bias(m, batch),
+                     processor=self)  # [B, Lq, H, d]
+        out = out.reshape(batch, -1, attn.heads * d).to(query.dtype)  # [B, Lq, H*d]
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
@@ -97,33 +97,25 @@ def _valid_keys(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
     return m if m.dtype == torch.bool else m == 0
 
 
+@register
 class PixArtAdapter(Adapter):
     name = "pixart"
     model_classes = (PixArtTransformer2DModel,)
     notes = ("PixArt: the pipelines pass no image mask (self-attention is mask-free already); the T5 caption "
              "padding bias reaches cross-attention (semantic: kept, or rewritten exactly).")
+    processor = SafePixArtAttnProcessor
+    tokens_in = "pos_embed"
+    tokens_out = "proj_out"  # before unpatchify
+    cond_first = False  # the CFG batch is [uncond; cond]
+    special_trailing_tokens = 1  # T5 ends every caption with </s> (not a prompt word)
 
-    def attach(self, model: PixArtTransformer2DModel, config: SafeConfig, pipe=None) -> Handle:
-        # T5 ends every caption with </s> (not a prompt word); the CFG batch is [uncond; cond].
-        handle = self.start(config, pipe, special_trailing_tokens=1, cond_first=False)
-        runtime = handle.runtime
-        if not config.fast_path:
-            return handle  # dense: the stock model, untouched
-
-        handle.on_remove(swap_processors(model, lambda name: SafePixArtAttnProcessor(runtime, name, config.rewrite_padding)))
-        hooks = forward_scope(model, runtime)
-        guidance = None
-        if config.mode == "safe-sw" and runtime.scheduler is not None and "step" not in vars(runtime.scheduler):
-            guidance = SchedulerGuidance(runtime.scheduler)
-            handle.on_remove(guidance.remove)
-            hooks.append(model.register_forward_pre_hook(guidance.clear))
-        elif config.mode == "safe-sw":
+    def guidance(self, model, runtime, handle):
+        scheduler = runtime.scheduler
+        if scheduler is None or "step" in vars(scheduler):
             logger.warning("safe-sw on PixArt needs the pipeline (its scheduler.step, not already wrapped): "
                            "plain CFG will be used")
-        if config.scheduled:  # proj_out: before unpatchify
-            hooks += schedule_hooks(model, runtime, model.config.patch_size, model.pos_embed, model.proj_out, guidance)
-        handle.remove_hooks(hooks)
-        return handle
-
-
-register(PixArtAdapter())
+            return None
+        guidance = SchedulerGuidance(scheduler)
+        handle.on_remove(guidance.remove)
+        handle.remove_hooks([model.register_forward_pre_hook(guidance.clear)])
+        return guidance

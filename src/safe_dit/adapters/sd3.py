@@ -16,12 +16,12 @@ cond prediction so that its u + g(c - u) becomes u + gamma_i (c - u).
 
 from __future__ import annotations
 
+import torch
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-from safe_dit.config import SafeConfig
-from safe_dit.adapters.base import (Adapter, Handle, Runtime, forward_scope, layer_of, refuse_inputs, register, schedule_hooks,
-                   sensitivity_weighted, swap_processors)
+from safe_dit.adapters.contract import Adapter, SafeProcessor, register
+from safe_dit.engine.hooks import layer_of
 from safe_dit.engine.joint import joint_attention
 
 NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3Pipeline builds none "
@@ -29,13 +29,12 @@ NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3
          "SAFE-Core's gain here is scheduling only.")
 
 
-class SafeSD3AttnProcessor:
+class SafeSD3AttnProcessor(SafeProcessor):
     """Drop-in for ``JointAttnProcessor2_0``: same projections, QK norms and [image; text] order; adds
     the SRSU K/V cache and the PCSP tap through :func:`joint_attention`."""
 
-    def __init__(self, runtime: Runtime, name: str):
-        self.runtime, self.name = runtime, name
-        self.layer = layer_of(name, "transformer_blocks")
+    def setup(self, model) -> None:
+        self.layer = layer_of(self.name, "transformer_blocks")
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch = hidden_states.shape[0]  # hidden_states [B, n, D]: n = N, or K at selective steps
@@ -49,45 +48,36 @@ class SafeSD3AttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        text = None
-        if encoder_hidden_states is not None:  # [B, T, D]
+        parts = [(q, k, v)]
+        if encoder_hidden_states is not None:  # [B, T, D], after the image rows as in the stock processor
             e = encoder_hidden_states
             tq, tk, tv = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
             if attn.norm_added_q is not None:
                 tq = attn.norm_added_q(tq)
             if attn.norm_added_k is not None:
                 tk = attn.norm_added_k(tk)
-            text = (tq, tk, tv)
-        img, txt = joint_attention(self.runtime, self.name, self.layer, (q, k, v), text, text_first=False)
-        img = attn.to_out[1](attn.to_out[0](img.reshape(batch, -1, attn.heads * d).to(q.dtype)))  # [B, n, D]
-        if txt is None:
+            parts.append((tq, tk, tv))
+        n_img = q.shape[1]
+        joint = [torch.cat(t, dim=1) if len(parts) > 1 else t[0] for t in zip(*parts)]  # [B, n + T, H, d]
+        out = joint_attention(self, *joint, joint[0].shape[1] - n_img, text_first=False)
+        out = out.reshape(batch, -1, attn.heads * d).to(q.dtype)  # [B, n + T, D]
+        img = attn.to_out[1](attn.to_out[0](out[:, :n_img]))  # [B, n, D]
+        if encoder_hidden_states is None:
             return img
-        txt = txt.reshape(batch, -1, attn.heads * d).to(q.dtype)  # [B, T, D]
+        txt = out[:, n_img:]  # [B, T, D]
         if not attn.context_pre_only:
             txt = attn.to_add_out(txt)
         return img, txt
 
 
+@register
 class SD3Adapter(Adapter):
     name = "sd3"
     model_classes = (SD3Transformer2DModel,)
     notes = NOTES
-
-    def attach(self, model: SD3Transformer2DModel, config: SafeConfig, pipe=None) -> Handle:
-        handle = self.start(config, pipe, cond_first=False)  # CFG batch [uncond; cond]
-        runtime = handle.runtime
-        if not config.fast_path:
-            return handle  # dense: the stock model, untouched
-
-        handle.on_remove(swap_processors(model, lambda name: SafeSD3AttnProcessor(runtime, name),
-                                         expected=(JointAttnProcessor2_0,)))
-        hooks = forward_scope(model, runtime)
-        if config.scheduled:
-            hooks.append(model.register_forward_pre_hook(refuse_inputs("block_controlnet_hidden_states"), with_kwargs=True))
-            hooks += schedule_hooks(model, runtime, model.config.patch_size, model.pos_embed, model.proj_out,
-                                    sensitivity_weighted)  # proj_out: before unpatchify
-        handle.remove_hooks(hooks)
-        return handle
-
-
-register(SD3Adapter())
+    processor = SafeSD3AttnProcessor
+    replaces = (JointAttnProcessor2_0,)
+    tokens_in = "pos_embed"
+    tokens_out = "proj_out"  # before unpatchify
+    cond_first = False  # CFG batch [uncond; cond]
+    refused_inputs = ("block_controlnet_hidden_states",)

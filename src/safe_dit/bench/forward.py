@@ -34,11 +34,13 @@ MODES = ("dense", "dense-fp", "maskless-oracle")
 class _OracleProcessor(SafeLuminaAttnProcessor):
     """Every attention call is plain SDPA without a mask: the floor the fast path must meet."""
 
-    def __init__(self):
-        super().__init__(runtime=None, name="oracle", rewrite_padding=False)
+    def __init__(self):  # no runtime: nothing scheduled, no mask decided
+        self.runtime, self.name, self.rewrite_padding, self.layer, self.is_self = None, "oracle", False, -1, False
 
-    def _attend(self, attn, query, key, value, mask, scale):
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scale)
+    def _attend(self, attn, query, key, value, mask, scale):  # [B, L, H, d] in and out
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
 
 
 def _set_mode(model, mode: str, originals: dict) -> None:

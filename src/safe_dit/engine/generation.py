@@ -27,10 +27,14 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx)
 
 
+def _row_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """index [B, K] broadcast (a view, no copy) over the trailing dims of ``like`` [B, K, ...]."""
+    return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(-1, -1, *like.shape[2:])
+
+
 def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A copy of base [B, N, ...] with rows [B, K, ...] written at index [B, K]."""
-    idx = index.view(*index.shape, *([1] * (base.dim() - 2))).expand(-1, -1, *base.shape[2:])
-    return base.scatter(1, idx, rows.to(base.dtype))
+    return base.scatter(1, _row_index(index, rows), rows.to(base.dtype))
 
 
 class Generation:
@@ -54,6 +58,7 @@ class Generation:
         self.kinds: list[str] = []
         self.batch = 1
         self.device: torch.device | None = None  # where the latents live; prompt-free partitions are made there
+        self._memo: dict = {}  # values fixed with the partition (joint row positions)
 
     # -- step control -------------------------------------------------------------------------
     def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int], batch: int = 1,
@@ -67,6 +72,7 @@ class Generation:
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
             self._finish_partition()
+            self._memo = {}
         if kind == SELECTIVE and (self.output is None or not self.kv):
             kind = ANCHOR  # no anchor cache yet (e.g. anchor_interval larger than the run): stay dense
         self.kind = kind
@@ -96,8 +102,7 @@ class Generation:
             return
         score = self.accumulator.mean()  # [B, N]
         if self.cfg_batch:
-            half = score.shape[0] // 2
-            cond = score[:half] if self.cond_first else score[half:]
+            cond = score[self.cfg_rows(score.shape[0])[0]]
             score = torch.cat([cond, cond])  # the unconditional half has no prompt
         self.sensitivity = sensitivity_map(score, self.grid, self.config.smooth_radius)
         self.index = select_sensitive(self.sensitivity, self.config.keep_ratio)
@@ -114,10 +119,38 @@ class Generation:
         if self.refreshes_cache:
             self.kv[layer] = (key, value)
 
-    def merged_kv(self, layer, key_rows: torch.Tensor, value_rows: torch.Tensor):
-        """Full K/V [B, N, Hkv, d]: fresh sensitive rows over the anchor's cached context rows."""
+    def merged_kv(self, layer, key_rows: torch.Tensor, value_rows: torch.Tensor, rows_at: torch.Tensor | None = None):
+        """Full K/V [B, L, Hkv, d]: the fresh rows written over the anchor's cache, in place. ``rows_at`` [B, n]
+        says where the fresh rows [B, n, Hkv, d] go (default: the sensitive image rows). Exact: the partition
+        is fixed between anchors, so every row a selective step wrote is written again by the next one, and
+        the context rows keep the anchor's values."""
         k, v = self.kv[layer]
-        return scatter_rows(k, self.index, key_rows), scatter_rows(v, self.index, value_rows)
+        at = self.index if rows_at is None else rows_at
+        k.scatter_(1, _row_index(at, key_rows), key_rows.to(k.dtype))
+        v.scatter_(1, _row_index(at, value_rows), value_rows.to(v.dtype))
+        return k, v
+
+    def joint_rows(self, n_text: int, text_first: bool) -> torch.Tensor:
+        """Where the rows of a selective step's joint sequence ([text; sensitive image rows] or the reverse) sit
+        in the full joint sequence: [B, T + K] (text rows always fresh)."""
+        def make():
+            b, n = self.index.shape[0], self.grid[0] * self.grid[1]
+            text = torch.arange(n_text, device=self.index.device).expand(b, -1)  # [B, T]
+            return torch.cat([text, self.index + n_text] if text_first else [self.index, text + n], dim=1)
+
+        return self.remember(("joint_rows", n_text, text_first), make)
+
+    def remember(self, key, make):
+        """A value fixed with the partition (row positions, gathered RoPE rows), made once and shared by every block."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
+
+    def cfg_rows(self, batch: int) -> tuple[slice, slice]:
+        """(conditional rows, unconditional rows) of a CFG batch of ``batch`` rows, in the pipeline's order."""
+        half = batch // 2
+        first, second = slice(0, half), slice(half, None)
+        return (first, second) if self.cond_first else (second, first)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         return gather_rows(x, self.index)

@@ -1,6 +1,9 @@
-"""SW-CFG: sensitivity-weighted classifier-free guidance."""
+"""SW-CFG: sensitivity-weighted classifier-free guidance (the gamma map, and the two ways a pipeline's
+own guidance is made to apply it). Model-agnostic."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -21,3 +24,73 @@ def config_guidance(config, sensitivity: torch.Tensor) -> torch.Tensor:
 def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     """eps = eps_u + gamma ⊙ (eps_c - eps_u); gamma broadcasts over channels ([B, 1, H, W])."""
     return eps_uncond + gamma * (eps_cond - eps_uncond)
+
+
+def pixel_gamma(config, gen, batch: int, width: int, dtype) -> torch.Tensor:
+    """gamma_i of the conditional half's sensitivity map, upsampled from the token grid to the model
+    output's pixels: [b, 1, H, W] for an output [2b, C, H, W] of ``width`` W."""
+    h, w = gen.grid
+    p = width // w
+    cond, _ = gen.cfg_rows(batch)
+    gamma = config_guidance(config, gen.sensitivity[cond])  # [b, N]
+    return gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).to(dtype)
+
+
+def _sample_of(output):
+    return output[0] if isinstance(output, tuple) else output.sample  # [B, C_out, H, W]
+
+
+def sensitivity_weighted(runtime, gen, output, channels: int | None = None):
+    """SW-CFG where the pipeline guides with u + g(c - u) (on the first ``channels`` channels, all
+    if None): rewrite the cond prediction c' = u + (gamma_i / g)(c - u) so that the pipeline's own
+    u + g(c' - u) equals u + gamma_i (c - u), gamma_i = gamma_c + (gamma_s - gamma_c) s_i."""
+    g = float(getattr(runtime.pipe, "guidance_scale", 0.0) or 0.0)
+    if not gen.cfg_batch or g <= 1.0:
+        return output
+    sample = _sample_of(output)  # [B, C_out, H, W]
+    cond_rows, uncond_rows = gen.cfg_rows(sample.shape[0])
+    c = sample.shape[1] if channels is None else channels
+    gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-1], sample.dtype)  # [b, 1, H, W]
+    cond, uncond = sample[cond_rows, :c], sample[uncond_rows, :c]
+    guided = sample.clone()
+    guided[cond_rows, :c] = uncond + (gamma / g) * (cond - uncond)
+    if isinstance(output, tuple):
+        return (guided,) + tuple(output[1:])
+    output.sample = guided
+    return output
+
+
+class SchedulerGuidance:
+    """SW-CFG for pipelines that compute u + g(c - u) with a ``g`` local to ``__call__`` (PixArt) and may then
+    keep only the first (latent) channels: the model output of a step is remembered, and this pipeline's
+    ``scheduler.step`` (an instance attribute, removed again by ``remove_safe_dit``) receives
+    u + gamma_i (c - u) on those channels instead."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.pending = scheduler, None
+        self.original = scheduler.step
+
+        @functools.wraps(self.original)  # the pipeline inspects step's signature (eta, generator)
+        def step(model_output, *args, **kwargs):  # model_output [b, C, H, W], already guided
+            guided, self.pending = self.pending, None
+            if guided is not None and guided.shape[0] == model_output.shape[0] and guided.shape[1] >= model_output.shape[1] \
+                    and guided.shape[2:] == model_output.shape[2:]:
+                model_output = guided[:, : model_output.shape[1]].to(model_output.dtype)
+            return self.original(model_output, *args, **kwargs)
+
+        scheduler.step = step
+
+    def remove(self) -> None:
+        del self.scheduler.step  # the class's own method again
+
+    def clear(self, *_args) -> None:  # model forward pre-hook: nothing stale from an interrupted call
+        self.pending = None
+
+    def __call__(self, runtime, gen, output):  # model forward: remember u + gamma_i (c - u)
+        if not gen.cfg_batch:
+            return output
+        sample = _sample_of(output)  # [2b, C_out, H, W]
+        cond, uncond = gen.cfg_rows(sample.shape[0])
+        gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-1], sample.dtype)  # [b, 1, H, W]
+        self.pending = guide(sample[uncond], sample[cond], gamma)
+        return output

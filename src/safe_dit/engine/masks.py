@@ -175,30 +175,36 @@ def sdpa_with_plan(
     value: torch.Tensor,
     plan: KeyPaddingPlan,
     scale: float | None = None,
+    attend=None,
+    seq_dim: int = 2,
 ) -> torch.Tensor:
-    """Run SDPA mask-free according to ``plan``; equal to SDPA with the planned-away mask.
+    """Run attention mask-free according to ``plan``; equal to SDPA with the planned-away mask.
 
-    query [B, H, Lq, D], key/value [B, H, Lk, D] -> [B, H, Lq, Dv]. No host sync.
+    query [B, H, Lq, D], key/value [B, H, Lk, D] -> [B, H, Lq, Dv] (``seq_dim`` 2), or the
+    [B, L, H, D] layout with ``seq_dim`` 1. ``attend(q, k, v)`` is the mask-free attention to use
+    (default: torch SDPA with ``scale``). No host sync.
     """
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if attend is None:
+        def attend(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if plan.elide:
-        return sdpa(query, key, value, scale=scale)
+        return attend(query, key, value)
     if len(plan.groups) == 1:
         g = plan.groups[0]
-        return sdpa(query, _take_keys(key, g.keys), _take_keys(value, g.keys), scale=scale)
-    out = query.new_empty(query.shape[:-1] + (value.shape[-1],))  # [B, H, Lq, Dv]
+        return attend(query, _take_keys(key, g.keys, seq_dim), _take_keys(value, g.keys, seq_dim))
+    out = query.new_empty(query.shape[:-1] + (value.shape[-1],))  # [B, H, Lq, Dv] / [B, Lq, H, Dv]
     for g in plan.groups:
         q = query.index_select(0, g.samples)
-        k = _take_keys(key.index_select(0, g.samples), g.keys)
-        v = _take_keys(value.index_select(0, g.samples), g.keys)
-        out.index_copy_(0, g.samples, sdpa(q, k, v, scale=scale))
+        k = _take_keys(key.index_select(0, g.samples), g.keys, seq_dim)
+        v = _take_keys(value.index_select(0, g.samples), g.keys, seq_dim)
+        out.index_copy_(0, g.samples, attend(q, k, v))
     return out
 
 
-def _take_keys(t: torch.Tensor, keys: torch.Tensor | slice) -> torch.Tensor:
+def _take_keys(t: torch.Tensor, keys: torch.Tensor | slice, dim: int = 2) -> torch.Tensor:
     if isinstance(keys, slice):
-        return t[:, :, keys]
-    return t.index_select(2, keys)
+        return t[(slice(None),) * dim + (keys,)]
+    return t.index_select(dim, keys)
 
 
 @dataclass(frozen=True)

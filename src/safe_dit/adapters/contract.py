@@ -1,0 +1,112 @@
+"""The adapter contract: what a backbone declares, the one generic ``attach`` that wires it, and the registry.
+
+A backbone adapter is a file in this package holding a :class:`SafeProcessor` subclass (its attention, with
+the mask decided by ``engine.attend``) and an :class:`Adapter` subclass that *declares* its facts: model
+classes, the processors it replaces, where image tokens enter and leave the block stack, the token grid, the
+CFG batch order, special caption tokens, its guidance, the inputs the scheduled modes refuse, and any
+backbone-specific hooks. Decorating the adapter class with ``@register`` is all it takes to be found.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.engine.attend import Dispatch
+from safe_dit.engine.guidance import sensitivity_weighted
+from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, swap_processors
+from safe_dit.engine.runtime import Handle, Runtime
+
+logger = logging.getLogger(__name__)
+
+
+class SafeProcessor(Dispatch):
+    """Base of every safe-dit attention processor: bound to one model's runtime and one attention module."""
+
+    def __init__(self, runtime: Runtime | None = None, name: str = "", model: torch.nn.Module | None = None,
+                 config: SafeConfig | None = None):
+        if runtime is None:  # e.g. diffusers' IP-Adapter loader rebuilds processors with a bare __class__()
+            raise SafeDitError(
+                f"{type(self).__name__} belongs to a model patched by apply_safe_dit and cannot be rebuilt on its own "
+                "(IP-Adapter and other processor swaps are not supported under safe-dit): call "
+                "remove_safe_dit(pipe) first, and use the stock model for that feature")
+        self.runtime, self.name = runtime, name
+        self.rewrite_padding = True if config is None else config.rewrite_padding
+        self.setup(model)
+
+    def setup(self, model) -> None:
+        """Per-module facts (block index, self- or cross-attention), read once at apply time."""
+
+
+class Adapter:
+    """One backbone's facts. Override the ``hooks``/``guidance``/``check`` methods only where a fact is code."""
+
+    name: str = "base"
+    model_classes: tuple[type, ...] = ()
+    notes: str = ""  # where this backbone's masks come from, for the audit
+    processor: type[SafeProcessor] = SafeProcessor
+    replaces: tuple[type, ...] | None = None  # stock processors it may replace (others refused); None: any
+    tokens_in: str | None = None  # module whose output is the image tokens [B, N, D]; None: `hooks` gathers
+    tokens_out: str = "proj_out"  # the last per-token layer, [B, N, C] out
+    grid: int | Callable | None = None  # token grid: a patch size, a callable (args, kwargs) -> (h, w); None: config
+    cond_first: bool = True  # CFG batch order: [cond; uncond] (True) or [uncond; cond]
+    special_leading_tokens: int = 0  # caption tokens that are no prompt word (e.g. Gemma's <bos>)
+    special_trailing_tokens: int = 0  # e.g. T5's </s>, the last valid token
+    refused_inputs: tuple[str, ...] = ()  # forward kwargs the scheduled modes refuse (per-token residuals)
+
+    def check(self, model: torch.nn.Module, config: SafeConfig) -> None:
+        """Refuse a config this backbone cannot run exactly, before anything changes."""
+
+    def hooks(self, model: torch.nn.Module, runtime: Runtime, handle: Handle) -> list:
+        """Backbone-specific hooks after the per-forward state exists (fast-path modes)."""
+        return []
+
+    def guidance(self, model: torch.nn.Module, runtime: Runtime, handle: Handle) -> Callable | None:
+        """SW-CFG for this pipeline: ``guide(runtime, gen, model_output) -> model_output``."""
+        return sensitivity_weighted
+
+    def attach(self, model: torch.nn.Module, config: SafeConfig, pipe=None) -> Handle:
+        """Patch ``model`` for ``config`` (the same steps for every backbone) and return the undo log."""
+        self.check(model, config)
+        runtime = Runtime(config, self.special_leading_tokens, self.special_trailing_tokens, self.cond_first)
+        runtime.pipe, runtime.scheduler = pipe, getattr(pipe, "scheduler", None)
+        handle = Handle(config, runtime, self.name)
+        if not config.fast_path:
+            return handle  # dense: the stock model, untouched
+        handle.on_remove(swap_processors(model, lambda name: self.processor(runtime, name, model, config),
+                                         expected=self.replaces))
+        hooks = []
+        if config.scheduled and self.refused_inputs:
+            hooks.append(model.register_forward_pre_hook(refuse_inputs(*self.refused_inputs), with_kwargs=True))
+        hooks += forward_scope(model, runtime) + self.hooks(model, runtime, handle)
+        if config.scheduled:
+            grid = model.config.patch_size if self.grid is None else self.grid
+            tokens_in = None if self.tokens_in is None else getattr(model, self.tokens_in)
+            guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None
+            hooks += schedule_hooks(model, runtime, grid, tokens_in, getattr(model, self.tokens_out), guide)
+        handle.remove_hooks(hooks)
+        return handle
+
+
+_REGISTRY: list[Adapter] = []
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator: one instance of this adapter serves every model of its classes."""
+    _REGISTRY.append(cls())
+    return cls
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    for adapter in _REGISTRY:
+        if isinstance(model, adapter.model_classes):
+            return adapter
+    supported = ", ".join(supported_classes()) or "none"
+    raise SafeDitError(f"safe-dit has no adapter for {type(model).__name__}; supported model classes: {supported}")
+
+
+def supported_classes() -> list[str]:
+    return [c.__name__ for a in _REGISTRY for c in a.model_classes]

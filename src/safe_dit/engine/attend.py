@@ -1,0 +1,149 @@
+"""One attention call: which mask reaches the kernel, and the call itself through diffusers' dispatcher.
+
+Model-agnostic. safe-dit decides only the mask (drop it by provenance, keep it as the stock processor
+would pass it, or rewrite it exactly into mask-free calls); the attention itself goes through
+``diffusers.models.attention_dispatch.dispatch_attention_fn``, so the backend a user chose
+(``set_attention_backend``, ``attention_backend(...)``) and a parallel config are honoured.
+Tensors are in the dispatcher's layout, [B, L, H, d].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+
+from safe_dit.config import SafeDitError
+from safe_dit.engine.masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
+from safe_dit.engine.partition import image_to_text_probs
+
+# Backends whose kernels group query heads over fewer K/V heads themselves (SDPA's enable_gqa).
+_GQA_BACKENDS = frozenset({AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH,
+                           AttentionBackendName._NATIVE_EFFICIENT, AttentionBackendName.FLEX})
+
+PARALLEL_REFUSED = ("safe-dit does not run under diffusers' context parallelism yet (enable_parallelism / a "
+                    "ContextParallelConfig): its masks and sensitive rows would be decided per shard, which is "
+                    "silently wrong. Run safe-dit on one device, or the stock model in parallel")
+
+
+@dataclass
+class ForwardState:
+    """Per-forward scratch state: lives from the model's forward pre-hook to its post-hook.
+
+    Masks are matched by object identity (``is``), never by value: a handful of entries per
+    forward, and identity checks trace cleanly under torch.compile."""
+
+    certified: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
+    text_len: int = 0  # joint-sequence backbones: caption tokens of this forward
+    memo: dict = field(default_factory=dict)  # per-forward values shared by all blocks (e.g. gathered RoPE)
+
+    def certify(self, mask: torch.Tensor, why: str) -> None:
+        """Record that ``mask`` (this very tensor object) is all-valid by construction."""
+        self.certified.append((mask, why))
+
+    def certification(self, mask: torch.Tensor) -> str | None:
+        for known, why in self.certified:
+            if known is mask:
+                return why
+        return None
+
+    def key_padding_decision(self, mask: torch.Tensor, rewrite: bool, compact=None) -> MaskDecision:
+        """Decide once per forward for a compact key-padding mask [B, Lk] of unknown origin.
+
+        ``compact`` (optional) turns the mask as the model ships it into that [B, Lk] valid-key form,
+        or None when it is no padding mask (then it is kept). Under torch.compile no value is read
+        (a graph break and a host sync per call): the mask is kept as shipped, exact by definition."""
+        if torch.compiler.is_compiling():
+            return _KEPT_UNDER_COMPILE
+        for known, decision in self.decisions:
+            if known is mask:
+                return decision
+        valid = mask if compact is None else compact(mask)
+        decision = _KEPT_NOT_PADDING if valid is None else decide_key_padding(valid, rewrite)
+        self.decisions.append((mask, decision))
+        return decision
+
+
+_KEPT_UNDER_COMPILE = MaskDecision("kept: padding (torch.compile: no value reads)")
+_KEPT_NOT_PADDING = MaskDecision("kept: semantic (not a key-padding mask)")
+
+
+def decide_key_padding(mask: torch.Tensor, rewrite: bool) -> MaskDecision:
+    plan = KeyPaddingPlan.from_key_mask(mask)
+    if plan is None:
+        return MaskDecision("kept: semantic (a sample has no valid key)")
+    if plan.elide:
+        return MaskDecision("elided: all-valid (by value, once per forward)", plan)
+    if not rewrite:
+        return MaskDecision("kept: padding")
+    return MaskDecision(plan.verdict + " (exact)", plan)
+
+
+class Dispatch:
+    """What a safe-dit processor carries for the dispatcher. diffusers' ``set_attention_backend`` and
+    ``enable_parallelism`` set these two attributes on every attention processor of a model."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+
+def _gqa_native(backend) -> bool:
+    name = _AttentionBackendRegistry.get_active_backend()[0] if backend is None else AttentionBackendName(backend)
+    return name in _GQA_BACKENDS
+
+
+def dispatch(query, key, value, mask=None, scale=None, processor: Dispatch | None = None) -> torch.Tensor:
+    """[B, Lq, H, d] x [B, Lk, Hkv, d] -> [B, Lq, H, d] through diffusers' dispatcher. Fewer K/V heads than
+    query heads (GQA) use the kernel's own grouping where the backend has one, else K/V are repeated."""
+    backend = getattr(processor, "_attention_backend", None)
+    parallel = getattr(processor, "_parallel_config", None)
+    if parallel is not None:  # set by enable_parallelism after apply_safe_dit
+        raise SafeDitError(PARALLEL_REFUSED)
+    gqa = key.shape[2] != query.shape[2]
+    if gqa and not _gqa_native(backend):
+        n_rep = query.shape[2] // key.shape[2]
+        key, value = (t.repeat_interleave(n_rep, dim=2) for t in (key, value))
+        gqa = False
+    return dispatch_attention_fn(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa, backend=backend,
+                                 parallel_config=parallel)
+
+
+def attend(runtime, name: str, query, key, value, mask, scale, *, rewrite: bool, stock_mask: Callable,
+           compact=None, processor: Dispatch | None = None) -> torch.Tensor:
+    """One attention call, q [B, Lq, H, d], k/v [B, Lk, Hkv, d] -> [B, Lq, H, d]: no mask; a mask certified
+    by provenance (dropped, no value read); or a mask decided once per forward: kept as the stock
+    processor passes it (``stock_mask()``, in SDPA's [B, H, Lq, Lk] broadcast form) or rewritten exactly
+    into mask-free calls."""
+    def run(q, k, v, m=None):
+        return dispatch(q, k, v, m, scale, processor)
+
+    if mask is None:
+        runtime.record(name, "no mask")
+        return run(query, key, value)
+    if not runtime.config.mask_elision:  # ablation: every mask exactly as the stock processor passes it
+        runtime.record(name, "kept: fast path off (ablation)")
+        return run(query, key, value, stock_mask())
+    state = runtime.state
+    if state is not None:
+        why = state.certification(mask)
+        if why is not None:
+            runtime.record(name, "elided: " + why)
+            return run(query, key, value)
+    if state is None:  # called outside a model forward: decide for this call alone
+        state = ForwardState()
+    decision = state.key_padding_decision(mask, rewrite, compact)
+    runtime.record(name, decision.verdict)
+    if decision.keep:
+        return run(query, key, value, stock_mask())
+    return sdpa_with_plan(query, key, value, decision.plan, attend=run, seq_dim=1)
+
+
+def collect_text_probs(runtime, gen, query: torch.Tensor, key: torch.Tensor, valid: torch.Tensor | None):
+    """PCSP tap on a cross-attention call: query [B, N, H, d], caption keys [B, T, Hkv, d], valid keys [B, T] or
+    None; the image->text probabilities [B, N, T] go to the generation with the runtime's token weights."""
+    k = key.repeat_interleave(query.shape[2] // key.shape[2], dim=2)  # [B, T, H, d]: small
+    probs = image_to_text_probs(query.transpose(1, 2), k.transpose(1, 2), valid)  # [B, N, T]
+    gen.collect(probs, runtime.text_weights(valid, probs.shape[-1], probs.device))

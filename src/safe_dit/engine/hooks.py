@@ -1,0 +1,205 @@
+"""The hooks that wire a patched model: per-forward state, step tracking, the sensitive rows' way in and
+out, input checks, and the processor swap with its exact undo. Model-agnostic: an adapter says which of
+its modules they go on."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from safe_dit.config import SafeDitError
+from safe_dit.engine.attend import PARALLEL_REFUSED
+from safe_dit.engine.generation import Generation
+from safe_dit.engine.runtime import Runtime
+from safe_dit.engine.schedule import SELECTIVE
+
+
+def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
+    """Hooks that give every model forward its own ``ForwardState`` (released even on error)."""
+    return [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
+
+
+def schedule_hooks(model: torch.nn.Module, runtime: Runtime, grid, tokens_in: torch.nn.Module | None,
+                   tokens_out: torch.nn.Module, guide: Callable | None = None) -> list:
+    """The scheduled modes' hooks: step tracking (``grid`` as for ``StepTracker``), sensitive rows in after
+    ``tokens_in`` (None: the adapter gathers them itself), outputs scattered/cached after ``tokens_out`` (the
+    last per-token layer), SW-CFG ``guide`` and the generation's release after the model's forward."""
+    hooks = [model.register_forward_pre_hook(StepTracker(runtime, grid), with_kwargs=True)]
+    if tokens_in is not None:
+        hooks.append(tokens_in.register_forward_hook(gather_sensitive(runtime)))
+    return hooks + [tokens_out.register_forward_hook(on_final_tokens(runtime)),
+                    model.register_forward_hook(finish_step(runtime, guide or _unguided), always_call=True)]
+
+
+def _unguided(_runtime, _gen, output):
+    return output
+
+
+def caption_mask_check(mask_arg: str, text_arg: str, positional: tuple[str, ...] = ()):
+    """Model forward pre-hook: clear errors for caption masks the stock model would silently misread."""
+
+    def hook(_model, args, kwargs):
+        given = dict(zip(positional, args)) | {k: v for k, v in kwargs.items() if k in (mask_arg, text_arg)}
+        mask, text = given.get(mask_arg), given.get(text_arg)
+        if mask is None or text is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(text.shape[:2]):
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise SafeDitError(f"{mask_arg} must be [B, T] = {list(text.shape[:2])} like the captions, got {shape}")
+        if mask.dtype.is_floating_point and bool(torch.isnan(mask).any()):
+            raise SafeDitError(f"{mask_arg} contains NaN; refusing to guess which caption tokens are valid")
+        if mask.dtype.is_complex:
+            raise SafeDitError(f"{mask_arg} must be bool, integer or float, got {mask.dtype}")
+        return None
+
+    return hook
+
+
+def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object],
+                    expected: tuple[type, ...] | None = None) -> Callable[[], None]:
+    """Give every diffusers attention module of ``model`` (``Attention``, or the newer per-model classes
+    such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor; returns
+    the exact undo. With ``expected``, any other processor (IP-Adapter, fused QKV, a user's own) is
+    refused before anything changes: replacing it would silently drop what it does."""
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    if expected is not None:
+        for name, module in modules:
+            if not isinstance(module.processor, expected):
+                raise SafeDitError(
+                    f"{name} uses {type(module.processor).__name__}; safe-dit replaces only the stock "
+                    f"{'/'.join(c.__name__ for c in expected)} (IP-Adapter, fused QKV or custom processors are not "
+                    "supported): restore the default processors first")
+    for name, module in modules:
+        if getattr(module.processor, "_parallel_config", None) is not None:
+            raise SafeDitError(PARALLEL_REFUSED)
+    originals = {}
+    for name, module in modules:
+        originals[name] = module.processor
+        new = make_processor(name)
+        new._attention_backend = getattr(module.processor, "_attention_backend", None)  # the user's choice stays
+        module.set_processor(new)
+
+    def restore():
+        modules = dict(model.named_modules())
+        for name, proc in originals.items():
+            modules[name].set_processor(proc)
+
+    return restore
+
+
+def layer_of(name: str, blocks: str) -> int:
+    """Block index from an attention module name such as ``layers.3.attn1`` (-1 if none)."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == blocks and parts[1].isdigit() else -1
+
+
+def latent_grid(patch: int):
+    """Token grid (h, w) of a [B, C, H, W] latent input patchified by ``patch``."""
+
+    def grid(args, kwargs):
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
+        return latents.shape[-2] // patch, latents.shape[-1] // patch
+
+    return grid
+
+
+class StepTracker:
+    """Model forward pre-hook: which step of which generation this forward is, and what kind of step.
+
+    ``grid`` is the patch size of a [B, C, H, W] latent input, or a callable (args, kwargs) -> (h, w)
+    for backbones that take packed tokens (FLUX)."""
+
+    def __init__(self, runtime: Runtime, grid):
+        self.runtime = runtime
+        self.grid_of = latent_grid(grid) if isinstance(grid, int) else grid
+
+    def __call__(self, _model, args, kwargs):
+        rt = self.runtime
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, ...]
+        grid = self.grid_of(args, kwargs)
+        if rt.explicit_generation:
+            gen = rt.generation
+            step = gen.step + 1
+        elif rt.scheduler is not None:
+            index = rt.scheduler.step_index
+            if index is None or rt.generation is None:  # a new pipeline call
+                rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
+            elif index == rt.generation.step:
+                rt.generation = None
+                raise SafeDitError(
+                    f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
+                    f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, or SD3 skip-layer "
+                    "guidance): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG"
+                )
+            step = 0 if index is None else index
+            gen = rt.generation
+        else:
+            raise SafeDitError(
+                f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
+                "transformer inside `with safe_dit.generation(transformer, num_steps=...)`"
+            )
+        if step == 0:
+            b = latents.shape[0]
+            gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
+            gen.cond_first = rt.cond_first
+        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device)
+        return None
+
+
+def gather_sensitive(runtime: Runtime):
+    """Forward hook on the layer that turns the input into image tokens ([B, N, D] out, positions
+    already encoded): at selective steps only the sensitive rows [B, K, D] enter the blocks."""
+
+    def hook(_module, _inputs, x):  # x [B, N, D]
+        gen = runtime.generation
+        return gen.gather(x) if gen is not None and gen.kind == SELECTIVE else None  # [B, K, D]
+
+    return hook
+
+
+def refuse_inputs(*names: str):
+    """Model forward pre-hook for the scheduled modes: inputs that add per-image-token residuals inside the
+    block stack (ControlNet) cannot follow the sensitive rows, so refuse them clearly instead of failing on
+    a shape mismatch."""
+
+    def hook(_model, _args, kwargs):
+        given = [n for n in names if kwargs.get(n) is not None]
+        if given:
+            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined with "
+                               "safe-core/safe-sw, which run only the sensitive image rows at selective steps; use dense-fp")
+
+    return hook
+
+
+def on_final_tokens(runtime: Runtime):
+    """Forward hook on the last per-token layer (output [B, N or K, p*p*C]): at selective steps
+    context tokens reuse the anchor's output; at dense steps the output is cached."""
+
+    def hook(_module, _inputs, out):
+        gen = runtime.generation
+        if gen is None:
+            return None
+        if gen.kind == SELECTIVE:
+            return gen.scatter_output(out)
+        gen.store_output(out)
+        return None
+
+    return hook
+
+
+def finish_step(runtime: Runtime, guide: Callable):
+    """Model forward hook: SW-CFG (``guide(runtime, gen, output)``) under safe-sw, and the
+    generation's release after its last step."""
+
+    def hook(_model, _inputs, output):
+        gen = runtime.generation
+        if gen is None:
+            return None
+        if runtime.config.mode == "safe-sw" and gen.sensitivity is not None:
+            output = guide(runtime, gen, output)
+        if gen.is_last_step and not runtime.explicit_generation:
+            runtime.finish_generation()  # release partition and caches with the pipeline call
+        return output
+
+    return hook

@@ -1,0 +1,88 @@
+"""What a patched model carries (its runtime) and how it is undone (its handle). Model-agnostic."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from safe_dit.config import SafeConfig
+from safe_dit.engine.attend import ForwardState
+
+
+class Runtime:
+    """What a patched model carries: its config, its per-forward state, an optional trace."""
+
+    def __init__(self, config: SafeConfig, special_leading_tokens: int = 0, special_trailing_tokens: int = 0,
+                 cond_first: bool = True):
+        self.config = config
+        self.state: ForwardState | None = None
+        # Set to a list by `safe_dit.audit` to collect (module name, verdict) per attention call.
+        self.trace: list[tuple[str, str]] | None = None
+        # safe-core / safe-sw: the running generation, where its steps come from, its last report.
+        self.generation = None
+        self.scheduler = None  # a pipeline's scheduler: its step_index tells the step
+        self.pipe = None
+        self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
+        self.last_report: dict | None = None
+        self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
+        self.last_index: torch.Tensor | None = None  # [B, K] its sensitive tokens
+        self.last_grid: tuple[int, int] | None = None  # (h, w) token grid of that map
+        self.special_leading_tokens = special_leading_tokens  # e.g. Gemma's <bos>
+        self.special_trailing_tokens = special_trailing_tokens  # e.g. T5's </s>, the last valid token
+        self.cond_first = cond_first  # CFG batch order: [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
+
+    def finish_generation(self) -> None:
+        """Keep the small report and partition; drop the caches with the generation."""
+        gen = self.generation
+        if gen is not None:
+            self.last_report = gen.report()
+            self.last_sensitivity, self.last_index, self.last_grid = gen.sensitivity, gen.index, gen.grid
+        self.generation = None
+        self.explicit_generation = False
+
+    def text_weights(self, mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
+        """PCSP weights over caption tokens [B, T]: 0 on padding and special tokens, else importance."""
+        batch = 1 if mask is None else mask.shape[0]
+        w = torch.ones(batch, length, device=device) if mask is None else mask.bool().float()
+        w[:, : self.special_leading_tokens] = 0
+        if mask is not None:
+            last = mask.bool().long().sum(1, keepdim=True)  # [B, 1] valid length (prefix padding)
+            for i in range(1, self.special_trailing_tokens + 1):
+                w.scatter_(1, (last - i).clamp_min(0), 0.0)
+        imp = self.config.text_importance
+        if imp is not None:
+            n = min(len(imp), length)
+            w[:, :n] = w[:, :n] * torch.tensor(imp[:n], device=device)
+        return w
+
+    def begin(self, *_args, **_kwargs) -> None:
+        self.state = ForwardState()
+
+    def end(self, *_args, **_kwargs) -> None:
+        self.state = None
+
+    def record(self, name: str, verdict: str) -> None:
+        if self.trace is not None:
+            self.trace.append((name, verdict))
+
+
+class Handle:
+    """Undo log for one applied model: restores processors and removes hooks."""
+
+    def __init__(self, config: SafeConfig, runtime: Runtime, adapter_name: str):
+        self.config = config
+        self.runtime = runtime
+        self.adapter_name = adapter_name
+        self._undo: list[Callable[[], None]] = []
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        self._undo.append(fn)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def remove_hooks(self, hooks: list) -> None:
+        """Undo: remove these torch hook handles."""
+        self.on_remove(lambda: [h.remove() for h in hooks])
