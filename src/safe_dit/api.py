@@ -15,8 +15,10 @@ _ATTR = "_safe_dit_handle"
 
 
 def _transformer(obj) -> torch.nn.Module:
-    """Accept a pipeline (anything with ``.transformer``) or the transformer itself."""
+    """Accept a pipeline (anything with ``.transformer``) or the transformer itself; a ``torch.compile``d
+    model is patched through the module it wraps (the compiled graph follows on its next call)."""
     model = getattr(obj, "transformer", obj)
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     if not isinstance(model, torch.nn.Module):
         raise SafeDitError(
             f"expected a diffusers pipeline or transformer model, got {type(obj).__name__}"
@@ -27,19 +29,22 @@ def _transformer(obj) -> torch.nn.Module:
 def apply_safe_dit(pipe_or_transformer, config: SafeConfig | None = None):
     """Patch the model in place for ``config`` (default: ``dense-fp``) and return the input.
 
-    Idempotent: applying the same config again does nothing; another config replaces the first.
+    Idempotent: applying the same config again, with the same pipeline, to an intact patch does nothing;
+    another config or pipeline replaces the first, and a patch whose processors were swapped out since
+    (``set_default_attn_processor``, ``fuse_qkv_projections``) is repaired.
     """
     config = SafeConfig() if config is None else config
     if not isinstance(config, SafeConfig):
         raise SafeDitError(f"config must be a SafeConfig, got {type(config).__name__}")
     model = _transformer(pipe_or_transformer)
+    pipe = pipe_or_transformer if getattr(pipe_or_transformer, "transformer", None) is not None else None
     current: Handle | None = getattr(model, _ATTR, None)
     if current is not None:
-        if current.config == config:
+        same_pipe = pipe is None or current.runtime.pipe is pipe
+        if current.config == config and same_pipe and current.runtime.intact():
             return pipe_or_transformer
         remove_safe_dit(model)
     adapter = adapter_for(model)
-    pipe = pipe_or_transformer if pipe_or_transformer is not model else None
     handle = adapter.attach(model, config, pipe=pipe)
     setattr(model, _ATTR, handle)
     logger.info("safe-dit applied to %s (%s, mode=%s)", type(model).__name__, adapter.name, config.mode)
@@ -57,7 +62,9 @@ def remove_safe_dit(pipe_or_transformer):
 
 
 def is_safe_dit_applied(pipe_or_transformer) -> bool:
-    return getattr(_transformer(pipe_or_transformer), _ATTR, None) is not None
+    """True while safe-dit is on: applied, and none of its processors swapped out since."""
+    handle = getattr(_transformer(pipe_or_transformer), _ATTR, None)
+    return handle is not None and handle.runtime.intact()
 
 
 def runtime_of(pipe_or_transformer):

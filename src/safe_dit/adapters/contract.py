@@ -76,7 +76,7 @@ class Adapter:
         handle = Handle(config, runtime, self.name)
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
-        handle.on_remove(swap_processors(model, lambda name: self.processor(runtime, name, model, config),
+        handle.on_remove(swap_processors(model, lambda name: self.processor(runtime, name, model, config), runtime,
                                          expected=self.replaces))
         hooks = []
         if config.scheduled and self.refused_inputs:

@@ -56,11 +56,12 @@ def caption_mask_check(mask_arg: str, text_arg: str, positional: tuple[str, ...]
     return hook
 
 
-def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object],
+def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object], runtime: Runtime,
                     expected: tuple[type, ...] | None = None) -> Callable[[], None]:
     """Give every diffusers attention module of ``model`` (``Attention``, or the newer per-model classes
-    such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor; returns
-    the exact undo. With ``expected``, any other processor (IP-Adapter, fused QKV, a user's own) is
+    such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor, recorded in
+    ``runtime.installed``; returns the exact undo (a module whose processor was swapped again since keeps
+    the newer one). With ``expected``, any other processor (IP-Adapter, fused QKV, a user's own) is
     refused before anything changes: replacing it would silently drop what it does."""
     modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
     if expected is not None:
@@ -73,17 +74,19 @@ def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], obje
     for name, module in modules:
         if getattr(module.processor, "_parallel_config", None) is not None:
             raise SafeDitError(PARALLEL_REFUSED)
-    originals = {}
+    originals = []
     for name, module in modules:
-        originals[name] = module.processor
         new = make_processor(name)
         new._attention_backend = getattr(module.processor, "_attention_backend", None)  # the user's choice stays
+        originals.append((module, module.processor, new))
         module.set_processor(new)
+    runtime.installed = [(module, new) for module, _, new in originals]
 
     def restore():
-        modules = dict(model.named_modules())
-        for name, proc in originals.items():
-            modules[name].set_processor(proc)
+        for module, original, new in originals:
+            if module.processor is new:
+                module.set_processor(original)
+        runtime.installed = []
 
     return restore
 

@@ -6,8 +6,13 @@ from typing import Callable
 
 import torch
 
-from safe_dit.config import SafeConfig
+from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.engine.attend import ForwardState
+
+SWAPPED = ("the model's attention processors were replaced after apply_safe_dit (set_default_attn_processor, "
+           "fuse_qkv_projections or set_attn_processor), so safe-dit's attention would silently not run: call "
+           "apply_safe_dit(pipe, config) again to re-patch (fused QKV is refused where it is unsupported), or "
+           "remove_safe_dit(pipe) to run stock")
 
 
 class Runtime:
@@ -16,6 +21,7 @@ class Runtime:
     def __init__(self, config: SafeConfig, special_leading_tokens: int = 0, special_trailing_tokens: int = 0,
                  cond_first: bool = True):
         self.config = config
+        self.installed: list = []  # (attention module, the safe-dit processor put there)
         self.state: ForwardState | None = None
         # Set to a list by `safe_dit.audit` to collect (module name, verdict) per attention call.
         self.trace: list[tuple[str, str]] | None = None
@@ -56,7 +62,14 @@ class Runtime:
             w[:, :n] = w[:, :n] * torch.tensor(imp[:n], device=device)
         return w
 
+    def intact(self) -> bool:
+        """Every processor safe-dit installed is still in place (set_default_attn_processor, fuse_qkv_projections
+        or set_attn_processor swap them out)."""
+        return all(module.processor is proc for module, proc in self.installed)
+
     def begin(self, *_args, **_kwargs) -> None:
+        if not self.intact():
+            raise SafeDitError(SWAPPED)
         self.state = ForwardState()
 
     def end(self, *_args, **_kwargs) -> None:

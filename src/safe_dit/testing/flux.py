@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from safe_dit.testing.kit import Kit, TinyRun
 from safe_dit.testing.tiny import tiny_clip, tiny_t5, tiny_vae, word_tokenizer
 
 FLUX_PRESETS = {
@@ -98,3 +99,10 @@ def flux_prompt_kwargs(transformer, draw, text_len: int, valid=None, device="cpu
 def flux_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
     """Transformer overrides for bench e2e: ``layers`` double and single blocks; --heads sets the width."""
     return dict(num_layers=layers) | (dict(num_attention_heads=heads) if heads else {})
+
+
+# T5 (512) caption tokens; guidance-distilled: batch 1, no safe-sw; FluxPipeline packs 2x2 latents per token
+KIT = Kit(rank=3, name="flux", label="FLUX", tiny_name="tiny-random-flux", build=build_flux, inputs=flux_inputs,
+    pipeline=build_flux_pipeline, text_pipeline=build_flux_text_pipeline, prompt_kwargs=flux_prompt_kwargs,
+    tiny_run=TinyRun(32, 48, grid=(8, 12), guidance=3.5), real_preset="flux-dev", bench_text_len=512,
+    bench_overrides=flux_bench_overrides, guidance_distilled=True, latent_patch=2)

@@ -8,6 +8,7 @@ import torch
 from diffusers import LuminaNextDiT2DModel
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
+from safe_dit.testing.kit import Kit, TinyRun
 from safe_dit.testing.tiny import prefix_mask, tiny_vae, word_tokenizer
 
 PRESETS = {
@@ -131,3 +132,10 @@ def lumina_attention_shape(transformer) -> tuple[int, int, int]:
     """(heads, KV heads, head dim): Lumina-Next has grouped-query attention."""
     cfg = transformer.config
     return cfg.num_attention_heads, cfg.num_kv_heads, transformer.head_dim
+
+
+KIT = Kit(rank=0, name="lumina-next", label="Lumina-Next", tiny_name="tiny-random", build=build_lumina_next,
+    inputs=lumina_inputs, pipeline=build_lumina_pipeline, text_pipeline=build_tiny_text_pipeline,
+    prompt_kwargs=lumina_prompt_kwargs, tiny_run=TinyRun(64, 96, grid=(4, 6)), real_preset="lumina-next-2b",
+    bench_text_len=32, bench_overrides=lumina_bench_overrides, bench_hidden_size=True,
+    attention_shape=lumina_attention_shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from safe_dit.testing.kit import Kit, TinyRun
 from safe_dit.testing.tiny import prefix_mask, tiny_t5, tiny_vae, word_tokenizer
 
 PIXART_PRESETS = {
@@ -97,3 +98,10 @@ def pixart_prompt_kwargs(transformer, draw, text_len: int, valid: tuple[int, int
 def pixart_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
     """Transformer overrides for bench e2e: only the depth (the real width always)."""
     return dict(num_layers=layers)
+
+
+# T5 caption padded to 300 tokens, its padding bias in cross-attention
+KIT = Kit(rank=1, name="pixart", label="PixArt", tiny_name="tiny-random-pixart", build=build_pixart, inputs=pixart_inputs,
+    pipeline=build_pixart_pipeline, text_pipeline=build_pixart_text_pipeline, prompt_kwargs=pixart_prompt_kwargs,
+    tiny_run=TinyRun(24, 40, grid=(6, 10)), real_preset="pixart-sigma", bench_text_len=300,
+    bench_overrides=pixart_bench_overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from safe_dit.testing.kit import Kit, TinyRun
 from safe_dit.testing.tiny import tiny_clip, tiny_t5, tiny_vae, word_tokenizer
 
 SD3_PRESETS = {
@@ -89,3 +90,10 @@ def sd3_prompt_kwargs(transformer, draw, text_len: int, valid=None, device="cpu"
 def sd3_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
     """Transformer overrides for bench e2e: --heads sets the width (heads x the real head dim 64)."""
     return dict(num_layers=layers) | (dict(num_attention_heads=heads, caption_projection_dim=64 * heads) if heads else {})
+
+
+# CLIP-L/G (77) + T5 (256) caption tokens, as StableDiffusion3Pipeline makes them
+KIT = Kit(rank=2, name="sd3", label="SD3", tiny_name="tiny-random-sd3", build=build_sd3, inputs=sd3_inputs,
+    pipeline=build_sd3_pipeline, text_pipeline=build_sd3_text_pipeline, prompt_kwargs=sd3_prompt_kwargs,
+    tiny_run=TinyRun(32, 48, grid=(8, 12)), real_preset="sd3-medium", bench_text_len=77 + 256,
+    bench_overrides=sd3_bench_overrides)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from safe_dit import SafeConfig, apply_safe_dit
+from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.testing.kits import build_lumina_next, lumina_inputs
 
 
@@ -33,3 +33,14 @@ def test_dense_fp_compiles_to_one_graph_with_mask_free_self_attention():
     # the caption mask is kept under compile (no value read, no host sync), exact by definition
     assert masks[1] is not None and masks[3] is not None
     torch._dynamo.reset()
+
+
+def test_a_compiled_model_is_patched_through_the_module_it_wraps():
+    from safe_dit import is_safe_dit_applied
+
+    model = build_lumina_next()
+    compiled = torch.compile(model)  # lazy: nothing is compiled until the first call
+    apply_safe_dit(compiled, SafeConfig("dense-fp"))
+    assert is_safe_dit_applied(model) and is_safe_dit_applied(compiled)
+    remove_safe_dit(compiled)
+    assert not is_safe_dit_applied(model)

@@ -12,7 +12,6 @@ from safe_dit.bench import quality
 from safe_dit.embedded import world
 from safe_dit.cli import main
 from safe_dit.embedded.model import file_sha256
-from safe_dit.embedded.train import main as train_main
 
 
 def test_psnr_and_ssim_closed_forms():
@@ -41,11 +40,8 @@ def test_prompt_set_is_fixed_and_covers_the_vocabulary():
 
 
 @pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("micro")
-    cfg = json.dumps(dict(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=2))
-    train_main(["--steps", "2", "--batch", "2", "--quiet", "--config-overrides", cfg, "--out", str(out)])
-    return out
+def micro_dir(micro_model):
+    return micro_model(1)
 
 
 def test_eval_cli_contract(micro_dir, tmp_path, capsys):

@@ -28,10 +28,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    p = load_default_pipeline()
-    p.set_progress_bar_config(disable=True)
-    return p
+def pipe(embedded_pipe):
+    return embedded_pipe
 
 
 def test_weights_are_shipped_in_fp16_and_small():

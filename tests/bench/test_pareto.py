@@ -13,7 +13,6 @@ from safe_dit.cli import main
 from safe_dit.testing.kits import build_lumina_pipeline
 from safe_dit.bench.pareto import Setting, default_settings, pareto_front, verdicts
 from safe_dit.bench.peers import PeerSetting, PeerUnsupported, apply_peer, calibrate_mag_ratios
-from safe_dit.embedded.train import main as train_main
 
 STEPS = 6
 
@@ -112,11 +111,8 @@ def test_default_settings_cover_the_issue():
 
 
 @pytest.fixture(scope="module")
-def micro_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("micro")
-    cfg = json.dumps(dict(hidden_size=32, num_layers=2, num_attention_heads=2, num_kv_heads=2))
-    train_main(["--steps", "2", "--batch", "2", "--quiet", "--config-overrides", cfg, "--out", str(out)])
-    return out
+def micro_dir(micro_model):
+    return micro_model(2)
 
 
 def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
