@@ -47,6 +47,7 @@ def apply_safe_dit(pipe_or_transformer, config: SafeConfig | None = None):
     adapter = adapter_for(model)
     handle = adapter.attach(model, config, pipe=pipe)
     setattr(model, _ATTR, handle)
+    model.__deepcopy__ = _refuse_deepcopy  # copy.deepcopy reads it from the instance; removed with the patch
     logger.info("safe-dit applied to %s (%s, mode=%s)", type(model).__name__, adapter.name, config.mode)
     return pipe_or_transformer
 
@@ -58,7 +59,14 @@ def remove_safe_dit(pipe_or_transformer):
     if handle is not None:
         handle.remove()
         delattr(model, _ATTR)
+        vars(model).pop("__deepcopy__", None)
     return pipe_or_transformer
+
+
+def _refuse_deepcopy(_memo):
+    raise SafeDitError(
+        "copy.deepcopy of a model patched by safe-dit is refused: the copy would share the original's hooks, caches "
+        "and scheduler. remove_safe_dit(pipe), copy it, then apply_safe_dit to the original and to the copy")
 
 
 def is_safe_dit_applied(pipe_or_transformer) -> bool:
@@ -76,9 +84,11 @@ def runtime_of(pipe_or_transformer):
 class generation:
     """Context for running a bare transformer under ``safe-core``/``safe-sw`` without a pipeline:
     ``with safe_dit.generation(transformer, num_steps=30) as g: ...``, one transformer call per
-    step; ``g.report()`` afterwards. Releases the partition and caches on exit."""
+    step; ``g.report()`` afterwards. ``cfg_batch=True`` says each call's batch is a CFG pair of halves
+    (in the backbone's order), so both halves share the conditional half's partition. Releases the
+    partition and caches on exit."""
 
-    def __init__(self, pipe_or_transformer, num_steps: int):
+    def __init__(self, pipe_or_transformer, num_steps: int, cfg_batch: bool = False):
         from safe_dit.engine.generation import Generation
 
         self.runtime = runtime_of(pipe_or_transformer)
@@ -87,10 +97,12 @@ class generation:
         if not isinstance(num_steps, int) or num_steps < 1:
             raise SafeDitError(f"num_steps must be an int >= 1, got {num_steps!r}")
         self._gen = Generation(self.runtime.config, num_steps)
+        self.cfg_batch = bool(cfg_batch)
 
     def __enter__(self):
         self.runtime.generation = self._gen
         self.runtime.explicit_generation = True
+        self.runtime.explicit_cfg = self.cfg_batch
         return self
 
     def __exit__(self, *exc):

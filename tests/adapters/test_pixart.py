@@ -153,8 +153,8 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
     apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.5))
     core = _run(pipe)
     apply_safe_dit(pipe, SafeConfig("safe-sw", keep_ratio=0.5, cfg_context=4.0, cfg_sensitive=4.0))
-    assert "step" in vars(pipe.scheduler)  # safe-sw guides where the scheduler receives the prediction
-    sw_equal = _run(pipe)
+    sw_equal = _run(pipe)  # safe-sw guides where the scheduler receives the prediction, during the run only:
+    assert "step" not in vars(pipe.scheduler)  # the scheduler's own method again after the last step
     apply_safe_dit(pipe, SafeConfig("safe-sw", keep_ratio=0.5, cfg_context=2.0, cfg_sensitive=7.0))
     sw = _run(pipe)
     remove_safe_dit(pipe)
@@ -179,7 +179,7 @@ def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     gen.grid, gen.cfg_batch, gen.cond_first = (2, 3), True, False  # PixArt's [uncond; cond]
     gen.sensitivity = torch.rand(2, 6)
     sched = Scheduler()
-    sw = SchedulerGuidance(sched)
+    sw = SchedulerGuidance(type("Pipe", (), {"scheduler": sched})())
     assert "generator" in __import__("inspect").signature(sched.step).parameters  # the pipeline still passes it
     sample = torch.randn(2, 8, 4, 6)  # [uncond; cond], 4 latent + 4 sigma channels, p = 2
     sw(type("RT", (), {"config": cfg}), gen, (sample,))

@@ -17,7 +17,7 @@ import torch
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.engine.attend import Dispatch
 from safe_dit.engine.guidance import sensitivity_weighted
-from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, swap_processors
+from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, swap_processors, watch_cfg
 from safe_dit.engine.runtime import Handle, Runtime
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class Adapter:
     special_leading_tokens: int = 0  # caption tokens that are no prompt word (e.g. Gemma's <bos>)
     special_trailing_tokens: int = 0  # e.g. T5's </s>, the last valid token
     refused_inputs: tuple[str, ...] = ()  # forward kwargs the scheduled modes refuse (per-token residuals)
+    cfg_pairs: bool = True  # its pipelines may batch [cond; uncond] (False: guidance-distilled, one call per step)
 
     def check(self, model: torch.nn.Module, config: SafeConfig) -> None:
         """Refuse a config this backbone cannot run exactly, before anything changes."""
@@ -72,7 +73,7 @@ class Adapter:
         """Patch ``model`` for ``config`` (the same steps for every backbone) and return the undo log."""
         self.check(model, config)
         runtime = Runtime(config, self.special_leading_tokens, self.special_trailing_tokens, self.cond_first)
-        runtime.pipe, runtime.scheduler = pipe, getattr(pipe, "scheduler", None)
+        runtime.pipe, runtime.cfg_pairs = pipe, self.cfg_pairs
         handle = Handle(config, runtime, self.name)
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
@@ -83,6 +84,8 @@ class Adapter:
             hooks.append(model.register_forward_pre_hook(refuse_inputs(*self.refused_inputs), with_kwargs=True))
         hooks += forward_scope(model, runtime) + self.hooks(model, runtime, handle)
         if config.scheduled:
+            if pipe is not None and self.cfg_pairs:
+                handle.on_remove(watch_cfg(pipe, runtime))
             grid = model.config.patch_size if self.grid is None else self.grid
             tokens_in = None if self.tokens_in is None else getattr(model, self.tokens_in)
             guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None

@@ -148,6 +148,7 @@ class FluxAdapter(Adapter):
     tokens_out = "proj_out"
     grid = staticmethod(_token_grid)
     refused_inputs = ("controlnet_block_samples", "controlnet_single_block_samples")
+    cfg_pairs = False  # guidance-distilled: a batch of 2 is two prompts, never [cond; uncond]
 
     def check(self, model, config) -> None:
         if config.mode == "safe-sw":

@@ -110,12 +110,12 @@ class PixArtAdapter(Adapter):
     special_trailing_tokens = 1  # T5 ends every caption with </s> (not a prompt word)
 
     def guidance(self, model, runtime, handle):
-        scheduler = runtime.scheduler
+        scheduler = getattr(runtime.pipe, "scheduler", None)
         if scheduler is None or "step" in vars(scheduler):
             logger.warning("safe-sw on PixArt needs the pipeline (its scheduler.step, not already wrapped): "
                            "plain CFG will be used")
             return None
-        guidance = SchedulerGuidance(scheduler)
+        guidance = SchedulerGuidance(runtime.pipe)
         handle.on_remove(guidance.remove)
         handle.remove_hooks([model.register_forward_pre_hook(guidance.clear)])
         return guidance

@@ -16,7 +16,7 @@ import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 
 from safe_dit.config import SafeDitError
-from safe_dit.engine.masks import KeyPaddingPlan, MaskDecision, sdpa_with_plan
+from safe_dit.engine.masks import EXP_UNDERFLOW, KeyPaddingPlan, MaskDecision, discarded_bias_max, sdpa_with_plan
 from safe_dit.engine.partition import image_to_text_probs
 
 # Backends whose kernels group query heads over fewer K/V heads themselves (SDPA's enable_gqa).
@@ -39,6 +39,7 @@ class ForwardState:
     decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
     text_len: int = 0  # joint-sequence backbones: caption tokens of this forward
     memo: dict = field(default_factory=dict)  # per-forward values shared by all blocks (e.g. gathered RoPE)
+    spread_checks: list = field(default_factory=list)  # device bools: a bias rewrite's assumption failed in a call
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
         """Record that ``mask`` (this very tensor object) is all-valid by construction."""
@@ -63,8 +64,27 @@ class ForwardState:
                 return decision
         valid = mask if compact is None else compact(mask)
         decision = _KEPT_NOT_PADDING if valid is None else decide_key_padding(valid, rewrite)
+        if decision.plan is not None and not decision.plan.elide:
+            bias = discarded_bias_max(mask, valid)
+            if bias is not None:
+                decision = MaskDecision(decision.verdict, decision.plan, discard_margin=-bias)
         self.decisions.append((mask, decision))
         return decision
+
+    def check_spread(self, query: torch.Tensor, key: torch.Tensor, scale: float | None, margin: float) -> None:
+        """Queue, on the device (no host sync), whether this call's logits could spread far enough for a key
+        discarded by a bias of ``-margin`` to keep a nonzero weight: |q.k| s <= s max|q| max|k| bounds every logit."""
+        s = query.shape[-1] ** -0.5 if scale is None else scale
+        bound = 2 * s * query.float().norm(dim=-1).amax() * key.float().norm(dim=-1).amax()
+        self.spread_checks.append(bound >= margin - EXP_UNDERFLOW)
+
+    def verify(self) -> None:
+        """Once per forward: refuse the output if a bias rewrite's exactness assumption failed in any call."""
+        if self.spread_checks and bool(torch.stack(self.spread_checks).any()):
+            raise SafeDitError(
+                "a caption-padding bias was rewritten as dropped keys, but in this forward the attention logits spread "
+                "so far that the dropped keys keep a nonzero weight in the stock computation: the rewrite would not be "
+                "exact. Use SafeConfig(rewrite_padding=False) (masks kept as shipped) for this model or input")
 
 
 _KEPT_UNDER_COMPILE = MaskDecision("kept: padding (torch.compile: no value reads)")
@@ -138,6 +158,8 @@ def attend(runtime, name: str, query, key, value, mask, scale, *, rewrite: bool,
     runtime.record(name, decision.verdict)
     if decision.keep:
         return run(query, key, value, stock_mask())
+    if decision.discard_margin is not None:
+        state.check_spread(query, key, scale, decision.discard_margin)
     return sdpa_with_plan(query, key, value, decision.plan, attend=run, seq_dim=1)
 
 

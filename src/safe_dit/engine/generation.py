@@ -48,7 +48,8 @@ class Generation:
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()
         self.grid: tuple[int, int] | None = None
-        self.cfg_batch = False  # batch = two halves (cond, uncond) with identical latents
+        self.cfg_batch = False  # batch = two halves (cond, uncond), as the pipeline call said
+        self.first_timestep: float | None = None  # of the first step (a pipeline's scheduler that does not advance)
         self.cond_first = True  # [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
         self.sensitivity: torch.Tensor | None = None  # [B, N] in [0, 1]
         self.index: torch.Tensor | None = None  # [B, K] sensitive token positions

@@ -62,26 +62,35 @@ def sensitivity_weighted(runtime, gen, output, channels: int | None = None):
 
 class SchedulerGuidance:
     """SW-CFG for pipelines that compute u + g(c - u) with a ``g`` local to ``__call__`` (PixArt) and may then
-    keep only the first (latent) channels: the model output of a step is remembered, and this pipeline's
-    ``scheduler.step`` (an instance attribute, removed again by ``remove_safe_dit``) receives
-    u + gamma_i (c - u) on those channels instead."""
+    keep only the first (latent) channels: the model output of a step is remembered, and the ``step`` of the
+    scheduler the pipeline holds at that step (an instance attribute, put there at a generation's first guided
+    step and taken away after its last) receives u + gamma_i (c - u) on those channels instead."""
 
-    def __init__(self, scheduler):
-        self.scheduler, self.pending = scheduler, None
-        self.original = scheduler.step
+    def __init__(self, pipe):
+        self.pipe, self.pending, self.wrapped, self.done = pipe, None, None, False
 
-        @functools.wraps(self.original)  # the pipeline inspects step's signature (eta, generator)
+    def _wrap(self, scheduler) -> None:
+        if self.wrapped is scheduler:
+            return
+        self.remove()
+        original = scheduler.step
+
+        @functools.wraps(original)  # the pipeline inspects step's signature (eta, generator)
         def step(model_output, *args, **kwargs):  # model_output [b, C, H, W], already guided
             guided, self.pending = self.pending, None
+            if self.done:  # the generation's last step: the scheduler is the pipeline's own again
+                self.remove()
             if guided is not None and guided.shape[0] == model_output.shape[0] and guided.shape[1] >= model_output.shape[1] \
                     and guided.shape[2:] == model_output.shape[2:]:
                 model_output = guided[:, : model_output.shape[1]].to(model_output.dtype)
-            return self.original(model_output, *args, **kwargs)
+            return original(model_output, *args, **kwargs)
 
-        scheduler.step = step
+        scheduler.step, self.wrapped = step, scheduler
 
     def remove(self) -> None:
-        del self.scheduler.step  # the class's own method again
+        if self.wrapped is not None and "step" in vars(self.wrapped):
+            del self.wrapped.step  # the class's own method again
+        self.wrapped = None
 
     def clear(self, *_args) -> None:  # model forward pre-hook: nothing stale from an interrupted call
         self.pending = None
@@ -89,6 +98,8 @@ class SchedulerGuidance:
     def __call__(self, runtime, gen, output):  # model forward: remember u + gamma_i (c - u)
         if not gen.cfg_batch:
             return output
+        self._wrap(self.pipe.scheduler)
+        self.done = gen.is_last_step
         sample = _sample_of(output)  # [2b, C_out, H, W]
         cond, uncond = gen.cfg_rows(sample.shape[0])
         gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-1], sample.dtype)  # [b, 1, H, W]

@@ -4,6 +4,8 @@ its modules they go on."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -122,32 +124,87 @@ class StepTracker:
         latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, ...]
         grid = self.grid_of(args, kwargs)
         if rt.explicit_generation:
-            gen = rt.generation
-            step = gen.step + 1
-        elif rt.scheduler is not None:
-            index = rt.scheduler.step_index
-            if index is None or rt.generation is None:  # a new pipeline call
-                rt.generation = Generation(rt.config, len(rt.scheduler.timesteps))
-            elif index == rt.generation.step:
-                rt.generation = None
-                raise SafeDitError(
-                    f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
-                    f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, or SD3 skip-layer "
-                    "guidance): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG"
-                )
-            step = 0 if index is None else index
-            gen = rt.generation
+            gen, step, cfg = rt.generation, rt.generation.step + 1, rt.explicit_cfg
+            if step >= gen.plan.num_steps:
+                raise SafeDitError(f"safe_dit.generation(..., num_steps={gen.plan.num_steps}) got more transformer "
+                                   "calls than steps: one call per sampling step")
         else:
-            raise SafeDitError(
-                f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
-                "transformer inside `with safe_dit.generation(transformer, num_steps=...)`"
-            )
-        if step == 0:
-            b = latents.shape[0]
-            gen.cfg_batch = b % 2 == 0 and bool(torch.equal(latents[: b // 2], latents[b // 2:]))
+            gen, step = self._pipeline_step(rt, kwargs)
+            cfg = rt.pipeline_cfg
+        if step == 0:  # a CFG batch is what the pipeline call said it is, never guessed from the latents
+            gen.cfg_batch = bool(cfg) and rt.cfg_pairs and latents.shape[0] % 2 == 0
             gen.cond_first = rt.cond_first
         gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device)
         return None
+
+    @staticmethod
+    def _pipeline_step(rt: Runtime, kwargs) -> tuple[Generation, int]:
+        """The step from the scheduler the pipeline holds now (it may have been replaced since apply)."""
+        scheduler = getattr(rt.pipe, "scheduler", None)
+        if scheduler is None:
+            raise SafeDitError(
+                f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
+                "transformer inside `with safe_dit.generation(transformer, num_steps=...)`")
+        index, gen = scheduler.step_index, rt.generation
+        if index is None:  # the first step of a pipeline call
+            t = _first_timestep(kwargs.get("timestep"))
+            if gen is not None and gen.step == 0 and None not in (t, gen.first_timestep) and t != gen.first_timestep:
+                rt.generation = None
+                raise SafeDitError(NOT_ADVANCING)
+            gen = rt.generation = Generation(rt.config, len(scheduler.timesteps))
+            gen.first_timestep = t
+            return gen, 0
+        if gen is not None and index == gen.step:
+            rt.generation = None
+            raise SafeDitError(
+                f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
+                f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, or SD3 skip-layer "
+                "guidance): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG")
+        if gen is None or index != gen.step + 1 or index >= gen.plan.num_steps:
+            rt.generation = None
+            where = "no generation is running" if gen is None else f"the generation is at step {gen.step}"
+            raise SafeDitError(
+                f"mode {rt.config.mode!r} follows the pipeline's scheduler step by step, but this call comes at "
+                f"scheduler step {index} while {where} (the transformer called outside the pipeline's loop, or by "
+                "another pipeline that shares it): apply_safe_dit(that_pipeline, config), or run it inside "
+                "`with safe_dit.generation(transformer, num_steps=...)`")
+        return gen, index
+
+
+NOT_ADVANCING = ("the scheduler safe-dit follows did not advance between two transformer calls: this transformer is "
+                 "driven by another pipeline (e.g. one made with from_pipe and its own scheduler) than the one it was "
+                 "applied with; call apply_safe_dit(that_pipeline, config)")
+
+
+def _first_timestep(t) -> float | None:
+    """The first sample's timestep as a number (read at a generation's first step only)."""
+    if t is None:
+        return None
+    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+def watch_cfg(pipe, runtime: Runtime) -> Callable[[], None]:
+    """Record, for each pipeline call, whether it batches [cond; uncond] (its ``encode_prompt``'s
+    ``do_classifier_free_guidance``); returns the undo. Without it the CFG batch is taken to be absent."""
+    original = getattr(pipe, "encode_prompt", None)
+    if original is None or "do_classifier_free_guidance" not in inspect.signature(original).parameters:
+        return lambda: None
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def encode_prompt(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        default = signature.parameters["do_classifier_free_guidance"].default
+        runtime.pipeline_cfg = bool(bound.get("do_classifier_free_guidance", default))
+        return original(*args, **kwargs)
+
+    pipe.encode_prompt = encode_prompt
+
+    def undo():
+        if vars(pipe).get("encode_prompt") is encode_prompt:
+            del pipe.encode_prompt
+
+    return undo
 
 
 def gather_sensitive(runtime: Runtime):

@@ -153,6 +153,20 @@ def key_padding_form(mask: torch.Tensor, batch: int, key_len: int) -> torch.Tens
 DISCARD_BIAS = -1000.0
 
 
+# exp(x) is exactly 0 in float32 below about -103.97 (the smallest subnormal is e^-103.28): a discarded key whose
+# logit sits this far below the row's maximum has exactly zero weight, as if it were not there.
+EXP_UNDERFLOW = 110.0
+
+
+def discarded_bias_max(mask: torch.Tensor, valid: torch.Tensor) -> float | None:
+    """The largest additive bias among the keys ``valid`` [B, Lk] discards (None for bool masks or when none is
+    discarded). Reads values (host sync; once per forward with the decision)."""
+    if not mask.dtype.is_floating_point or mask.numel() != valid.numel():
+        return None
+    dropped = mask.reshape(valid.shape)[~valid.bool()]
+    return float(dropped.max()) if dropped.numel() else None
+
+
 def key_padding_from_bias(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
     """The valid-key form [B, Lk] of a per-sample key mask ([B, Lk] or [B, 1, Lk]) that is bool
     (True = attend) or an additive bias holding only 0 (attend) and <= ``DISCARD_BIAS`` (discard);
@@ -213,6 +227,9 @@ class MaskDecision:
 
     verdict: str
     plan: KeyPaddingPlan | None = None
+    # An additive bias rewrite drops keys whose bias is at most ``-discard_margin`` below the others': exact only
+    # while the logits spread less than ``discard_margin - EXP_UNDERFLOW`` (checked per call, see engine.attend).
+    discard_margin: float | None = None
 
     @property
     def keep(self) -> bool:

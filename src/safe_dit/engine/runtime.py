@@ -27,8 +27,10 @@ class Runtime:
         self.trace: list[tuple[str, str]] | None = None
         # safe-core / safe-sw: the running generation, where its steps come from, its last report.
         self.generation = None
-        self.scheduler = None  # a pipeline's scheduler: its step_index tells the step
-        self.pipe = None
+        self.pipe = None  # the pipeline applied with: its current scheduler's step_index tells the step
+        self.cfg_pairs = True  # the backbone's pipelines may batch [cond; uncond] (not FLUX: guidance-distilled)
+        self.pipeline_cfg: bool | None = None  # the current pipeline call batches [cond; uncond] (its encode_prompt)
+        self.explicit_cfg = False  # safe_dit.generation(..., cfg_batch=...)
         self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
         self.last_report: dict | None = None
         self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
@@ -72,8 +74,10 @@ class Runtime:
             raise SafeDitError(SWAPPED)
         self.state = ForwardState()
 
-    def end(self, *_args, **_kwargs) -> None:
-        self.state = None
+    def end(self, _module=None, _inputs=None, output=None) -> None:
+        state, self.state = self.state, None
+        if state is not None and output is not None:  # not on the way out of an exception
+            state.verify()
 
     def record(self, name: str, verdict: str) -> None:
         if self.trace is not None:
