@@ -1,0 +1,132 @@
+"""pytest plugin (``-p safe_dit_conformance``, with ``scripts`` on PYTHONPATH): runs diffusers' own tests with
+safe-dit applied to every Lumina-Next / PixArt / SD3 / FLUX transformer they build.
+
+* ``__init__`` of the four transformer classes is wrapped: each constructed model (directly, ``from_config``
+  or ``from_pretrained``) gets ``apply_safe_dit(model, SafeConfig("dense-fp"))`` at the end of its outermost
+  ``__init__``.
+* Kept applied: ``set_attn_processor``, ``set_default_attn_processor``, ``fuse_qkv_projections`` and
+  ``unfuse_qkv_projections`` are wrapped so that, after the original runs on a patched model,
+  ``apply_safe_dit`` is called again (it repairs a swapped patch; what it cannot run, e.g. IP-Adapter
+  processors, it refuses with SafeDitError, and that test then fails: a real finding, not hidden).
+* Counted per test: patched models built, re-applications, safe-dit attention calls (through
+  ``safe_dit.engine.attend.dispatch``). Written as JSON lines to ``$SAFE_DIT_CONFORMANCE_LOG`` (if set).
+Also loads the offline hub stand-ins (``offline_hub``), which the stock run loads on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+
+import pytest
+
+TARGETS = ("LuminaNextDiT2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+REAPPLY = ("set_attn_processor", "set_default_attn_processor", "fuse_qkv_projections", "unfuse_qkv_projections")
+MARK = "_conformance_safe_dit"
+
+_local = threading.local()
+_counts = {"models": 0, "reapplied": 0, "attention_calls": 0, "apply_errors": 0}
+_by_class: dict[str, int] = {}
+
+
+def _config():
+    from safe_dit import SafeConfig
+
+    return SafeConfig("dense-fp")
+
+
+def _apply(model) -> None:
+    from safe_dit import apply_safe_dit
+
+    _local.busy = getattr(_local, "busy", 0) + 1
+    try:
+        apply_safe_dit(model, _config())
+    except Exception:
+        _counts["apply_errors"] += 1
+        raise
+    finally:
+        _local.busy -= 1
+
+
+def _wrap_init(cls) -> None:
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        _local.depth = getattr(_local, "depth", 0) + 1
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            _local.depth -= 1
+        if _local.depth == 0:
+            _counts["models"] += 1
+            name = type(self).__name__
+            _by_class[name] = _by_class.get(name, 0) + 1
+            object.__setattr__(self, MARK, True)
+            _apply(self)
+
+    cls.__init__ = __init__
+
+
+def _wrap_reapply(cls, name: str) -> None:
+    original = getattr(cls, name, None)
+    if original is None or getattr(original, "__conformance_wrapped__", False):
+        return
+
+    @functools.wraps(original)
+    def method(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if getattr(self, MARK, False) and not getattr(_local, "busy", 0):
+            _counts["reapplied"] += 1
+            _apply(self)
+        return result
+
+    method.__conformance_wrapped__ = True
+    setattr(cls, name, method)
+
+
+def _wrap_dispatch() -> None:
+    from safe_dit.engine import attend as attend_mod
+
+    original = attend_mod.dispatch
+
+    @functools.wraps(original)
+    def dispatch(*args, **kwargs):
+        _counts["attention_calls"] += 1
+        return original(*args, **kwargs)
+
+    attend_mod.dispatch = dispatch
+
+
+def pytest_configure(config):
+    import diffusers
+
+    import offline_hub
+
+    offline_hub.install()
+    for name in TARGETS:
+        cls = getattr(diffusers, name)
+        _wrap_init(cls)
+        for method in REAPPLY:
+            _wrap_reapply(cls, method)
+    _wrap_dispatch()
+    config.addinivalue_line("markers", "safe_dit_conformance: run under safe-dit")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    for key in _counts:
+        _counts[key] = 0
+    _by_class.clear()
+    yield
+    path = os.environ.get("SAFE_DIT_CONFORMANCE_LOG")
+    if path:
+        record = {"nodeid": item.nodeid, **_counts, "classes": dict(_by_class)}
+        with open(path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def pytest_report_header(config):
+    return "safe-dit conformance: apply_safe_dit(SafeConfig('dense-fp')) on " + ", ".join(TARGETS)
