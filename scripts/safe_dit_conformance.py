@@ -4,10 +4,10 @@ safe-dit applied to every Lumina-Next / PixArt / SD3 / FLUX transformer they bui
 * ``__init__`` of the four transformer classes is wrapped: each constructed model (directly, ``from_config``
   or ``from_pretrained``) gets ``apply_safe_dit(model, SafeConfig("dense-fp"))`` at the end of its outermost
   ``__init__``.
-* Kept applied: ``set_attn_processor``, ``set_default_attn_processor``, ``fuse_qkv_projections`` and
-  ``unfuse_qkv_projections`` are wrapped so that, after the original runs on a patched model,
-  ``apply_safe_dit`` is called again (it repairs a swapped patch; what it cannot run, e.g. IP-Adapter
-  processors, it refuses with SafeDitError, and that test then fails: a real finding, not hidden).
+* Kept applied: a test that swaps processors (``set_attn_processor``, ``set_default_attn_processor``,
+  ``fuse_qkv_projections``, IP-Adapter loading) sees its own processors until the model is next called; then,
+  as a user would after safe-dit's refusal of a swapped patch, ``apply_safe_dit`` is called again (it repairs
+  the patch; what it cannot run it refuses with SafeDitError, and that test then fails: a real finding).
 * Counted per test: patched models built, re-applications, safe-dit attention calls (through
   ``safe_dit.engine.attend.dispatch``). Written as JSON lines to ``$SAFE_DIT_CONFORMANCE_LOG`` (if set).
 Also loads the offline hub stand-ins (``offline_hub``), which the stock run loads on its own.
@@ -23,7 +23,6 @@ import threading
 import pytest
 
 TARGETS = ("LuminaNextDiT2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
-REAPPLY = ("set_attn_processor", "set_default_attn_processor", "fuse_qkv_projections", "unfuse_qkv_projections")
 MARK = "_conformance_safe_dit"
 
 _local = threading.local()
@@ -70,21 +69,19 @@ def _wrap_init(cls) -> None:
     cls.__init__ = __init__
 
 
-def _wrap_reapply(cls, name: str) -> None:
-    original = getattr(cls, name, None)
-    if original is None or getattr(original, "__conformance_wrapped__", False):
-        return
+def _wrap_call(cls) -> None:
+    original = cls.__call__
 
     @functools.wraps(original)
-    def method(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        if getattr(self, MARK, False) and not getattr(_local, "busy", 0):
+    def __call__(self, *args, **kwargs):
+        from safe_dit import is_safe_dit_applied
+
+        if getattr(self, MARK, False) and not getattr(_local, "busy", 0) and not is_safe_dit_applied(self):
             _counts["reapplied"] += 1
             _apply(self)
-        return result
+        return original(self, *args, **kwargs)
 
-    method.__conformance_wrapped__ = True
-    setattr(cls, name, method)
+    cls.__call__ = __call__
 
 
 def _wrap_dispatch() -> None:
@@ -109,8 +106,7 @@ def pytest_configure(config):
     for name in TARGETS:
         cls = getattr(diffusers, name)
         _wrap_init(cls)
-        for method in REAPPLY:
-            _wrap_reapply(cls, method)
+        _wrap_call(cls)
     _wrap_dispatch()
     config.addinivalue_line("markers", "safe_dit_conformance: run under safe-dit")
 

@@ -2,16 +2,17 @@
 
 __version__ = "0.1.0"
 
-from safe_dit.config import MODES, SafeConfig, SafeDitError  # noqa: E402
-from safe_dit.api import apply_safe_dit, generation, remove_safe_dit, is_safe_dit_applied  # noqa: E402
+from safe_dit.config import MODES, SafeConfig, SafeDitError  # noqa: E402  (no torch import)
 
-__all__ = [
-    "MODES",
-    "SafeConfig",
-    "SafeDitError",
-    "apply_safe_dit",
-    "generation",
-    "remove_safe_dit",
-    "is_safe_dit_applied",
-    "__version__",
-]
+_API = ("apply_safe_dit", "generation", "remove_safe_dit", "is_safe_dit_applied")
+
+
+def __getattr__(name):  # the API (torch, diffusers) loads on first use: `safe-dit --help` stays fast
+    if name in _API:
+        from safe_dit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'safe_dit' has no attribute {name!r}")
+
+
+__all__ = ["MODES", "SafeConfig", "SafeDitError", *_API, "__version__"]

@@ -1,9 +1,10 @@
-"""Command line: ``safe-dit {midt,audit,bench}``. Thin: each command lives in its own module."""
+"""Command line: ``safe-dit COMMAND``. Thin: each command lives in its own module, imported when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 DESCRIPTION = """\
@@ -16,62 +17,98 @@ safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer infe
   safe-dit midt          measure the Mask-Induced Dispatch Tax of SDPA on this machine
   safe-dit audit         every attention call of Lumina-Next/PixArt/SD3/FLUX: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
-  safe-dit bench e2e     the four modes end to end through the Lumina, SD3 or FLUX pipeline, speed and memory
+  safe-dit bench e2e     the four modes end to end through the Lumina-Next, PixArt, SD3 or FLUX pipeline
 
 Run 'safe-dit COMMAND --help' for the options of each command."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from safe_dit import __version__, audit, generate
-    from safe_dit.bench import e2e as bench_e2e
-    from safe_dit.bench import forward as bench_forward
-    from safe_dit.bench import quality
-    from safe_dit.bench import midt
-    from safe_dit.bench import pareto
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default shown."""
 
-    parser = argparse.ArgumentParser(
-        prog="safe-dit", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"safe-dit {__version__}")
+
+# command -> (module, its one-line help); a module is imported only when its command runs or shows its --help,
+# so `safe-dit --help` and `--version` load neither torch nor diffusers.
+COMMANDS = {
+    "generate": ("safe_dit.generate", "generate an image under a safe-dit mode"),
+    "eval": ("safe_dit.bench.quality", "quality and latency of every mode on the embedded model"),
+    "pareto": ("safe_dit.bench.pareto", "Pareto of safe-dit vs peer accelerators, with ablations"),
+    "midt": ("safe_dit.bench.midt", "measure the Mask-Induced Dispatch Tax"),
+    "audit": ("safe_dit.audit", "audit every attention call of a model"),
+}
+BENCHES = {
+    "forward": ("safe_dit.bench.forward", "dense vs dense-fp forward pass"),
+    "e2e": ("safe_dit.bench.e2e", "dense / dense-fp / safe-core / safe-sw end to end"),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("safe-dit")
+    except PackageNotFoundError:  # a source tree on PYTHONPATH
+        return "unknown"
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the command named in ``argv`` (all of them when None) is configured in full."""
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else argv
+    words = [a for a in argv if not a.startswith("-")]
+    parser = argparse.ArgumentParser(prog="safe-dit", description=DESCRIPTION, formatter_class=_HelpFormatter,
+                                     usage="safe-dit [-h] [--version] [-v] COMMAND ...")
+    parser.add_argument("--version", action="version", version=f"safe-dit {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what safe-dit does")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    generate.configure_parser(sub.add_parser("generate", help="generate an image under a safe-dit mode",
-                                             description=generate.__doc__,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter))
-    quality.configure_parser(sub.add_parser("eval", help="quality and latency of every mode on the embedded model",
-                                             description=quality.__doc__,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter))
-    pareto.configure_parser(sub.add_parser("pareto", help="Pareto of safe-dit vs peer accelerators, with ablations",
-                                           description=pareto.__doc__,
-                                           formatter_class=argparse.RawDescriptionHelpFormatter))
-    midt.configure_parser(sub.add_parser("midt", help="measure the Mask-Induced Dispatch Tax", description=midt.__doc__,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter))
-    audit.configure_parser(sub.add_parser("audit", help="audit every attention call of a model", description=audit.__doc__,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter))
-    bench = sub.add_parser("bench", help="benchmarks", description="Side-by-side benchmarks of the modes.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help=argparse.SUPPRESS)
+
+    def add(subparsers, name, module, help_text, wanted, prog):
+        p = subparsers.add_parser(name, help=help_text, formatter_class=_HelpFormatter, prog=prog)
+        if wanted:
+            mod = importlib.import_module(module)
+            p.description = mod.__doc__
+            mod.configure_parser(p)
+        return p
+
+    for name, (module, help_text) in COMMANDS.items():
+        add(sub, name, module, help_text, argv is None or name in words[:1], f"safe-dit {name}")
+    bench = sub.add_parser("bench", help="benchmarks", description="Side-by-side benchmarks of the modes.",
+                           prog="safe-dit bench")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    bench_forward.configure_parser(
-        bench_sub.add_parser("forward", help="dense vs dense-fp forward pass", description=bench_forward.__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
-    bench_e2e.configure_parser(
-        bench_sub.add_parser("e2e", help="dense / dense-fp / safe-core / safe-sw end to end", description=bench_e2e.__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    )
+    for name, (module, help_text) in BENCHES.items():
+        add(bench_sub, name, module, help_text, argv is None or words[:2] == ["bench", name], f"safe-dit bench {name}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from safe_dit.config import SafeDitError
 
+    previous = signal.signal(signal.SIGTERM, _terminated)  # like Ctrl-C: cleanup runs, then one line
     try:
         return int(args.func(args) or 0)
     except SafeDitError as err:
         print(f"safe-dit: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("safe-dit: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("safe-dit: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that every ``finally`` (temporary files, caches) runs."""
+
+
+def _terminated(_signum, _frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
+import math
 import os
+import signal
 import resource
 import sys
 import tempfile
@@ -35,6 +38,8 @@ from safe_dit.testing.kits import KITS
 
 
 DEFAULT_MODEL = "default"
+DEFAULT_OUT = "outputs/safe-dit.png"  # under the working directory; /outputs/ is git-ignored here
+logger = logging.getLogger(__name__)
 
 
 # offline, randomly initialised: every code path in seconds, but they draw noise (one per backbone kit)
@@ -52,7 +57,7 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str):
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         raise SafeDitError(
             f"could not load a diffusers pipeline from {model!r} without downloading ({err.__class__.__name__}: "
@@ -93,19 +98,6 @@ def call_kwargs(pipe, args) -> dict:
     return kwargs
 
 
-def _atomic_save(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=f".{path.stem}.")
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def sensitivity_overlay(image, sensitivity: torch.Tensor, grid: tuple[int, int]):
     """The image with the [N] sensitivity map (token grid ``grid``) blended over it as a heat map."""
     import numpy as np
@@ -121,89 +113,197 @@ def sensitivity_overlay(image, sensitivity: torch.Tensor, grid: tuple[int, int])
 
 def configure_parser(p) -> None:
     d = SafeConfig("safe-sw")
-    p.add_argument("prompt", help="the text prompt")
+    from safe_dit.embedded.world import VOCABULARY_HINT
+
+    p.add_argument("prompt", help="the text prompt; the embedded default model knows only its shapes world: "
+                                  + VOCABULARY_HINT.replace("%", "%%"))
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="'default' (the embedded 64x64 shapes model, offline); a local diffusers pipeline directory "
                         "of Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5 or FLUX.1 (nothing is downloaded); or "
                         "tiny-random[-pixart|-sd3|-flux] (random weights: noise, for smoke tests)")
-    p.add_argument("--mode", default="safe-core", choices=MODES, help="default safe-core")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--height", type=int, default=None, help="pixels; default: the model's native size")
-    p.add_argument("--width", type=int, default=None, help="pixels; default: the model's native size")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--mode", default="safe-core", choices=MODES,
+                   help="the CLI shows the acceleration, safe-core; the Python API's SafeConfig defaults to the exact "
+                        "dense-fp")
+    p.add_argument("--negative-prompt", default="", help="what CFG steers away from (not FLUX)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size)")
+    p.add_argument("--steps", type=int, default=30, help="sampling steps")
     p.add_argument("--guidance", type=float, default=4.0,
                    help="classifier-free guidance scale (FLUX: the distilled guidance embedding, e.g. 3.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep-ratio", type=float, default=d.keep_ratio)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--anchor-interval", type=int, default=d.anchor_interval)
-    p.add_argument("--tail-dense-steps", type=int, default=d.tail_dense_steps)
+    p.add_argument("--seed", type=int, default=0, help=f"noise seed, 0..{SEED_MAX}")
+    p.add_argument("--keep-ratio", type=float, default=d.keep_ratio,
+                   help="fraction of image tokens recomputed at selective steps")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="leading dense steps whose image->text attention builds the partition")
+    p.add_argument("--anchor-interval", type=int, default=d.anchor_interval,
+                   help="a dense anchor step every this many steps after warm-up")
+    p.add_argument("--tail-dense-steps", type=int, default=d.tail_dense_steps, help="trailing dense steps")
     p.add_argument("--cfg-context", type=float, default=d.cfg_context, help="safe-sw: guidance on context tokens")
     p.add_argument("--cfg-sensitive", type=float, default=d.cfg_sensitive, help="safe-sw: guidance on sensitive tokens")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="safe-dit.png", help="image path (PNG); the map and JSON go beside it")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", choices=sorted(DTYPES),
+                   help="weights and activations")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N, mps")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="image path (.png/.jpg/.webp); the sensitivity map (NAME.sensitivity.png) and the JSON summary "
+                        "(NAME.json) go beside it; the folder is made if missing")
     p.set_defaults(func=run)
 
 
 def _check_size(args) -> None:
     if any(v is not None and (v < 16 or v % 16) for v in (args.height, args.width)):
         raise SafeDitError("--height and --width must be positive multiples of 16")
+    if any(v is not None and v > MAX_SIDE for v in (args.height, args.width)):
+        raise SafeDitError(f"--height and --width must be at most {MAX_SIDE} pixels (Lumina-Next's RoPE table covers "
+                           f"{MAX_SIDE // 16} tokens a side; larger sizes fail inside diffusers or on allocation)")
+
+
+# Lumina's pipeline builds its 2-D RoPE table for 384 x 384 tokens (patch 2, VAE factor 8): 6144 pixels a side.
+MAX_SIDE = 384 * 16
+SEED_MAX = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: larger ones repeat smaller ones
+
+
+def check_arguments(args) -> None:
+    """Every check that needs no model, before anything is loaded or computed (one-line SafeDitErrors)."""
+    _check_size(args)
+    if args.steps < 1:
+        raise SafeDitError("--steps must be >= 1")
+    for name in ("guidance", "cfg_context", "cfg_sensitive", "keep_ratio"):
+        value = getattr(args, name)
+        if not math.isfinite(value):
+            raise SafeDitError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed <= SEED_MAX:
+        raise SafeDitError(f"--seed must be in 0..{SEED_MAX} (distinct seeds there give distinct noise), got {args.seed}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise SafeDitError(f"--device {args.device!r} is not a torch device (use cpu, cuda, cuda:1, mps)") from None
+    if device.type == "meta":
+        raise SafeDitError("--device meta holds no data: generation needs a real device (cpu, cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SafeDitError("--device cuda requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise SafeDitError(f"--device {args.device!r}: safe-dit runs on cpu, cuda, mps or xpu")
+    check_out(Path(args.out))
+    model = args.model
+    if model != DEFAULT_MODEL and model not in TINY_PIPELINES and (os.sep in model or model.startswith(".")) \
+            and not os.path.isdir(model):
+        raise SafeDitError(f"--model {model!r}: no such directory (a local diffusers pipeline directory, "
+                           f"'{DEFAULT_MODEL}', or one of {', '.join(TINY_PIPELINES)})")
+
+
+def check_out(out: Path) -> None:
+    """--out names a new or existing image file in a writable directory (checked before any work)."""
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise SafeDitError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
+    if out.is_dir():
+        raise SafeDitError(f"--out {str(out)!r} is a directory: name the image file, e.g. {str(out / 'image.png')!r}")
+    parent = out.parent if str(out.parent) else Path(".")
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SafeDitError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SafeDitError(f"--out {str(out)!r}: the directory {str(probe)!r} is not writable")
 
 
 def run(args) -> int:
-    _check_size(args)  # before loading anything; again once the native size fills a missing side
-    if args.steps < 1:
-        raise SafeDitError("--steps must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SafeDitError("--device cuda requested but CUDA is not available")
+    check_arguments(args)  # before loading anything; the size again once the native size fills a missing side
     out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise SafeDitError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
     config = SafeConfig(args.mode, keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps,
                         anchor_interval=args.anchor_interval, tail_dense_steps=args.tail_dense_steps,
                         cfg_context=args.cfg_context, cfg_sensitive=args.cfg_sensitive)
+    if args.model == DEFAULT_MODEL:
+        warn_outside_world(args.prompt)
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
     args.height = args.height or native_size(pipe, args.model)
     args.width = args.width or native_size(pipe, args.model)
     _check_size(args)
     kwargs = call_kwargs(pipe, args)
     apply_safe_dit(pipe, config)
-    if args.device.startswith("cuda"):
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
+    rt = runtime_of(pipe)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        image = pipe(args.prompt, **kwargs).images[0]
-    if args.device.startswith("cuda"):
+    try:
+        with torch.no_grad():
+            image = pipe(args.prompt, **kwargs).images[0]
+    finally:
+        if rt is not None:
+            rt.finish_generation()  # K/V caches go with the call, also when it fails or is interrupted
+    if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    _atomic_save(image, out)
-    rt = runtime_of(pipe)
     report = rt.last_report if rt is not None and config.scheduled else None
-    files = {"image": str(out)}
+    images = {out: image}
     if report is not None and rt.last_sensitivity is not None:
-        overlay = sensitivity_overlay(image, rt.last_sensitivity[0].cpu(), rt.last_grid)
-        files["sensitivity_overlay"] = str(out.with_name(out.stem + ".sensitivity.png"))
-        _atomic_save(overlay, Path(files["sensitivity_overlay"]))
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        images[out.with_name(out.stem + ".sensitivity.png")] = sensitivity_overlay(image, rt.last_sensitivity[0].cpu(),
+                                                                                   rt.last_grid)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    files = {"image": str(out)}
+    if len(images) > 1:
+        files["sensitivity_overlay"] = str(list(images)[1])
+    files["summary"] = str(out.with_suffix(".json"))
     summary = {
-        "prompt": args.prompt, "model": args.model, "backbone": adapter_for(pipe.transformer).name, "mode": args.mode, "config": config.__dict__,
-        "height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed, "guidance": args.guidance,
-        "seconds": seconds,
-        "peak_memory_mb": peak, "peak_memory_kind": "cuda max allocated" if args.device.startswith("cuda") else "process max RSS",
+        "prompt": args.prompt, "model": args.model, "backbone": adapter_for(pipe.transformer).name, "mode": args.mode,
+        "config": config.__dict__, "height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed,
+        "guidance": args.guidance, "seconds": seconds,
+        "peak_memory_mb": peak, "peak_memory_kind": "cuda max allocated" if cuda else "process max RSS",
         "tokens_per_step": report["tokens_per_step"] if report else None,
         "step_kinds": report["steps"] if report else None,
         "flop_ratio_vs_dense": report["token_fraction"] if report else 1.0,
         "cache_mb": report["cache_mb"] if report else 0.0,
         "files": files, "environment": environment(args.device),
     }
-    files["summary"] = str(out.with_suffix(".json"))
-    fd, tmp = tempfile.mkstemp(dir=out.parent or ".", prefix=f".{out.stem}.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, files["summary"])
+    write_together(images, summary, Path(files["summary"]))
     print(f"wrote {', '.join(files.values())}  ({args.mode}, {seconds:.2f} s)", file=sys.stderr)
-    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
     return 0
+
+
+def write_together(images: dict, summary: dict, json_path: Path) -> None:
+    """Write every file of one run to a temporary name first, then rename them all with SIGINT/SIGTERM held
+    back, the JSON last and naming each image's sha256: after any signal, no temporary file is left, and the
+    image, its map and its JSON appear together or not at all (a SIGKILL mid-rename shows as a hash mismatch)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    temps: list[tuple[str, Path]] = []
+    try:
+        for path, image in images.items():
+            fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent, prefix=f".{path.stem}.")
+            os.close(fd)
+            temps.append((tmp, path))
+            image.save(tmp)
+        summary["sha256"] = {str(path): _sha256(tmp) for tmp, path in temps}
+        fd, tmp = tempfile.mkstemp(suffix=".json", dir=json_path.parent, prefix=f".{json_path.stem}.")
+        temps.append((tmp, json_path))
+        with os.fdopen(fd, "w") as f:
+            json.dump(summary, f, indent=1, allow_nan=False)
+        held = {signal.SIGINT, signal.SIGTERM}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+        try:
+            for tmp, path in temps:
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    finally:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def warn_outside_world(prompt: str) -> None:
+    """The embedded model knows only its shapes world: say so when a prompt does not parse into it."""
+    from safe_dit.embedded import world
+
+    if not world.in_world(prompt):
+        logger.warning("this prompt is outside the embedded model's world (%s); it will draw noise or the nearest "
+                       "scene it knows. See 'safe-dit generate --help' for the vocabulary", world.VOCABULARY_HINT)

@@ -168,12 +168,16 @@ def test_controlnet_residuals_are_refused_by_the_scheduled_modes():
 
 
 def test_non_stock_processors_are_refused_untouched():
-    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class CustomJointProcessor:  # a user's own (fused QKV is supported since)
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+            return JointAttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask)
 
     model = build_sd3()
-    custom = FusedJointAttnProcessor2_0()
+    custom = CustomJointProcessor()
     model.transformer_blocks[1].attn.set_processor(custom)
-    with pytest.raises(SafeDitError, match="FusedJointAttnProcessor2_0"):
+    with pytest.raises(SafeDitError, match="CustomJointProcessor"):
         apply_safe_dit(model, SafeConfig("dense-fp"))
     assert model.transformer_blocks[1].attn.processor is custom and runtime_of(model) is None
     assert type(model.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"

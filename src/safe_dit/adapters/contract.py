@@ -24,15 +24,24 @@ logger = logging.getLogger(__name__)
 
 
 class SafeProcessor(Dispatch):
-    """Base of every safe-dit attention processor: bound to one model's runtime and one attention module."""
+    """Base of every safe-dit attention processor: bound to one model's runtime and one attention module.
+
+    Built bare (``type(processor)()``, as diffusers' IP-Adapter loaders rebuild every processor), it gives
+    the backbone's stock processor (``stock``): the model is then stock there, ``is_safe_dit_applied`` says
+    so, its next forward refuses, and ``apply_safe_dit`` re-patches it."""
+
+    stock: type | None = None  # the stock processor class this one stands in for
+
+    def __new__(cls, runtime: Runtime | None = None, *args, **kwargs):
+        if runtime is None:
+            if cls.stock is None:
+                raise SafeDitError(f"{cls.__name__} belongs to a model patched by apply_safe_dit; call remove_safe_dit "
+                                   "before rebuilding its processors")
+            return cls.stock()
+        return super().__new__(cls)
 
     def __init__(self, runtime: Runtime | None = None, name: str = "", model: torch.nn.Module | None = None,
                  config: SafeConfig | None = None):
-        if runtime is None:  # e.g. diffusers' IP-Adapter loader rebuilds processors with a bare __class__()
-            raise SafeDitError(
-                f"{type(self).__name__} belongs to a model patched by apply_safe_dit and cannot be rebuilt on its own "
-                "(IP-Adapter and other processor swaps are not supported under safe-dit): call "
-                "remove_safe_dit(pipe) first, and use the stock model for that feature")
         self.runtime, self.name = runtime, name
         self.rewrite_padding = True if config is None else config.rewrite_padding
         self.setup(model)
@@ -49,6 +58,7 @@ class Adapter:
     notes: str = ""  # where this backbone's masks come from, for the audit
     processor: type[SafeProcessor] = SafeProcessor
     replaces: tuple[type, ...] | None = None  # stock processors it may replace (others refused); None: any
+    passthrough: tuple[type, ...] = ()  # processors left in place under dense-fp (exact: they pass no mask)
     tokens_in: str | None = None  # module whose output is the image tokens [B, N, D]; None: `hooks` gathers
     tokens_out: str = "proj_out"  # the last per-token layer, [B, N, C] out
     grid: int | Callable | None = None  # token grid: a patch size, a callable (args, kwargs) -> (h, w); None: config
@@ -77,8 +87,9 @@ class Adapter:
         handle = Handle(config, runtime, self.name)
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
+        keep = () if config.scheduled else self.passthrough  # scheduled modes need every block's rows
         handle.on_remove(swap_processors(model, lambda name: self.processor(runtime, name, model, config), runtime,
-                                         expected=self.replaces))
+                                         expected=self.replaces, keep=keep))
         hooks = []
         if config.scheduled and self.refused_inputs:
             hooks.append(model.register_forward_pre_hook(refuse_inputs(*self.refused_inputs), with_kwargs=True))
@@ -91,7 +102,19 @@ class Adapter:
             guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None
             hooks += schedule_hooks(model, runtime, grid, tokens_in, getattr(model, self.tokens_out), guide)
         handle.remove_hooks(hooks)
+        self._check_blocks(runtime, config, handle)
         return handle
+
+    @staticmethod
+    def _check_blocks(runtime: Runtime, config: SafeConfig, handle: Handle) -> None:
+        """``pcsp_blocks`` must name blocks this model has (else PCSP would read none and fail after warm-up)."""
+        if config.pcsp_blocks is None or not config.scheduled:
+            return
+        layers = {getattr(proc, "layer", -1) for _, proc in runtime.installed} - {-1}
+        missing = sorted(set(config.pcsp_blocks) - layers)
+        if missing:
+            handle.remove()
+            raise SafeDitError(f"pcsp_blocks {missing} are not blocks of this model: it has blocks 0..{max(layers)}")
 
 
 _REGISTRY: list[Adapter] = []

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxTransformer2DModel,
-                                                            _get_qkv_projections)
+from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxIPAdapterAttnProcessor,
+                                                            FluxTransformer2DModel, _get_qkv_projections)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
@@ -59,6 +59,8 @@ class SafeFluxAttnProcessor(SafeProcessor):
     [text; image] order and one RoPE over the joint sequence, attention through diffusers' dispatcher; adds
     SRSU and the PCSP tap. The text length comes from the call itself (the caption stream, or the RoPE table
     minus the image grid), so recomputation under gradient checkpointing needs no per-forward state."""
+
+    stock = FluxAttnProcessor
 
     def setup(self, model) -> None:
         single = layer_of(self.name, "single_transformer_blocks")
@@ -144,6 +146,7 @@ class FluxAdapter(Adapter):
     notes = NOTES
     processor = SafeFluxAttnProcessor
     replaces = (FluxAttnProcessor,)
+    passthrough = (FluxIPAdapterAttnProcessor,)  # dense-fp: the IP-Adapter's double blocks stay stock (no mask)
     tokens_in = "x_embedder"
     tokens_out = "proj_out"
     grid = staticmethod(_token_grid)

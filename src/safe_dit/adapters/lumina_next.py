@@ -16,7 +16,7 @@ import logging
 import math
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, LuminaAttnProcessor2_0
 from diffusers.models.embeddings import LuminaPatchEmbed, apply_rotary_emb
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiT2DModel, LuminaNextDiTBlock
 
@@ -37,6 +37,8 @@ class SafeLuminaAttnProcessor(SafeProcessor):
     Same projections, QK-norm, RoPE, GQA and proportional-attention scale as the stock
     processor; only the mask handling differs.
     """
+
+    stock = LuminaAttnProcessor2_0
 
     def setup(self, model) -> None:
         self.layer = layer_of(self.name, "layers")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 class SafePixArtAttnProcessor(SafeProcessor):
     """Drop-in for diffusers' ``AttnProcessor2_0`` in PixArt blocks: same projections and norms;
     only the mask handling differs, plus the SRSU K/V cache and the PCSP tap."""
+
+    stock = AttnProcessor2_0
 
     def setup(self, model) -> None:
         self.layer = layer_of(self.name, "transformer_blocks")

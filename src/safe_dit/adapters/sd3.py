@@ -17,7 +17,7 @@ cond prediction so that its u + g(c - u) becomes u + gamma_i (c - u).
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
@@ -33,6 +33,8 @@ class SafeSD3AttnProcessor(SafeProcessor):
     """Drop-in for ``JointAttnProcessor2_0``: same projections, QK norms and [image; text] order; adds
     the SRSU K/V cache and the PCSP tap through :func:`joint_attention`."""
 
+    stock = JointAttnProcessor2_0
+
     def setup(self, model) -> None:
         self.layer = layer_of(self.name, "transformer_blocks")
 
@@ -43,7 +45,11 @@ class SafeSD3AttnProcessor(SafeProcessor):
         def heads(t):  # [B, L, H*d] -> [B, L, H, d]
             return t.view(batch, -1, attn.heads, d)
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        fused = getattr(attn, "fused_projections", False)  # after fuse_qkv_projections: one to_qkv, as stock then
+        if fused:
+            q, k, v = (heads(t) for t in attn.to_qkv(hidden_states).chunk(3, dim=-1))
+        else:
+            q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
         if attn.norm_q is not None:  # per-head norms over d: the same on [B, L, H, d] as on [B, H, L, d]
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -51,7 +57,10 @@ class SafeSD3AttnProcessor(SafeProcessor):
         parts = [(q, k, v)]
         if encoder_hidden_states is not None:  # [B, T, D], after the image rows as in the stock processor
             e = encoder_hidden_states
-            tq, tk, tv = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
+            if fused:
+                tq, tk, tv = (heads(t) for t in attn.to_added_qkv(e).chunk(3, dim=-1))
+            else:
+                tq, tk, tv = heads(attn.add_q_proj(e)), heads(attn.add_k_proj(e)), heads(attn.add_v_proj(e))
             if attn.norm_added_q is not None:
                 tq = attn.norm_added_q(tq)
             if attn.norm_added_k is not None:
@@ -76,7 +85,7 @@ class SD3Adapter(Adapter):
     model_classes = (SD3Transformer2DModel,)
     notes = NOTES
     processor = SafeSD3AttnProcessor
-    replaces = (JointAttnProcessor2_0,)
+    replaces = (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)
     tokens_in = "pos_embed"
     tokens_out = "proj_out"  # before unpatchify
     cond_first = False  # CFG batch [uncond; cond]

@@ -106,7 +106,7 @@ def load_text_encoder(dtype: torch.dtype = torch.float32):
             f"release ({TEXT_ENCODER_SHA256}); refusing to use them"
         )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval()
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
     model.requires_grad_(False)
     return tokenizer, model
 
@@ -154,7 +154,7 @@ def _steps_before(previous: dict):
 def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch.float32) -> PixelLuminaPipeline:
     tokenizer, text_encoder = load_text_encoder(dtype)
     return PixelLuminaPipeline(
-        transformer=transformer.to(dtype).eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=(transformer if transformer.dtype == dtype else transformer.to(dtype)).eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=PixelVAE(), text_encoder=text_encoder, tokenizer=tokenizer,
     )
 
@@ -167,5 +167,5 @@ def load_default_pipeline(path: str | Path | None = None, dtype: torch.dtype = t
             f"no trained transformer at {path}: the package was installed without its weights; "
             "reinstall safe-dit or train one with `python scripts/train_default_model.py`"
         )
-    transformer = LuminaNextDiT2DModel.from_pretrained(path, torch_dtype=dtype)
+    transformer = LuminaNextDiT2DModel.from_pretrained(path, dtype=dtype)
     return build_pipeline(transformer, dtype)

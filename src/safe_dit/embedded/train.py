@@ -94,7 +94,7 @@ def train(args) -> dict:
     model = build_transformer(args.seed, **overrides).train()
     previous = {}
     if args.init_from:  # continue from a saved (EMA, fp16) checkpoint; the optimiser starts afresh
-        start = LuminaNextDiT2DModel.from_pretrained(args.init_from, torch_dtype=torch.float32)
+        start = LuminaNextDiT2DModel.from_pretrained(args.init_from, dtype=torch.float32)
         model.load_state_dict(start.state_dict())
         card = Path(args.init_from) / "training.json"
         previous = json.loads(card.read_text()) if card.is_file() else {}

@@ -81,6 +81,21 @@ def caption(scene: Scene) -> str:
     return " and ".join(parts) + f" on a {scene.background} background"
 
 
+VOCABULARY_HINT = (f"'a COLOR SHAPE at the POSITION [and a COLOR SHAPE at the POSITION] on a BACKGROUND background', "
+                   f"COLOR {'/'.join(COLORS)}, SHAPE {'/'.join(SHAPES)}, POSITION {'/'.join(CELL_OF)}, "
+                   f"BACKGROUND {'/'.join(BACKGROUNDS)}")
+
+
+def in_world(text: str) -> bool:
+    """True iff ``text`` is a caption of this world, every word in its vocabulary."""
+    try:
+        scene = parse_caption(text)
+    except ValueError:
+        return False
+    return scene.background in BACKGROUNDS and 1 <= len(scene.objects) <= 2 and all(
+        o.color in COLORS and o.shape in SHAPES for o in scene.objects)
+
+
 def parse_caption(text: str) -> Scene:
     """Inverse of :func:`caption` (used to grade images generated from a prompt)."""
     words = text.strip().lower()

@@ -59,20 +59,22 @@ def caption_mask_check(mask_arg: str, text_arg: str, positional: tuple[str, ...]
 
 
 def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], object], runtime: Runtime,
-                    expected: tuple[type, ...] | None = None) -> Callable[[], None]:
+                    expected: tuple[type, ...] | None = None, keep: tuple[type, ...] = ()) -> Callable[[], None]:
     """Give every diffusers attention module of ``model`` (``Attention``, or the newer per-model classes
     such as ``FluxAttention``: anything with ``processor``/``set_processor``) a new processor, recorded in
     ``runtime.installed``; returns the exact undo (a module whose processor was swapped again since keeps
     the newer one). With ``expected``, any other processor (IP-Adapter, fused QKV, a user's own) is
-    refused before anything changes: replacing it would silently drop what it does."""
-    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    refused before anything changes: replacing it would silently drop what it does. Processors of the
+    ``keep`` classes are left in place (e.g. FLUX's IP-Adapter processors under dense-fp)."""
+    modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")
+               and not isinstance(m.processor, keep)]
     if expected is not None:
         for name, module in modules:
             if not isinstance(module.processor, expected):
                 raise SafeDitError(
                     f"{name} uses {type(module.processor).__name__}; safe-dit replaces only the stock "
-                    f"{'/'.join(c.__name__ for c in expected)} (IP-Adapter, fused QKV or custom processors are not "
-                    "supported): restore the default processors first")
+                    f"{'/'.join(c.__name__ for c in expected)} (IP-Adapter under safe-core/safe-sw, custom "
+                    "processors are not supported): use dense-fp, or restore the default processors first")
     for name, module in modules:
         if getattr(module.processor, "_parallel_config", None) is not None:
             raise SafeDitError(PARALLEL_REFUSED)
