@@ -219,6 +219,9 @@ def run(args) -> int:
     args.height = args.height or native_size(pipe, args.model)
     args.width = args.width or native_size(pipe, args.model)
     _check_size(args)
+    if args.model == DEFAULT_MODEL and (args.height, args.width) != (64, 64):
+        logger.warning("the embedded model was trained at 64x64 only; at %dx%d it draws what it can, not its world",
+                       args.height, args.width)
     kwargs = call_kwargs(pipe, args)
     apply_safe_dit(pipe, config)
     cuda = torch.device(args.device).type == "cuda"

@@ -68,17 +68,22 @@ def test_gradient_checkpointing_gives_the_stock_gradients(name):
         assert torch.allclose(patched[n], stock[n], atol=1e-6, rtol=1e-5), n
 
 
-@pytest.mark.parametrize("swap", ["set_default_attn_processor", "fuse_qkv_projections"])
+@pytest.mark.parametrize("swap", ["set_default_attn_processor", "fuse_qkv_projections", "fuse_then_unfuse"])
 @pytest.mark.parametrize("name", ["pixart", "sd3"])
 def test_a_processor_swap_is_seen_refused_at_the_next_call_and_repaired_by_apply(swap, name):
     kit = KITS[name]
     model = kit.build()
-    if not hasattr(model, swap):
+    if not hasattr(model, swap) and swap != "fuse_then_unfuse":
         pytest.skip(f"{type(model).__name__} has no {swap}")
     inputs = kit.inputs(model, 4, 4, batch=2)
     apply_safe_dit(model, SafeConfig("dense-fp"))
     expected = forward(model, inputs)
-    getattr(model, swap)()
+    if swap == "fuse_then_unfuse":  # unfuse puts back the processors saved at fuse time
+        model.fuse_qkv_projections()
+        apply_safe_dit(model, SafeConfig("dense-fp"))  # a repaired patch over the fused processors
+        model.unfuse_qkv_projections()  # brings back the first patch's processors: stale now
+    else:
+        getattr(model, swap)()
     assert not is_safe_dit_applied(model)  # the truth: safe-dit's attention is no longer there
     with pytest.raises(SafeDitError, match="apply_safe_dit"):
         forward(model, inputs)

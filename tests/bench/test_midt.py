@@ -62,3 +62,15 @@ def test_a_mask_that_changes_the_output_is_refused(monkeypatch):
 def test_bad_arguments(argv, match, capsys):
     assert main(["midt", "--no-progress"] + argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_midt_flags_noisy_timings():
+    from safe_dit.bench.midt import format_table
+
+    row = dict(device="cpu", dtype="float32", head_dim=64, seq_len=256, mask="bool-all-true", maskless_ms=1.0,
+               masked_ms=2.0, tax=2.0, maskless_peak_mb=1.0, masked_peak_mb=1.0, masked_kernels=[])
+    summary = {"cpu": dict(redundant_tax_min=2.0, redundant_tax_max=2.0, redundant_tax_median=2.0, longest_seq_len=256,
+                           redundant_tax_median_at_longest=2.0)}
+    quiet = format_table({"cases": [dict(row, repeat_spread=0.1)], "summary": summary})
+    noisy = format_table({"cases": [dict(row, repeat_spread=3.0)], "summary": summary})
+    assert "warning" not in quiet and "1 of 1 cases" in noisy and "quiet machine" in noisy

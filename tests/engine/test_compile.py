@@ -44,3 +44,25 @@ def test_a_compiled_model_is_patched_through_the_module_it_wraps():
     assert is_safe_dit_applied(model) and is_safe_dit_applied(compiled)
     remove_safe_dit(compiled)
     assert not is_safe_dit_applied(model)
+
+
+def test_selective_and_anchor_steps_compile_without_graph_breaks():
+    """safe-core under torch.compile: the steps after warm-up (selective, anchor) trace as whole graphs."""
+    import safe_dit
+
+    torch._dynamo.reset()
+    model = build_lumina_next("tiny")
+    inputs = lumina_inputs(model, 4, 4, batch=2)  # all caption tokens valid: no padding mask to keep
+    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=1, anchor_interval=2,
+                                     tail_dense_steps=0))
+    breaks = {}
+    with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
+        model(**inputs)  # warm-up, eager: the partition is built here (value reads and logging allowed)
+        for _ in range(3):  # selective, anchor, selective
+            kind_before = len(g.report()["steps"])
+            explanation = torch._dynamo.explain(model)(**inputs)
+            breaks[g.report()["steps"][kind_before]] = explanation.graph_break_count
+    remove_safe_dit(model)
+    torch._dynamo.reset()
+    assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
+    assert breaks == {"selective": 0, "anchor": 0}, breaks

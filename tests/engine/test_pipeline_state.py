@@ -103,3 +103,22 @@ def test_two_prompts_with_equal_latents_are_not_taken_for_a_cfg_pair(pipe):
     index_alone = runtime_of(pipe).last_index.clone()
     assert torch.equal(index_both[1], index_alone[0])  # the second prompt's own partition
     assert torch.allclose(both[1], alone[0], atol=1e-5)
+
+
+def test_caches_are_released_when_a_step_fails(pipe):
+    apply_safe_dit(pipe, CORE)
+    rt = runtime_of(pipe)
+    block = pipe.transformer.layers[0]
+    calls = {"n": 0}
+
+    def fail_at_the_fourth_step(_module, _inputs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("out of memory (simulated)")
+
+    handle = block.register_forward_pre_hook(fail_at_the_fourth_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_lumina(pipe, steps=6)
+    handle.remove()
+    assert rt.generation is None  # no K/V caches held until the next call
+

@@ -30,8 +30,6 @@ class SafeProcessor(Dispatch):
     the backbone's stock processor (``stock``): the model is then stock there, ``is_safe_dit_applied`` says
     so, its next forward refuses, and ``apply_safe_dit`` re-patches it."""
 
-    stock: type | None = None  # the stock processor class this one stands in for
-
     def __new__(cls, runtime: Runtime | None = None, *args, **kwargs):
         if runtime is None:
             if cls.stock is None:

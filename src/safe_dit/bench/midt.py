@@ -78,8 +78,9 @@ def _kernels(fn, device: str) -> list[str]:
     return names
 
 
-def _median_pair(a, b, device: str, warmup: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of a() and b(), alternated so that machine noise hits both alike."""
+def _median_pair(a, b, device: str, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Median seconds of a() and b(), alternated so that machine noise hits both alike, and the larger relative
+    spread of the two series ((max - min) / median): how far a single timing strays on this machine now."""
     for _ in range(warmup):
         a(), b()
     synchronize(device)
@@ -90,7 +91,8 @@ def _median_pair(a, b, device: str, warmup: int, repeats: int) -> tuple[float, f
             fn()
             synchronize(device)
             acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    spread = max((max(t) - min(t)) / statistics.median(t) for t in (ta, tb))
+    return statistics.median(ta), statistics.median(tb), spread
 
 
 def run_case(device, dtype_name, head_dim, n, heads, batch, mask_kind, warmup, repeats) -> dict:
@@ -119,14 +121,14 @@ def run_case(device, dtype_name, head_dim, n, heads, batch, mask_kind, warmup, r
                 f"max abs error {err:.3g}; not timing a case whose outputs differ"
             )
         del ref, out
-        t_free, t_mask = _median_pair(maskless, masked, device, warmup, repeats)
+        t_free, t_mask, spread = _median_pair(maskless, masked, device, warmup, repeats)
         mem_free = peak_memory_mb(maskless, device)
         mem_mask = peak_memory_mb(masked, device)
         k_free, k_mask = _kernels(maskless, device), _kernels(masked, device)
     return {
         "device": device, "seq_len": n, "head_dim": head_dim, "heads": heads, "batch": batch, "dtype": dtype_name,
         "mask": mask_kind, "redundant": REDUNDANT[mask_kind], "maskless_ms": 1e3 * t_free, "masked_ms": 1e3 * t_mask,
-        "tax": t_mask / t_free, "maskless_peak_mb": mem_free, "masked_peak_mb": mem_mask,
+        "tax": t_mask / t_free, "repeat_spread": spread, "maskless_peak_mb": mem_free, "masked_peak_mb": mem_mask,
         "maskless_kernels": k_free, "masked_kernels": k_mask, "max_abs_err": err,
         "mask_storage_mb": mask.untyped_storage().nbytes() / 2**20,  # what the mask itself holds in memory
     }
@@ -179,7 +181,16 @@ def format_table(result: dict) -> str:
         lines.append(f"{dev}: redundant-mask tax {s['redundant_tax_min']:.2f}x .. {s['redundant_tax_max']:.2f}x "
                      f"(median {s['redundant_tax_median']:.2f}x; at N={s['longest_seq_len']}: "
                      f"{s['redundant_tax_median_at_longest']:.2f}x)")
+    noisy = [r for r in result["cases"] if r.get("repeat_spread", 0.0) > NOISY_SPREAD]
+    if noisy:
+        worst = max(r["repeat_spread"] for r in noisy)
+        lines.append(f"warning: {len(noisy)} of {len(result['cases'])} cases had repeat timings spreading by more than "
+                     f"{NOISY_SPREAD:.0%} of their median (up to {worst:.0%}): the machine is busy or noisy, so those "
+                     "taxes are not to be trusted; rerun on a quiet machine, with more --repeats")
     return "\n".join(lines)
+
+
+NOISY_SPREAD = 0.5  # (max - min) / median of one case's repeats above which its tax is flagged
 
 
 def plot(result: dict, path: str) -> None:

@@ -108,6 +108,7 @@ class Dispatch:
 
     _attention_backend = None
     _parallel_config = None
+    stock = None  # the stock processor class a safe-dit processor stands in for
 
 
 def _gqa_native(backend) -> bool:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from safe_dit.config import SafeDitError
-from safe_dit.engine.attend import PARALLEL_REFUSED
+from safe_dit.engine.attend import PARALLEL_REFUSED, Dispatch
 from safe_dit.engine.generation import Generation
 from safe_dit.engine.runtime import Runtime
 from safe_dit.engine.schedule import SELECTIVE
@@ -68,6 +68,10 @@ def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], obje
     ``keep`` classes are left in place (e.g. FLUX's IP-Adapter processors under dense-fp)."""
     modules = [(n, m) for n, m in model.named_modules() if hasattr(m, "set_processor") and hasattr(m, "processor")
                and not isinstance(m.processor, keep)]
+    for _, module in modules:  # a safe-dit processor left from an earlier patch (e.g. put back by
+        stale = module.processor  # unfuse_qkv_projections) stands for the stock one it replaced
+        if isinstance(stale, Dispatch) and type(stale).stock is not None:
+            module.set_processor(type(stale).stock())
     if expected is not None:
         for name, module in modules:
             if not isinstance(module.processor, expected):
@@ -257,6 +261,9 @@ def finish_step(runtime: Runtime, guide: Callable):
     def hook(_model, _inputs, output):
         gen = runtime.generation
         if gen is None:
+            return None
+        if output is None:  # the forward raised: partition and K/V caches go now, not at the next call
+            runtime.finish_generation()
             return None
         if runtime.config.mode == "safe-sw" and gen.sensitivity is not None:
             output = guide(runtime, gen, output)
