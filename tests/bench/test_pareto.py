@@ -150,3 +150,14 @@ def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
     assert main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory",
                  "--scaled-from", str(tmp_path / "other.json")]) == 2  # timed with other steps: refused
     assert "run the scaled part again" in capsys.readouterr().err
+
+
+def test_threads_option_does_not_leak_into_the_process(monkeypatch):
+    import torch
+
+    from safe_dit.bench import pareto
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(pareto, "_run", lambda args: torch.get_num_threads())
+    assert main(["pareto", "--quick", "--threads", "1", "--no-progress"]) == 1  # ran with 1 thread
+    assert torch.get_num_threads() == before

@@ -99,8 +99,18 @@ def run(args) -> int:
         raise SafeDitError("--scaled-tokens must be >= 0")
     if args.threads < 0:
         raise SafeDitError("--threads must be >= 0")
+    previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)  # the process's setting again (an in-process caller, a test suite)
+
+
+def _run(args) -> int:
+    from safe_dit.embedded.model import load_default_pipeline, weights_identity
+
     settings = [s for s in default_settings() if s.family in args.families or s.name in ("dense", REFERENCE)]
     torch.manual_seed(args.seed)
     pipe = load_default_pipeline(args.model)
