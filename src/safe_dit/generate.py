@@ -162,6 +162,26 @@ MAX_SIDE = 384 * 16
 SEED_MAX = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: larger ones repeat smaller ones
 
 
+def _rope_side(pipe) -> int | None:
+    """Largest image side in pixels Lumina's pipeline has RoPE rows for (None: no such table)."""
+    from diffusers import LuminaNextDiT2DModel
+
+    if not isinstance(pipe.transformer, LuminaNextDiT2DModel):
+        return None
+    return ROPE_TOKENS * pipe.transformer.config.patch_size * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _check_rope(pipe, args) -> None:
+    side = _rope_side(pipe)
+    if side is not None and max(args.height, args.width) > side:
+        raise SafeDitError(f"--height and --width must be at most {side} pixels for this model: its pipeline has RoPE "
+                           f"rows for {ROPE_TOKENS} tokens a side")
+
+
+ROPE_TOKENS = 384  # LuminaPipeline's 2-D RoPE table: 384 x 384 tokens
+EMBEDDED_MAX_SIDE = ROPE_TOKENS * 4  # the embedded model: patch 4 on pixels (no VAE), 4 pixels a token side
+
+
 def check_arguments(args) -> None:
     """Every check that needs no model, before anything is loaded or computed (one-line SafeDitErrors)."""
     _check_size(args)
@@ -184,6 +204,9 @@ def check_arguments(args) -> None:
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise SafeDitError(f"--device {args.device!r}: safe-dit runs on cpu, cuda, mps or xpu")
     check_out(Path(args.out))
+    if args.model == DEFAULT_MODEL and max(args.height or 0, args.width or 0) > EMBEDDED_MAX_SIDE:
+        raise SafeDitError(f"--height and --width must be at most {EMBEDDED_MAX_SIDE} pixels for the embedded model: "
+                           f"its pipeline has RoPE rows for {ROPE_TOKENS} tokens a side")
     model = args.model
     if model != DEFAULT_MODEL and model not in TINY_PIPELINES and (os.sep in model or model.startswith(".")) \
             and not os.path.isdir(model):
@@ -219,6 +242,7 @@ def run(args) -> int:
     args.height = args.height or native_size(pipe, args.model)
     args.width = args.width or native_size(pipe, args.model)
     _check_size(args)
+    _check_rope(pipe, args)
     if args.model == DEFAULT_MODEL and (args.height, args.width) != (64, 64):
         logger.warning("the embedded model was trained at 64x64 only; at %dx%d it draws what it can, not its world",
                        args.height, args.width)

@@ -35,6 +35,7 @@ def no_model(monkeypatch):
     (["--seed", "-1"], "--seed must be in 0..4294967295"), (["--seed", str(2**64)], "--seed"),
     (["--device", "foo"], "not a torch device"), (["--device", "meta"], "meta"),
     (["--height", "100000"], "at most 6144"), (["--width", "4096", "--height", "8"], "multiples of 16"),
+    (["--width", "4096", "--height", "16"], "at most 1536 pixels for the embedded model"),
     (["--model", "/nonexistent/pipe"], "no such directory"),
 ])
 def test_bad_arguments_are_refused_before_any_work(extra, message, no_model, tmp_path, capsys):
