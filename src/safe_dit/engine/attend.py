@@ -37,8 +37,6 @@ class ForwardState:
 
     certified: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
-    text_len: int = 0  # joint-sequence backbones: caption tokens of this forward
-    memo: dict = field(default_factory=dict)  # per-forward values shared by all blocks (e.g. gathered RoPE)
     spread_checks: list = field(default_factory=list)  # device bools: a bias rewrite's assumption failed in a call
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
