@@ -59,6 +59,10 @@ class SafeConfig:
     car:
         ``False``: no dense refresh after warm-up, neither periodic anchors nor tail steps;
         context tokens reuse the last warm-up step's K/V and outputs to the end.
+    context_forecast:
+        Between anchors, context tokens take the last anchor's model output (0, the published method) or
+        its linear extrapolation in the step index from the last two anchors (1; frozen until there are
+        two). Sensitive rows are computed either way. Experimental: not yet chosen on held-out prompts.
     sw_map:
         ``safe-sw`` only. ``False`` replaces the per-token map by its per-image mean: the same
         average guidance, without the spatial weighting.
@@ -81,6 +85,7 @@ class SafeConfig:
     srsu: bool = True
     car: bool = True
     sw_map: bool = True
+    context_forecast: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -108,6 +113,8 @@ class SafeConfig:
         _check(isinstance(self.partition, str) and self.partition in PARTITIONS,
                f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         _check(_int(self.partition_seed), f"partition_seed must be an int, got {self.partition_seed!r}")
+        _check(_int(self.context_forecast) and self.context_forecast in (0, 1),
+               f"context_forecast must be 0 (frozen) or 1 (linear), got {self.context_forecast!r}")
         _check(self.mask_elision or self.mode != "dense-fp",
                "dense-fp without its fast path is dense: use mode='dense' (mask_elision=False is a safe-core/safe-sw ablation)")
 

@@ -55,6 +55,8 @@ class Generation:
         self.index: torch.Tensor | None = None  # [B, K] sensitive token positions
         self.kv: dict = {}  # layer (index or attention name) -> K, V [B, N, Hkv, d]
         self.output: torch.Tensor | None = None  # per-token model output at the last anchor [B, N, C]
+        self.anchor_step = -1  # the step that output comes from
+        self.previous: tuple[torch.Tensor, int] | None = None  # the anchor before it: (output, step)
         self.tokens_per_step: list[int] = []
         self.kinds: list[str] = []
         self.batch = 1
@@ -157,11 +159,22 @@ class Generation:
         return gather_rows(x, self.index)
 
     def scatter_output(self, rows: torch.Tensor) -> torch.Tensor:
-        return scatter_rows(self.output, self.index, rows)
+        return scatter_rows(self.context_output(), self.index, rows)
+
+    def context_output(self) -> torch.Tensor:
+        """What context rows output at this selective step [B, N, C]: the last anchor's output, or (forecast 1)
+        its linear extrapolation in the step index from the last two anchors."""
+        if self.config.context_forecast == 0 or self.previous is None:
+            return self.output
+        before, step = self.previous
+        slope = (self.output - before) / (self.anchor_step - step)  # per step
+        return self.output + slope * (self.step - self.anchor_step)
 
     def store_output(self, out: torch.Tensor) -> None:
         if self.refreshes_cache:
-            self.output = out
+            if self.output is not None and self.config.context_forecast:
+                self.previous = (self.output, self.anchor_step)
+            self.output, self.anchor_step = out, self.step
 
     def cache_bytes(self) -> int:
         kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
