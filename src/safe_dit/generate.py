@@ -154,11 +154,11 @@ def _check_size(args) -> None:
         raise SafeDitError("--height and --width must be positive multiples of 16")
     if any(v is not None and v > MAX_SIDE for v in (args.height, args.width)):
         raise SafeDitError(f"--height and --width must be at most {MAX_SIDE} pixels (Lumina-Next's RoPE table covers "
-                           f"{MAX_SIDE // 16} tokens a side; larger sizes fail inside diffusers or on allocation)")
+                           f"{ROPE_TOKENS} tokens a side; larger sizes fail inside diffusers or on allocation)")
 
 
-# Lumina's pipeline builds its 2-D RoPE table for 384 x 384 tokens (patch 2, VAE factor 8): 6144 pixels a side.
-MAX_SIDE = 384 * 16
+ROPE_TOKENS = 384  # LuminaPipeline builds its 2-D RoPE table for 384 x 384 tokens
+MAX_SIDE = ROPE_TOKENS * 16  # patch 2 over a VAE of factor 8: the most pixels per token side of any shipped pipeline
 SEED_MAX = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: larger ones repeat smaller ones
 
 
@@ -178,7 +178,6 @@ def _check_rope(pipe, args) -> None:
                            f"rows for {ROPE_TOKENS} tokens a side")
 
 
-ROPE_TOKENS = 384  # LuminaPipeline's 2-D RoPE table: 384 x 384 tokens
 EMBEDDED_MAX_SIDE = ROPE_TOKENS * 4  # the embedded model: patch 4 on pixels (no VAE), 4 pixels a token side
 
 
