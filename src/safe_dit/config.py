@@ -60,9 +60,19 @@ class SafeConfig:
         ``False``: no dense refresh after warm-up, neither periodic anchors nor tail steps;
         context tokens reuse the last warm-up step's K/V and outputs to the end.
     context_forecast:
-        Between anchors, context tokens take the last anchor's model output (0, the published method) or
-        its linear extrapolation in the step index from the last two anchors (1; frozen until there are
-        two). Sensitive rows are computed either way. Experimental: not yet chosen on held-out prompts.
+        Between anchors, the sensitive rows attend to the context tokens' keys/values of the last anchor
+        (0, the published method) or to their polynomial forecast of this order (1 linear, 2 quadratic)
+        in the timestep, through the last order+1 dense steps (warm-up steps included; lower order until
+        there are enough). Context outputs keep the anchor's velocity either way.
+    anchor_steps:
+        Explicit anchor step indices (after warm-up), replacing the periodic ``anchor_interval``: denser
+        where the trajectory changes fast.
+    reuse_every:
+        Step-level reuse composed with SRSU: every ``reuse_every``-th step after an anchor that would be
+        selective skips the model and forecasts every row's output (0: never).
+    reuse_order:
+        The forecast of a reuse step: the last computed model output (0) or the line through the last
+        two (1), in the timestep.
     sw_map:
         ``safe-sw`` only. ``False`` replaces the per-token map by its per-image mean: the same
         average guidance, without the spatial weighting.
@@ -86,6 +96,9 @@ class SafeConfig:
     car: bool = True
     sw_map: bool = True
     context_forecast: int = 0
+    anchor_steps: tuple[int, ...] | None = None
+    reuse_every: int = 0
+    reuse_order: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -113,8 +126,15 @@ class SafeConfig:
         _check(isinstance(self.partition, str) and self.partition in PARTITIONS,
                f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         _check(_int(self.partition_seed), f"partition_seed must be an int, got {self.partition_seed!r}")
-        _check(_int(self.context_forecast) and self.context_forecast in (0, 1),
-               f"context_forecast must be 0 (frozen) or 1 (linear), got {self.context_forecast!r}")
+        _check(_int(self.context_forecast) and self.context_forecast in (0, 1, 2),
+               f"context_forecast must be 0 (frozen), 1 (linear) or 2 (quadratic), got {self.context_forecast!r}")
+        if self.anchor_steps is not None:
+            _check(isinstance(self.anchor_steps, tuple) and all(_int(i) and i >= 0 for i in self.anchor_steps)
+                   and list(self.anchor_steps) == sorted(set(self.anchor_steps)),
+                   f"anchor_steps must be a tuple of increasing step indices >= 0, got {self.anchor_steps!r}")
+        _check(_int(self.reuse_every) and self.reuse_every >= 0, f"reuse_every must be an int >= 0, got {self.reuse_every!r}")
+        _check(_int(self.reuse_order) and self.reuse_order in (0, 1),
+               f"reuse_order must be 0 (last output) or 1 (linear), got {self.reuse_order!r}")
         _check(self.mask_elision or self.mode != "dense-fp",
                "dense-fp without its fast path is dense: use mode='dense' (mask_elision=False is a safe-core/safe-sw ablation)")
 

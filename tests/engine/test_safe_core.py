@@ -148,23 +148,3 @@ def test_config_validation(kwargs, match):
         SafeConfig("safe-core", **kwargs)
 
 
-def test_context_forecast_extrapolates_linearly_and_keeps_the_exactness_anchors(pipe):
-    """context_forecast=1: context rows follow the line through the last two anchors' outputs; with keep_ratio 1
-    (every row computed) it still reproduces dense-fp, and the default (0) is the frozen context."""
-    from safe_dit.engine.generation import Generation
-
-    gen = Generation(SafeConfig("safe-core", context_forecast=1, warmup_steps=1, anchor_interval=2), 8)
-    gen.step, gen.kind = 0, "warmup"
-    gen.store_output(torch.full((1, 4, 2), 1.0))  # the last warm-up step: the first anchor
-    gen.step, gen.kind = 2, "anchor"
-    gen.store_output(torch.full((1, 4, 2), 3.0))
-    gen.step = 3
-    assert torch.equal(gen.context_output(), torch.full((1, 4, 2), 4.0))  # 3 + (3 - 1) / 2 * 1
-    assert SafeConfig().context_forecast == 0
-    with pytest.raises(SafeDitError, match="context_forecast"):
-        SafeConfig("safe-core", context_forecast=2)
-    apply_safe_dit(pipe, SafeConfig("dense-fp"))
-    dense_fp = _run(pipe, steps=8)
-    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, context_forecast=1))
-    assert torch.allclose(_run(pipe, steps=8), dense_fp, atol=1e-5)
-    remove_safe_dit(pipe)

@@ -17,7 +17,7 @@ import torch
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.engine.attend import Dispatch
 from safe_dit.engine.guidance import sensitivity_weighted
-from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, swap_processors, watch_cfg
+from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, step_reuse, swap_processors, watch_cfg
 from safe_dit.engine.runtime import Handle, Runtime
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,8 @@ class Adapter:
             guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None
             hooks += schedule_hooks(model, runtime, grid, tokens_in, getattr(model, self.tokens_out), guide)
         handle.remove_hooks(hooks)
+        if config.scheduled and config.reuse_every:
+            handle.on_remove(step_reuse(model, runtime))
         self._check_blocks(runtime, config, handle)
         return handle
 

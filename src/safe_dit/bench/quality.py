@@ -53,6 +53,22 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+GHOST_TOLERANCE = 4  # /255: a visible difference on a flat background
+
+
+def ghosting(image: np.ndarray, reference: np.ndarray, scene: world.Scene, tolerance: int = GHOST_TOLERANCE) -> float:
+    """Fraction of the pixels in the grid cells no object occupies (HxWx3 uint8 images) where ``image`` differs
+    from ``reference`` by more than ``tolerance``/255 in some channel: faint blobs where the reference is empty."""
+    size = image.shape[0]
+    cell = (np.arange(size) * world.GRID) // size  # the grid row/column of each pixel row/column
+    occupied = np.zeros((world.GRID, world.GRID), dtype=bool)
+    for obj in scene.objects:
+        occupied[obj.cell] = True
+    empty = ~occupied[cell[:, None], cell[None, :]]  # [H, W]
+    diff = np.abs(image.astype(np.int16) - reference.astype(np.int16)).max(axis=2) > tolerance
+    return float(diff[empty].mean())
+
+
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM of two uint8 HxWx3 images (Gaussian window 11, sigma 1.5, per channel; Wang et al. 2004)."""
     x = torch.from_numpy(a).permute(2, 0, 1)[:, None].double()

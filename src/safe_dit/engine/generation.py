@@ -14,7 +14,7 @@ import torch
 
 from safe_dit.config import SafeConfig
 from safe_dit.engine.partition import SensitivityAccumulator, prompt_free_partition, select_sensitive, sensitivity_map
-from safe_dit.engine.schedule import ANCHOR, SELECTIVE, WARMUP, StepPlan
+from safe_dit.engine.schedule import ANCHOR, REUSE, SELECTIVE, WARMUP, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,28 @@ def _row_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return index.view(*index.shape, *([1] * (like.dim() - 2))).expand(-1, -1, *like.shape[2:])
 
 
+def extrapolation_weights(nodes: list[float], x: float) -> list[float]:
+    """Lagrange weights w_j with sum_j w_j f(nodes[j]) the polynomial through the points, evaluated at x
+    (one node: 1; two: the line through both). Invariant under affine maps of the variable, so a step's
+    timestep works in any pipeline's convention."""
+    out = []
+    for j, xj in enumerate(nodes):
+        w = 1.0
+        for m, xm in enumerate(nodes):
+            if m != j:
+                w *= (x - xm) / (xj - xm)
+        out.append(w)
+    return out
+
+
+def combine(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_j weights[j] * tensors[j], as a new tensor."""
+    out = tensors[-1] * weights[-1]
+    for t, w in zip(tensors[:-1], weights[:-1]):
+        out.add_(t, alpha=w)
+    return out
+
+
 def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A copy of base [B, N, ...] with rows [B, K, ...] written at index [B, K]."""
     return base.scatter(1, _row_index(index, rows), rows.to(base.dtype))
@@ -43,7 +65,8 @@ class Generation:
     def __init__(self, config: SafeConfig, num_steps: int):
         self.config = config
         self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
-                             srsu=config.srsu, car=config.car)
+                             srsu=config.srsu, car=config.car, anchor_steps=config.anchor_steps,
+                             reuse_every=config.reuse_every)
         self.step = -1
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()
@@ -56,7 +79,11 @@ class Generation:
         self.kv: dict = {}  # layer (index or attention name) -> K, V [B, N, Hkv, d]
         self.output: torch.Tensor | None = None  # per-token model output at the last anchor [B, N, C]
         self.anchor_step = -1  # the step that output comes from
-        self.previous: tuple[torch.Tensor, int] | None = None  # the anchor before it: (output, step)
+        # context_forecast > 0: per layer, the K/V of the last order+1 dense steps [(step, K, V)]
+        self.kv_history: dict = {}
+        self.times: dict[int, float] = {}  # step -> its timestep (the forecasts' variable; the step index if absent)
+        self.model_outputs: list[tuple[int, torch.Tensor]] = []  # reuse_every: the last computed model outputs
+        self.output_template = None  # the structure (tuple / ModelOutput) of the last computed model output
         self.tokens_per_step: list[int] = []
         self.kinds: list[str] = []
         self.batch = 1
@@ -65,22 +92,26 @@ class Generation:
 
     # -- step control -------------------------------------------------------------------------
     def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int], batch: int = 1,
-                   device: torch.device | str | None = None) -> str:
+                   device: torch.device | str | None = None, timestep: float | None = None) -> str:
         if self.grid is not None and grid != self.grid:
             raise RuntimeError(f"token grid changed from {self.grid} to {grid} inside one generation")
         self.grid = grid
         self.batch = batch
         self.device = torch.device(device) if device is not None else self.device
         self.step = step
+        self.times[step] = float(step) if timestep is None else timestep
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
             self._finish_partition()
             self._memo = {}
         if kind == SELECTIVE and (self.output is None or not self.kv):
             kind = ANCHOR  # no anchor cache yet (e.g. anchor_interval larger than the run): stay dense
+        if kind == REUSE and not self.model_outputs:
+            kind = SELECTIVE if self.output is not None and self.kv else ANCHOR
         self.kind = kind
         self.kinds.append(kind)
-        self.tokens_per_step.append(self.index.shape[1] if kind == SELECTIVE else num_tokens)
+        self.tokens_per_step.append({SELECTIVE: self.index.shape[1] if self.index is not None else num_tokens,
+                                     REUSE: 0}.get(kind, num_tokens))
         return kind
 
     @property
@@ -119,16 +150,28 @@ class Generation:
         return self.kind == ANCHOR or (self.kind == WARMUP and self.step == self.plan.warmup_steps - 1)
 
     def store_kv(self, layer, key: torch.Tensor, value: torch.Tensor) -> None:
+        order = self.config.context_forecast
+        if order and self.kind != SELECTIVE:  # every dense step is a forecast node (warm-up ones included)
+            hist = self.kv_history.setdefault(layer, [])
+            hist.append((self.step, key, value))
+            del hist[:-(order + 1)]
         if self.refreshes_cache:
             self.kv[layer] = (key, value)
 
     def merged_kv(self, layer, key_rows: torch.Tensor, value_rows: torch.Tensor, rows_at: torch.Tensor | None = None):
-        """Full K/V [B, L, Hkv, d]: the fresh rows written over the anchor's cache, in place. ``rows_at`` [B, n]
-        says where the fresh rows [B, n, Hkv, d] go (default: the sensitive image rows). Exact: the partition
-        is fixed between anchors, so every row a selective step wrote is written again by the next one, and
-        the context rows keep the anchor's values."""
-        k, v = self.kv[layer]
+        """Full K/V [B, L, Hkv, d]: the fresh rows written over the context's, in place. ``rows_at`` [B, n]
+        says where the fresh rows [B, n, Hkv, d] go (default: the sensitive image rows). The context rows are
+        the anchor's K/V (``context_forecast=0``; exact reuse: the partition is fixed between anchors, so every
+        row a selective step wrote is written again by the next one) or their polynomial forecast through the
+        last dense steps at this step's timestep (a new tensor per step and layer)."""
         at = self.index if rows_at is None else rows_at
+        hist = self.kv_history.get(layer)
+        if hist and len(hist) > 1:
+            weights = self._weights([s for s, _, _ in hist])
+            k = combine([h[1] for h in hist], weights)  # [B, L, Hkv, d]
+            v = combine([h[2] for h in hist], weights)
+        else:
+            k, v = self.kv[layer]
         k.scatter_(1, _row_index(at, key_rows), key_rows.to(k.dtype))
         v.scatter_(1, _row_index(at, value_rows), value_rows.to(v.dtype))
         return k, v
@@ -159,27 +202,41 @@ class Generation:
         return gather_rows(x, self.index)
 
     def scatter_output(self, rows: torch.Tensor) -> torch.Tensor:
-        return scatter_rows(self.context_output(), self.index, rows)
-
-    def context_output(self) -> torch.Tensor:
-        """What context rows output at this selective step [B, N, C]: the last anchor's output, or (forecast 1)
-        its linear extrapolation in the step index from the last two anchors."""
-        if self.config.context_forecast == 0 or self.previous is None:
-            return self.output
-        before, step = self.previous
-        slope = (self.output - before) / (self.anchor_step - step)  # per step
-        return self.output + slope * (self.step - self.anchor_step)
+        """The selective step's per-token output: fresh sensitive rows over the anchor's output. Context rows
+        keep the anchor's velocity, which under an Euler step is the same as keeping its clean-image (x0)
+        prediction: a linear forecast of the output itself was measured no better (benchmarks/forecast_probe.py)."""
+        return scatter_rows(self.output, self.index, rows)
 
     def store_output(self, out: torch.Tensor) -> None:
         if self.refreshes_cache:
-            if self.output is not None and self.config.context_forecast:
-                self.previous = (self.output, self.anchor_step)
             self.output, self.anchor_step = out, self.step
 
+    def _weights(self, steps: list[int]) -> list[float]:
+        """Extrapolation weights from these steps to the current one, in the timestep (in the step index where
+        the timesteps are not distinct, e.g. a model driven by hand with one timestep)."""
+        xs = [self.times[s] for s in steps] + [self.times[self.step]]
+        if len(set(xs)) < len(xs):
+            xs = [float(s) for s in steps] + [float(self.step)]
+        return extrapolation_weights(xs[:-1], xs[-1])
+
+    # -- step-level reuse ---------------------------------------------------------------------
+    def remember_model_output(self, sample: torch.Tensor) -> None:
+        """The model's output at a step it ran (any layout): the nodes of a reuse step's forecast."""
+        self.model_outputs.append((self.step, sample))
+        del self.model_outputs[:-(self.config.reuse_order + 1)]
+
+    def forecast_model_output(self) -> torch.Tensor:
+        """A reuse step's model output: the last computed one (order 0) or the line through the last two."""
+        nodes = self.model_outputs
+        weights = self._weights([s for s, _ in nodes])
+        return combine([t for _, t in nodes], weights)
+
     def cache_bytes(self) -> int:
-        kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
-        out = 0 if self.output is None else self.output.numel() * self.output.element_size()
-        return kv + out
+        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        kv = sum(size(k) + size(v) for k, v in self.kv.values())
+        kv += sum(size(k) + size(v) for hist in self.kv_history.values() for _, k, v in hist[:-1])
+        out = 0 if self.output is None else size(self.output)
+        return kv + out + sum(size(t) for _, t in self.model_outputs)
 
     def report(self) -> dict:
         n = max(self.tokens_per_step) if self.tokens_per_step else 0

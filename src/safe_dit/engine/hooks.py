@@ -9,12 +9,15 @@ import inspect
 from typing import Callable
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from safe_dit.config import SafeDitError
 from safe_dit.engine.attend import PARALLEL_REFUSED, Dispatch
 from safe_dit.engine.generation import Generation
 from safe_dit.engine.runtime import Runtime
-from safe_dit.engine.schedule import SELECTIVE
+from safe_dit.engine.schedule import REUSE, SELECTIVE
+
+STEP_REUSE_HOOK = "safe_dit_step_reuse"
 
 
 def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
@@ -140,7 +143,8 @@ class StepTracker:
         if step == 0:  # a CFG batch is what the pipeline call said it is, never guessed from the latents
             gen.cfg_batch = bool(cfg) and rt.cfg_pairs and latents.shape[0] % 2 == 0
             gen.cond_first = rt.cond_first
-        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device)
+        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device,
+                       timestep=_first_timestep(kwargs.get("timestep")))
         return None
 
     @staticmethod
@@ -272,3 +276,41 @@ def finish_step(runtime: Runtime, guide: Callable):
         return output
 
     return hook
+
+
+def step_reuse(model: torch.nn.Module, runtime: Runtime) -> Callable[[], None]:
+    """Step-level reuse (``reuse_every``): a hook in diffusers' own hook registry around the model's forward,
+    so that a reuse step returns the forecast output without running the model, and a step that ran records
+    its output as the forecast's node. Returns the exact undo (the registry restores the forward chain)."""
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    registry.register_hook(_StepReuse(runtime), STEP_REUSE_HOOK)
+    return lambda: registry.remove_hook(STEP_REUSE_HOOK, recurse=False)
+
+
+def _sample(output):
+    """The model output's first tensor (a tuple's first item or a ModelOutput's ``sample``)."""
+    return output[0]
+
+
+def _with_sample(template, sample: torch.Tensor):
+    """``template`` (the last computed output's structure) carrying ``sample`` instead of its first tensor."""
+    if isinstance(template, tuple):
+        return (sample, *template[1:])
+    keys = list(template.keys())
+    return type(template)(**{k: (sample if k == keys[0] else template[k]) for k in keys})
+
+
+class _StepReuse(ModelHook):
+    def __init__(self, runtime: Runtime):
+        super().__init__()
+        self.runtime = runtime
+
+    def new_forward(self, module, *args, **kwargs):
+        gen = self.runtime.generation
+        if gen is not None and gen.kind == REUSE:
+            return _with_sample(gen.output_template, gen.forecast_model_output())
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if gen is not None and gen.plan.reuse_every:
+            gen.output_template = output
+            gen.remember_model_output(_sample(output).detach().clone())  # the pipeline owns the returned one
+        return output

@@ -1,4 +1,4 @@
-"""CAR: which sampling steps are dense and which update only the sensitive tokens."""
+"""CAR: which sampling steps are dense, which update only the sensitive tokens, and which reuse a forecast."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 WARMUP, ANCHOR, SELECTIVE, TAIL = "warmup", "anchor", "selective", "tail"
 DENSE = "dense"  # a dense step that neither uses nor refreshes the SRSU caches (the no-SRSU ablation)
+REUSE = "reuse"  # step-level reuse: the model does not run, every row's output is forecast
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,9 @@ class StepPlan:
     """Steps ``0..warmup_steps-1`` are dense and feed PCSP. The last warm-up step also fills the
     SRSU caches (they hold every token's K/V and output, whatever the partition), so it counts as
     the first anchor: afterwards every ``anchor_interval``-th step is a dense anchor refreshing all
-    tokens and the caches, the others are selective; the last ``tail_dense_steps`` are dense.
+    tokens and the caches (or the steps listed in ``anchor_steps``), the others are selective; the
+    last ``tail_dense_steps`` are dense. With ``reuse_every = r > 0``, every r-th step after an anchor
+    that would be selective skips the model instead (``REUSE``).
 
     Ablations: ``srsu=False`` makes every would-be selective step a plain dense step;
     ``car=False`` drops every refresh after warm-up (no anchors, no tail)."""
@@ -24,19 +27,34 @@ class StepPlan:
     tail_dense_steps: int = 0
     srsu: bool = True
     car: bool = True
+    anchor_steps: tuple[int, ...] | None = None
+    reuse_every: int = 0
+
+    def is_anchor(self, step: int) -> bool:
+        if step < self.warmup_steps:
+            return False
+        if self.anchor_steps is not None:
+            return step in self.anchor_steps
+        return (step - self.warmup_steps + 1) % self.anchor_interval == 0
 
     def kind(self, step: int) -> str:
         if not 0 <= step < self.num_steps:
             raise IndexError(f"step {step} outside 0..{self.num_steps - 1}")
         if step < self.warmup_steps:
             return WARMUP
-        if not self.car:
-            return SELECTIVE if self.srsu else DENSE
-        if step >= self.num_steps - self.tail_dense_steps:
+        if self.car and step >= self.num_steps - self.tail_dense_steps:
             return TAIL
-        if (step - self.warmup_steps + 1) % self.anchor_interval == 0:
+        if self.car and self.is_anchor(step):
             return ANCHOR
-        return SELECTIVE if self.srsu else DENSE
+        if not self.srsu:
+            return DENSE
+        if self.reuse_every:
+            last = step - 1  # the last refresh: an anchor, or the last warm-up step
+            while last >= self.warmup_steps and not (self.car and self.is_anchor(last)):
+                last -= 1
+            if (step - last) % self.reuse_every == 0:
+                return REUSE
+        return SELECTIVE
 
     def kinds(self) -> list[str]:
         return [self.kind(i) for i in range(self.num_steps)]
@@ -44,4 +62,5 @@ class StepPlan:
     def dense_fraction(self, keep_ratio: float) -> float:
         """Fraction of dense token-steps (a FLOP proxy for linear layers): 1 for dense sampling."""
         ks = self.kinds()
-        return sum(1.0 if k != SELECTIVE else keep_ratio for k in ks) / max(1, len(ks))
+        cost = {SELECTIVE: keep_ratio, REUSE: 0.0}
+        return sum(cost.get(k, 1.0) for k in ks) / max(1, len(ks))

@@ -1,0 +1,108 @@
+"""Context forecasting, step-level reuse and explicit anchors (the composition of token- and step-level
+reuse): exact where they claim it, really skipping work where they claim that, and undone cleanly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import SdpaSpy, run_lumina as _run
+
+from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
+from safe_dit.api import runtime_of
+from safe_dit.engine.generation import Generation, extrapolation_weights
+from safe_dit.engine.schedule import StepPlan
+from safe_dit.testing.kits import build_lumina_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_lumina_pipeline()
+
+
+def test_extrapolation_weights_reproduce_polynomials_of_their_order():
+    xs = [0.1, 0.25, 0.55]
+    line = lambda x: 2.0 - 3.0 * x  # noqa: E731
+    parabola = lambda x: 1.0 + x - 4.0 * x * x  # noqa: E731
+    w2 = extrapolation_weights(xs[1:], 0.8)
+    assert sum(w * line(x) for w, x in zip(w2, xs[1:])) == pytest.approx(line(0.8))
+    w3 = extrapolation_weights(xs, 0.8)
+    assert sum(w * parabola(x) for w, x in zip(w3, xs)) == pytest.approx(parabola(0.8))
+    assert extrapolation_weights([0.3], 0.9) == [1.0]  # one node: hold the value
+
+
+def test_plan_places_reuse_steps_after_each_refresh_and_explicit_anchors():
+    plan = StepPlan(12, 2, 4, 1, reuse_every=2)
+    assert plan.kinds() == ["warmup", "warmup", "selective", "reuse", "selective", "anchor", "selective", "reuse",
+                            "selective", "anchor", "selective", "tail"]
+    explicit = StepPlan(10, 2, 99, 0, anchor_steps=(3, 7))
+    assert [i for i, k in enumerate(explicit.kinds()) if k == "anchor"] == [3, 7]
+    assert StepPlan(10, 2, 3, 1).kinds() == StepPlan(10, 2, 3, 1, reuse_every=0).kinds()
+    with pytest.raises(SafeDitError, match="anchor_steps"):
+        SafeConfig("safe-core", anchor_steps=(5, 3))
+    with pytest.raises(SafeDitError, match="reuse_every"):
+        SafeConfig("safe-core", reuse_every=-1)
+    with pytest.raises(SafeDitError, match="context_forecast"):
+        SafeConfig("safe-core", context_forecast=3)
+
+
+def test_context_kv_forecast_follows_the_line_through_the_last_dense_steps():
+    gen = Generation(SafeConfig("safe-core", context_forecast=1, warmup_steps=1, anchor_interval=2), 8)
+    gen.index, gen.grid = torch.tensor([[0]]), (1, 3)
+    for step, kind, t, value in ((0, "warmup", 0.0, 1.0), (2, "anchor", 0.4, 3.0)):
+        gen.step, gen.kind, gen.times[step] = step, kind, t
+        gen.store_kv("layer", torch.full((1, 3, 1, 2), value), torch.full((1, 3, 1, 2), -value))
+    gen.step, gen.kind, gen.times[3] = 3, "selective", 0.5
+    k, v = gen.merged_kv("layer", torch.full((1, 1, 1, 2), 9.0), torch.full((1, 1, 1, 2), -9.0))
+    assert torch.equal(k[0, 0], torch.full((1, 2), 9.0))  # the sensitive row is fresh
+    assert torch.allclose(k[0, 1:], torch.full((2, 1, 2), 3.5))  # 3 + (3 - 1) / 0.4 * 0.1, in the timestep
+    assert torch.allclose(v[0, 1:], torch.full((2, 1, 2), -3.5))
+    assert torch.equal(gen.kv["layer"][0], torch.full((1, 3, 1, 2), 3.0))  # the anchor's cache is left as it was
+
+
+def test_forecasting_with_every_row_sensitive_reproduces_dense_fp(pipe):
+    apply_safe_dit(pipe, SafeConfig("dense-fp"))
+    dense_fp = _run(pipe, steps=8)
+    for order in (1, 2):
+        apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, context_forecast=order, anchor_interval=3))
+        out = _run(pipe, steps=8)
+        assert "selective" in runtime_of(pipe).last_report["steps"]
+        assert torch.allclose(out, dense_fp, atol=1e-5), order
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, context_forecast=1, anchor_interval=3))
+    assert not torch.allclose(_run(pipe, steps=8), dense_fp, atol=1e-4)  # and it is not dense-fp otherwise
+    remove_safe_dit(pipe)
+
+
+def test_reuse_steps_skip_the_model_and_forecast_its_output(pipe):
+    config = SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=2, anchor_interval=4, tail_dense_steps=1, reuse_every=2)
+    apply_safe_dit(pipe, config)
+    transformer = pipe.transformer
+    calls, outputs, spy = [], [], SdpaSpy()
+    pre = transformer.register_forward_pre_hook(lambda *_: calls.append(len(spy.masks)))
+    post = transformer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].clone()))
+    with spy:
+        _run(pipe, steps=9)
+    pre.remove(), post.remove()
+    report = runtime_of(pipe).last_report
+    kinds = report["steps"]
+    assert kinds == ["warmup", "warmup", "selective", "reuse", "selective", "anchor", "selective", "reuse", "tail"]
+    per_step = [b - a for a, b in zip(calls, calls[1:] + [len(spy.masks)])]
+    assert all((n == 0) == (k == "reuse") for n, k in zip(per_step, kinds))  # a reuse step runs no attention
+    assert report["tokens_per_step"][3] == 0 and report["token_fraction"] < 0.75
+    # order 1: the line through the two steps before, in the timestep
+    t = [1 - float(s) / 1000 for s in pipe.scheduler.timesteps]
+    w = extrapolation_weights([t[1], t[2]], t[3])
+    assert torch.allclose(outputs[3], w[0] * outputs[1] + w[1] * outputs[2], atol=1e-6)
+    remove_safe_dit(pipe)
+    assert not hasattr(transformer, "_diffusers_hook") or not transformer._diffusers_hook.hooks
+    assert transformer.forward.__func__ is type(transformer).forward  # the stock forward is back
+
+
+def test_reuse_order_zero_repeats_the_last_computed_output(pipe):
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.5, anchor_interval=4, reuse_every=2, reuse_order=0))
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].clone()))
+    _run(pipe, steps=9)
+    hook.remove()
+    assert runtime_of(pipe).last_report["steps"][3] == "reuse"
+    assert torch.equal(outputs[3], outputs[2])
+    remove_safe_dit(pipe)
