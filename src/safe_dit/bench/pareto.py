@@ -118,7 +118,8 @@ def _run(args) -> int:
     scenes = prompt_set(args.single, args.two, args.seed)
     progress = not args.no_progress
     part1 = run_quality(pipe, settings, scenes, args, progress)
-    part2 = reuse_scaled(settings, args) if args.scaled_from else run_scaled(settings, args, progress) \
+    part2 = reuse_scaled(settings, args) if args.scaled_from else run_scaled(settings, args, progress,
+                                                                                     part1.get("patterns")) \
         if args.scaled_tokens else None
     rows = part1.pop("rows")
     result = dict(

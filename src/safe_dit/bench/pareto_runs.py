@@ -19,6 +19,7 @@ from safe_dit.environment import peak_memory_mb
 from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, run_interleaved, summarize
 from safe_dit.bench.peers import PeerUnsupported, apply_peer, calibrate_mag_ratios, peer_family
 from safe_dit.bench.pareto_settings import Setting
+from safe_dit.bench.replay import BlockRecorder, apply_replay
 
 
 class _Harness:
@@ -29,8 +30,9 @@ class _Harness:
         self.pipe, self.steps, self.calibrate_call = pipe, steps, calibrate_call
         self.mag_ratios: dict[int, list[float]] = {}
         self.unsupported: dict[str, str] = {}
+        self.recorders: dict[str, BlockRecorder] = {}  # adaptive peers: the blocks they computed, per call
 
-    def setup(self, s: Setting):
+    def setup(self, s: Setting, record: bool = False):
         def fn(pipe):
             apply_safe_dit(pipe, s.safe)
             if s.peer is None:
@@ -47,8 +49,14 @@ class _Harness:
             except BaseException:
                 remove_safe_dit(pipe)
                 raise
+            recorder = None
+            if record and family is not None and family.adaptive:
+                recorder = self.recorders.setdefault(s.name, BlockRecorder(pipe, list(pipe.transformer.layers)))
+                recorder.attach()
 
             def undo_all():
+                if recorder is not None:
+                    recorder.remove()
                 undo()
                 remove_safe_dit(pipe)
 
@@ -57,7 +65,7 @@ class _Harness:
         return fn
 
     def run(self, s: Setting) -> Run:
-        return Run(s.name, self.setup(s), s.steps(self.steps))
+        return Run(s.name, self.setup(s, record=True), s.steps(self.steps))
 
     def probe(self, s: Setting, call, memory: bool) -> float | None:
         """Support check, warm-up and peak memory in one call; None when unsupported."""
@@ -97,16 +105,19 @@ def run_quality(pipe, settings: list[Setting], scenes, args, progress: bool) -> 
                                    progress, desc="pareto", warmup=False)
     pair_with_reference(rows, images)
     summary = summarize(rows, [s.name for s in ok], "dense")
+    patterns = {name: r.median_pattern() for name, r in h.recorders.items() if r.calls}
     fp_s = summary[REFERENCE]["seconds"]
     for s in ok:
         e = summary[s.name]
         e["speedup_vs_dense_fp"] = fp_s / e["seconds"]
         e["peak_memory_mb"] = memory.get(s.name)
-    return dict(summary=summary, rows=rows, unsupported=h.unsupported, mag_ratios=h.mag_ratios)
+    return dict(summary=summary, rows=rows, unsupported=h.unsupported, mag_ratios=h.mag_ratios, patterns=patterns)
 
 
 # -- part 2: latency at scale ---------------------------------------------------------------------
-def run_scaled(settings: list[Setting], args, progress: bool) -> dict:
+def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | None = None) -> dict:
+    """``patterns``: per adaptive peer, the per-step share of blocks it computed on the embedded model
+    (``BlockRecorder.median_pattern``); those are timed by replaying that share, not by their own decisions."""
     from safe_dit.testing.kits import build_lumina_next, build_lumina_pipeline
 
     n_tokens = args.scaled_tokens
@@ -143,7 +154,16 @@ def run_scaled(settings: list[Setting], args, progress: bool) -> dict:
         if mb is None:
             rows[s.name] = dict(status="unsupported", reason=h.unsupported[s.name])
             continue
-        undo = h.setup(s)(pipe)
+        replayed = (patterns or {}).get(s.name)
+        if replayed is not None:
+            apply_safe_dit(pipe, s.safe)
+            undo_replay = apply_replay(pipe, list(transformer.layers), replayed["fractions"])
+
+            def undo():
+                undo_replay()
+                remove_safe_dit(pipe)
+        else:
+            undo = h.setup(s)(pipe)
         try:
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -154,7 +174,10 @@ def run_scaled(settings: list[Setting], args, progress: bool) -> dict:
         finally:
             undo()
         rows[s.name] = dict(status="ok", seconds=seconds, peak_memory_mb=None if math.isnan(mb) else mb,
-                            token_fraction=rep["token_fraction"] if rep else 1.0)
+                            token_fraction=rep["token_fraction"] if rep else 1.0,
+                            decisions=("replayed from the embedded model: "
+                                       f"{replayed['computed']} of {replayed['of']} block-steps computed")
+                            if replayed is not None else "its own (fixed pattern or random-weight activations)")
     for name in ("dense", REFERENCE):
         if rows.get(name, {}).get("status") != "ok":
             raise SafeDitError(f"the scaled run needs {name!r} among its settings")

@@ -160,6 +160,7 @@ class PeerFamily:
     color: str  # its colour in the Pareto plot
     no_hook_reason: str = ""  # why it attaches no hook to Lumina, when it cannot
     calibrated: bool = False  # needs ``mag_ratios`` from ``calibrate_mag_ratios``, once per step count
+    adaptive: bool = False  # skips by its activations: timed at scale by replaying its trained-weight decisions
 
     def hooks(self) -> tuple[str, ...]:
         """The hook-name constants' values in the installed diffusers."""
@@ -188,11 +189,14 @@ PEERS: tuple[PeerFamily, ...] = (
     PeerFamily("first-block-cache", "first_block_cache", ("_FBC_LEADER_BLOCK_HOOK", "_FBC_BLOCK_HOOK"),
                "FirstBlockCacheConfig", lambda c: dict(threshold=c.params["threshold"]), "apply_first_block_cache",
                settings=({"threshold": 0.05}, {"threshold": 0.1}, {"threshold": 0.2}), scaled={"threshold": 0.1},
-               color="tab:blue"),
+               color="tab:blue", adaptive=True),
     PeerFamily("taylorseer", "taylorseer_cache", ("_TAYLORSEER_CACHE_HOOK",), "TaylorSeerCacheConfig",
-               lambda c: dict(cache_interval=c.params["cache_interval"], disable_cache_before_step=3, max_order=1,
+               lambda c: dict(cache_interval=c.params["cache_interval"], disable_cache_before_step=3,
+                              max_order=c.params.get("max_order", 1),
                               taylor_factors_dtype=torch.float32, cache_identifiers=list(_LUMINA_TAYLORSEER_MODULES)),
-               "apply_taylorseer_cache", settings=({"cache_interval": 2}, {"cache_interval": 3}, {"cache_interval": 5}),
+               "apply_taylorseer_cache",
+               settings=({"cache_interval": 2}, {"cache_interval": 3}, {"cache_interval": 4}, {"cache_interval": 5},
+                         {"cache_interval": 3, "max_order": 2}, {"cache_interval": 5, "max_order": 2}),
                scaled={"cache_interval": 3}, color="tab:orange"),
     PeerFamily("faster-cache", "faster_cache", ("_FASTER_CACHE_DENOISER_HOOK", "_FASTER_CACHE_BLOCK_HOOK"),
                "FasterCacheConfig",
@@ -207,7 +211,7 @@ PEERS: tuple[PeerFamily, ...] = (
     PeerFamily("mag-cache", "mag_cache", ("_MAG_CACHE_LEADER_BLOCK_HOOK", "_MAG_CACHE_BLOCK_HOOK"), "MagCacheConfig",
                _mag_cache_kwargs, "apply_mag_cache",
                settings=({"threshold": 0.06}, {"threshold": 0.12}, {"threshold": 0.24}), scaled={"threshold": 0.12},
-               color="tab:purple", calibrated=True),
+               color="tab:purple", calibrated=True, adaptive=True),
     PeerFamily("pab", "pyramid_attention_broadcast", ("_PYRAMID_ATTENTION_BROADCAST_HOOK",),
                "PyramidAttentionBroadcastConfig",
                lambda c: dict(spatial_attention_block_skip_range=c.params["block_skip"],
@@ -219,7 +223,7 @@ PEERS: tuple[PeerFamily, ...] = (
                                           "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_ROOT_HOOK"),
                "SeaCacheConfig", lambda c: dict(threshold=c.params["threshold"], raw_vision_callback=_lumina_raw_vision),
                "apply_sea_cache", settings=({"threshold": 0.25}, {"threshold": 0.5}), scaled={"threshold": 0.25},
-               color="tab:pink"),
+               color="tab:pink", adaptive=True),
     PeerFamily("text-kv-cache", "text_kv_cache", ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
                "TextKVCacheConfig", lambda c: {}, "apply_text_kv_cache", settings=({},), scaled=None,
                color="tab:olive",
