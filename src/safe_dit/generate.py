@@ -34,6 +34,7 @@ from safe_dit.api import apply_safe_dit, runtime_of
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.environment import environment
 from safe_dit.bench.report import DTYPES
+from safe_dit.cli_args import add_schedule_arguments, schedule_kwargs
 from safe_dit.testing.kits import KITS
 
 
@@ -131,13 +132,7 @@ def configure_parser(p) -> None:
     p.add_argument("--guidance", type=float, default=4.0,
                    help="classifier-free guidance scale (FLUX: the distilled guidance embedding, e.g. 3.5)")
     p.add_argument("--seed", type=int, default=0, help=f"noise seed, 0..{SEED_MAX}")
-    p.add_argument("--keep-ratio", type=float, default=d.keep_ratio,
-                   help="fraction of image tokens recomputed at selective steps")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="leading dense steps whose image->text attention builds the partition")
-    p.add_argument("--anchor-interval", type=int, default=d.anchor_interval,
-                   help="a dense anchor step every this many steps after warm-up")
-    p.add_argument("--tail-dense-steps", type=int, default=d.tail_dense_steps, help="trailing dense steps")
+    add_schedule_arguments(p)
     p.add_argument("--cfg-context", type=float, default=d.cfg_context, help="safe-sw: guidance on context tokens")
     p.add_argument("--cfg-sensitive", type=float, default=d.cfg_sensitive, help="safe-sw: guidance on sensitive tokens")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", choices=sorted(DTYPES),
@@ -232,9 +227,8 @@ def check_out(out: Path) -> None:
 def run(args) -> int:
     check_arguments(args)  # before loading anything; the size again once the native size fills a missing side
     out = Path(args.out)
-    config = SafeConfig(args.mode, keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps,
-                        anchor_interval=args.anchor_interval, tail_dense_steps=args.tail_dense_steps,
-                        cfg_context=args.cfg_context, cfg_sensitive=args.cfg_sensitive)
+    config = SafeConfig(args.mode, **schedule_kwargs(args), cfg_context=args.cfg_context,
+                        cfg_sensitive=args.cfg_sensitive)
     if args.model == DEFAULT_MODEL:
         warn_outside_world(args.prompt)
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)

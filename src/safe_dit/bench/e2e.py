@@ -32,14 +32,14 @@ from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.environment import environment, peak_memory_mb
 from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
+from safe_dit.cli_args import add_schedule_arguments, schedule_kwargs
 from safe_dit.testing.kits import KITS, kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
 
 def _configs(args) -> dict[str, SafeConfig]:
-    sched = dict(keep_ratio=args.keep_ratio, warmup_steps=args.warmup_steps, anchor_interval=args.anchor_interval,
-                 tail_dense_steps=args.tail_dense_steps)
+    sched = schedule_kwargs(args)
     return {
         "dense": SafeConfig("dense"),
         "dense-fp": SafeConfig("dense-fp"),
@@ -270,11 +270,7 @@ def configure_parser(p) -> None:
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads, with --hidden-size")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; safe-sw uses guidance±1")
-    d = SafeConfig("safe-core")
-    p.add_argument("--keep-ratio", type=float, default=d.keep_ratio, help=f"default {d.keep_ratio}")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"default {d.warmup_steps}")
-    p.add_argument("--anchor-interval", type=int, default=d.anchor_interval, help=f"default {d.anchor_interval}")
-    p.add_argument("--tail-dense-steps", type=int, default=d.tail_dense_steps, help=f"default {d.tail_dense_steps}")
+    add_schedule_arguments(p)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=2)

@@ -116,8 +116,9 @@ def plot_ablation(result: dict, path: str) -> None:
     plt = pyplot()
     q = result["quality"]["summary"]
     p2 = result.get("scaled")
-    names = [n for n in ("safe-core", "no-fast-path", "no-srsu", "no-car", "uniform-partition", "random-partition",
-                         "safe-sw", "safe-sw flat-map") if n in q]
+    names = [n for n in ("safe-core", "safe-core published", "no-context-forecast", "periodic-anchors",
+                         "safe-core quality", "no-fast-path", "no-srsu", "no-car", "uniform-partition",
+                         "random-partition", "safe-sw", "safe-sw flat-map") if n in q]
     bars = [("paired PSNR vs dense-fp (dB; identical = 100, drawn at 60)",
              [min(q[n]["psnr_vs_dense_fp"], 60.0) for n in names]),
             ("accuracy (all attributes)", [q[n]["accuracy"] for n in names]),
@@ -136,8 +137,8 @@ def plot_ablation(result: dict, path: str) -> None:
             ax.annotate(f"{v:.2f}" if v else "-", (k, v), ha="center", va="bottom", fontsize=6)
         ax.grid(axis="y", alpha=0.3)
     st = result["settings_common"]
-    fig.suptitle(f"SAFE-Core ablations (keep 0.25, anchor 5): {st['prompts']} prompts x {st['steps']} steps; "
-                 "0 = not timed at scale", fontsize=9)
+    fig.suptitle(f"SAFE-Core ablations (each switches off one part of the defaults; 'safe-core quality' = no step "
+                 f"reuse): {st['prompts']} prompts x {st['steps']} steps; 0 = not timed at scale", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

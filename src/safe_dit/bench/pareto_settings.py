@@ -9,7 +9,13 @@ from safe_dit.config import SafeConfig
 from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
 
 FAMILIES = ("safe-dit", "ablation", "peer", "steps")
-CORE = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=5, tail_dense_steps=1)  # SafeConfig's defaults
+#: The scheduling knobs of SafeConfig's safe-core defaults (read from the dataclass, never copied by hand).
+SCHEDULE_FIELDS = ("keep_ratio", "warmup_steps", "anchor_interval", "anchor_growth", "tail_dense_steps",
+                   "context_forecast", "reuse_every", "reuse_order")
+CORE = {f: getattr(SafeConfig(), f) for f in SCHEDULE_FIELDS}
+#: The schedule as published (arXiv 2606.29360) and shipped before: periodic anchors, frozen context, no reuse.
+PUBLISHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=5, anchor_growth=0.0, tail_dense_steps=1,
+                 context_forecast=0, reuse_every=0)
 
 
 @dataclass(frozen=True)
@@ -33,17 +39,28 @@ class Setting:
         return self.family == "safe-dit" and self.safe.scheduled
 
 
+#: safe-core settings beside the defaults, from quality to speed: (name, overrides of CORE, note).
+VARIANTS = (
+    ("safe-core published", PUBLISHED, "the published schedule: keep 0.25, anchor every 5, frozen context"),
+    ("safe-core quality", dict(reuse_every=0), "defaults without step reuse"),
+    ("safe-core k0.15 a3", dict(keep_ratio=0.15, anchor_interval=3, anchor_growth=0.0, reuse_every=0),
+     "keep 0.15, anchor every 3, context forecast"),
+    ("safe-core fast", dict(keep_ratio=0.15, anchor_growth=1.5), "keep 0.15, anchor gaps growing by 1.5"),
+)
+
+
 def default_settings() -> list[Setting]:
     fp = SafeConfig("dense-fp")
+    core = SafeConfig("safe-core", **CORE)
     out = [
         Setting("dense", "safe-dit", SafeConfig("dense"), scaled=True, note="stock model, masks as shipped"),
         Setting("dense-fp", "safe-dit", fp, scaled=True, note="exact fast path (reference for PSNR/SSIM)"),
-        Setting("safe-core", "safe-dit", SafeConfig("safe-core", **CORE), scaled=True, note="keep 0.25, anchor 5"),
+        Setting("safe-core", "safe-dit", core, scaled=True, note="the defaults"),
     ]
-    for keep, anchor in ((0.25, 3), (0.25, 10), (0.5, 5), (0.15, 5)):
-        out.append(Setting(f"safe-core k{keep} a{anchor}", "safe-dit",
-                           SafeConfig("safe-core", **(CORE | dict(keep_ratio=keep, anchor_interval=anchor))),
-                           note=f"keep {keep}, anchor {anchor}"))
+    for name, overrides, note in VARIANTS:
+        out.append(Setting(name, "safe-dit", SafeConfig("safe-core", **(CORE | overrides)), scaled=True, note=note))
+    out.append(Setting("safe-core x0.67 steps", "safe-dit", core, step_fraction=2 / 3, scaled=True,
+                       note="the defaults at 2/3 of the steps (composed with step reduction)"))
     out.append(Setting("safe-sw", "safe-dit", SafeConfig("safe-sw", **CORE), note="guidance 3 (context) .. 5 (sensitive)"))
     ablations = (
         ("no-fast-path", dict(mask_elision=False), True, "stock masks kept, scheduling on"),
@@ -51,9 +68,11 @@ def default_settings() -> list[Setting]:
         ("no-car", dict(car=False), False, "no anchors or tail after warm-up"),
         ("uniform-partition", dict(partition="uniform"), False, "strided tokens instead of PCSP"),
         ("random-partition", dict(partition="random"), False, "seeded random tokens instead of PCSP"),
+        ("no-context-forecast", dict(context_forecast=0), True, "sensitive rows attend to the anchor's context K/V"),
+        ("periodic-anchors", dict(anchor_interval=4, anchor_growth=0.0), True, "as many anchors, evenly spaced"),
     )
     for name, kw, scaled, note in ablations:
-        out.append(Setting(name, "ablation", SafeConfig("safe-core", **CORE, **kw), scaled=scaled, note=note))
+        out.append(Setting(name, "ablation", SafeConfig("safe-core", **(CORE | kw)), scaled=scaled, note=note))
     out.append(Setting("safe-sw flat-map", "ablation", SafeConfig("safe-sw", **CORE, sw_map=False),
                        note="safe-sw with the map's mean guidance on every token"))
     for p in DEFAULT_PEERS:

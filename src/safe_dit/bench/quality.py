@@ -29,6 +29,7 @@ from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.environment import environment
 from safe_dit.bench.report import add_output_arguments, emit, pyplot
+from safe_dit.cli_args import add_schedule_arguments, schedule_kwargs
 
 REFERENCE = "dense-fp"
 ATTRIBUTES = ("background", "color", "shape", "position", "count")
@@ -85,9 +86,8 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def mode_config(mode: str, args) -> SafeConfig:
-    fields = {k: getattr(args, k) for k in ("keep_ratio", "warmup_steps", "anchor_interval", "tail_dense_steps",
-                                             "cfg_context", "cfg_sensitive") if getattr(args, k, None) is not None}
-    return SafeConfig(mode, **fields)
+    fields = {k: getattr(args, k) for k in ("cfg_context", "cfg_sensitive") if getattr(args, k, None) is not None}
+    return SafeConfig(mode, **schedule_kwargs(args), **fields)
 
 
 def generate(pipe, prompt: str, seed: int, steps: int, guidance: float) -> tuple[np.ndarray, float]:
@@ -254,10 +254,7 @@ def configure_parser(p) -> None:
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default 30)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale (default 4)")
     p.add_argument("--seed", type=int, default=0, help="draws the prompt set and seeds prompt i with seed + i; another seed gives a held-out prompt set (default 0)")
-    p.add_argument("--keep-ratio", type=float, default=None)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--anchor-interval", type=int, default=None)
-    p.add_argument("--tail-dense-steps", type=int, default=None)
+    add_schedule_arguments(p, with_defaults=False)
     p.add_argument("--cfg-context", type=float, default=None)
     p.add_argument("--cfg-sensitive", type=float, default=None)
     p.add_argument("--quick", action="store_true", help="6 prompts, 12 steps (CI-sized)")

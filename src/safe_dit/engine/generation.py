@@ -66,7 +66,7 @@ class Generation:
         self.config = config
         self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
                              srsu=config.srsu, car=config.car, anchor_steps=config.anchor_steps,
-                             reuse_every=config.reuse_every)
+                             reuse_every=config.reuse_every, anchor_growth=config.anchor_growth)
         self.step = -1
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()

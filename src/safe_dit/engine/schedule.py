@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 WARMUP, ANCHOR, SELECTIVE, TAIL = "warmup", "anchor", "selective", "tail"
@@ -29,13 +30,23 @@ class StepPlan:
     car: bool = True
     anchor_steps: tuple[int, ...] | None = None
     reuse_every: int = 0
+    anchor_growth: float = 0.0
+
+    def anchors(self) -> tuple[int, ...]:
+        """The anchor steps: listed, periodic, or with gaps ``anchor_interval + floor(i * anchor_growth)``
+        (i = 0, 1, ...) from the last warm-up step, so they thin out as the trajectory settles."""
+        if self.anchor_steps is not None:
+            return tuple(s for s in self.anchor_steps if s >= self.warmup_steps)
+        out, position, i = [], self.warmup_steps - 1, 0
+        while True:
+            position += self.anchor_interval + math.floor(i * self.anchor_growth + 1e-9)
+            i += 1
+            if position >= self.num_steps:
+                return tuple(out)
+            out.append(position)
 
     def is_anchor(self, step: int) -> bool:
-        if step < self.warmup_steps:
-            return False
-        if self.anchor_steps is not None:
-            return step in self.anchor_steps
-        return (step - self.warmup_steps + 1) % self.anchor_interval == 0
+        return step >= self.warmup_steps and step in self.anchors()
 
     def kind(self, step: int) -> str:
         if not 0 <= step < self.num_steps:
