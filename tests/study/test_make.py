@@ -149,3 +149,25 @@ def test_prompts_from_a_file_peers_and_step_counts(embedded_pipe, tmp_path, caps
     assert len(now) == 2 and not now & first  # the replaced study's images are gone
     assert manifest(out)["pairs"][0]["psnr_b_vs_a"] > 40  # dense and dense-fp: the same image within rounding
     capsys.readouterr()
+
+
+def test_the_study_commands_teach_in_their_help(capsys):
+    from safe_dit.cli import main
+
+    for argv, words in ((["--help"], ["safe-dit study make", "safe-dit study report"]),
+                        (["study", "--help"], ["safe-dit study serve studies/mine"]),
+                        (["study", "make", "--help"], ["NAME[:FIELD=VALUE,...][@STEPS]", "--list"]),
+                        (["study", "serve", "--help"], ["WAL mode", "127.0.0.1"]),
+                        (["study", "report", "--help"], ["H0: win rate <= 0.5 - M", "--margin"])):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        text = capsys.readouterr().out
+        assert stop.value.code == 0 and all(w in text for w in words), (argv, text[:300])
+
+
+def test_list_names_every_setting_and_each_parses(cli):
+    code, out, _ = cli("study", "make", "--list")
+    names = [line[:34].strip() for line in out.splitlines()]
+    assert code == 0 and {"dense-fp", "safe-core", "steps x0.50", "mag-cache(threshold=0.12)"} <= set(names)
+    for name in names:
+        assert make.parse_side(name, 30).setting.name == name

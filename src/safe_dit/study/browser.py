@@ -21,6 +21,9 @@ def find_chromium() -> tuple[str, str] | str:
     driver = os.environ.get("CHROMEDRIVER") or next(filter(None, map(shutil.which, DRIVERS)), None)
     if driver is None and os.access(_DEBIAN_DRIVER, os.X_OK):
         driver = _DEBIAN_DRIVER
+    for name, path in (("browser", browser), ("driver", driver)):
+        if path is not None and not os.access(path, os.X_OK):
+            return f"the Chromium {name} {path} is not an executable file"
     try:
         import selenium  # noqa: F401
     except ImportError:

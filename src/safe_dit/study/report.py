@@ -74,8 +74,10 @@ def non_inferiority(votes: list[dict], margin: float, alpha: float) -> dict:
     ok = p < alpha
     verdict = (f"B non-inferior to A at margin {margin:g} (p = {p:.3g} < {alpha:g})" if ok else
                f"non-inferiority not shown at margin {margin:g} (p = {p:.3g} >= {alpha:g})")
+    if se == 0:
+        verdict += "; every vote scored the same, so the test has no spread to work with (p is 0 or 1)"
     if clusters < 10:
-        verdict += f"; only {clusters} pairs voted on: the normal approximation is rough"
+        verdict += f"; only {_n(clusters, 'pair')} voted on: the normal approximation is rough"
     return out | dict(win_rate=mean, se=se, z=z if math.isfinite(z) else None, p_value=p, lower_bound=lower,
                       non_inferior=ok, pairs_voted=clusters, verdict=verdict)
 
@@ -107,9 +109,13 @@ def analyse(study: Study, votes: list[dict], margin: float, confidence: float) -
     )
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def table(r: dict) -> str:
     a, b = r["a"]["spec"], r["b"]["spec"]
-    lines = [f"{r['votes']} votes by {r['raters']} raters on {r['pairs']} pairs: A = {a}, B = {b}"]
+    lines = [f"{_n(r['votes'], 'vote')} by {_n(r['raters'], 'rater')} on {_n(r['pairs'], 'pair')}: A = {a}, B = {b}"]
     level = f"{r['confidence']:.0%}"
     for k, label in (("b", f"B ({b}) better"), ("same", "the same"), ("a", f"A ({a}) better")):
         e = r["preference"][k]
@@ -152,14 +158,14 @@ def plot(r: dict):
                                                                      f"(lower bound {t['lower_bound']:.2f})")
         ax.axhline(t["null_win_rate"], color="tab:red", lw=1, ls="--",
                    label=f"non-inferiority bound 0.5 - {t['margin']:g}")
-        ax.legend(fontsize=7, loc="upper center")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.set_xticks(range(3), [labels[k] for k in ("a", "same", "b")], fontsize=7)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel(f"share of votes ({r['confidence']:.0%} Wilson intervals)")
     short = ("no votes yet" if t["non_inferior"] is None else
              f"B non-inferior at margin {t['margin']:g}: {'yes' if t['non_inferior'] else 'not shown'} "
              f"(p = {t['p_value']:.3g})")
-    ax.set_title(f"{r['votes']} votes, {r['raters']} raters, {r['pairs']} pairs\n{short}", fontsize=8)
+    ax.set_title(f"{_n(r['votes'], 'vote')}, {_n(r['raters'], 'rater')}, {_n(r['pairs'], 'pair')}\n{short}", fontsize=8)
     names = [f"{p['pair']} {p['prompt'] if len(p['prompt']) <= 70 else p['prompt'][:67] + '...'}" for p in rows]
     left = [0.0] * len(rows)
     for k in ("a", "same", "b"):
