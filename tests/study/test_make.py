@@ -37,15 +37,17 @@ def test_the_manifest_records_both_settings_seeds_and_each_image_hash(study_dir)
     Study(study_dir)  # the server's own check of every hash passes
 
 
-def test_each_side_is_the_image_generate_would_draw_with_that_seed(study_dir, embedded_pipe):
-    """Same prompt, same seed, same setting: the pixels of `safe_dit generate`'s pipeline call, on both sides."""
+def test_each_side_is_the_image_eval_draws_with_that_setting_and_seed(study_dir, embedded_pipe):
+    """Same prompt, same seed, same setting: pixel for pixel the image of `safe-dit eval`'s generator (another
+    code path than the study's, which calls the pipeline as `safe-dit generate` does), on both sides."""
     from safe_dit.api import apply_safe_dit, remove_safe_dit
+    from safe_dit.bench.quality import generate
 
     pair = manifest(study_dir)["pairs"][3]
     for side, mode in (("a", "dense-fp"), ("b", "safe-core")):
         apply_safe_dit(embedded_pipe, SafeConfig(mode))
         try:
-            img, _ = make._draw(embedded_pipe, pair["prompt"], pair["seed"], 4, 64, 64, 4.0)
+            img, _ = generate(embedded_pipe, pair["prompt"], pair["seed"], 4, 4.0)
         finally:
             remove_safe_dit(embedded_pipe)
         stored = np.asarray(Image.open(study_dir / "images" / pair[side]["image"]).convert("RGB"))
