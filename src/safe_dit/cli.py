@@ -18,6 +18,9 @@ safe-dit: fast, exact-where-it-claims high-resolution Diffusion Transformer infe
   safe-dit audit         every attention call of Lumina-Next/PixArt/SD3/FLUX: masks, what safe-dit does, kernel
   safe-dit bench forward stock 'dense' vs exact fast path 'dense-fp' forward latency and memory
   safe-dit bench e2e     the four modes end to end through the Lumina-Next, PixArt, SD3 or FLUX pipeline
+  safe-dit study make    paired images of two settings (same prompts and seeds) for a blinded human study
+  safe-dit study serve   the study's blinded rating page on 127.0.0.1; votes kept in SQLite
+  safe-dit study report  preference rates, a non-inferiority test, a per-prompt breakdown, PNG and JSON
 
 Run 'safe-dit COMMAND --help' for the options of each command."""
 
@@ -38,6 +41,11 @@ COMMANDS = {
 BENCHES = {
     "forward": ("safe_dit.bench.forward", "dense vs dense-fp forward pass"),
     "e2e": ("safe_dit.bench.e2e", "dense / dense-fp / safe-core / safe-sw end to end"),
+}
+STUDY = {
+    "make": ("safe_dit.study.make", "paired images of two settings, with a manifest"),
+    "serve": ("safe_dit.study.server", "serve the blinded rating page"),
+    "report": ("safe_dit.study.report", "preference rates and a non-inferiority test"),
 }
 
 
@@ -72,11 +80,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     for name, (module, help_text) in COMMANDS.items():
         add(sub, name, module, help_text, argv is None or name in words[:1], f"safe-dit {name}")
-    bench = sub.add_parser("bench", help="benchmarks", description="Side-by-side benchmarks of the modes.",
-                           prog="safe-dit bench")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for name, (module, help_text) in BENCHES.items():
-        add(bench_sub, name, module, help_text, argv is None or words[:2] == ["bench", name], f"safe-dit bench {name}")
+    groups = (("bench", BENCHES, "benchmarks", "Side-by-side benchmarks of the modes.", "BENCH"),
+              ("study", STUDY, "blinded human study of two settings",
+               "A blinded pairwise human study of two settings: make the images, serve the rating page, report.\n"
+               "  safe-dit study make --a dense-fp --b safe-core --out studies/mine\n"
+               "  safe-dit study serve studies/mine        # open the printed URL, rate with <- -> =\n"
+               "  safe-dit study report studies/mine", "STEP"))
+    for group, commands, help_text, description, metavar in groups:
+        g = sub.add_parser(group, help=help_text, description=description, prog=f"safe-dit {group}",
+                           formatter_class=_HelpFormatter)
+        g_sub = g.add_subparsers(dest=group, metavar=metavar, required=True)
+        for name, (module, sub_help) in commands.items():
+            add(g_sub, name, module, sub_help, argv is None or words[:2] == [group, name], f"safe-dit {group} {name}")
     return parser
 
 

@@ -282,10 +282,11 @@ def run(args) -> int:
     return 0
 
 
-def write_together(images: dict, summary: dict, json_path: Path) -> None:
+def write_together(images: dict, summary: dict, json_path: Path, root: Path | None = None) -> None:
     """Write every file of one run to a temporary name first, then rename them all with SIGINT/SIGTERM held
     back, the JSON last and naming each image's sha256: after any signal, no temporary file is left, and the
-    image, its map and its JSON appear together or not at all (a SIGKILL mid-rename shows as a hash mismatch)."""
+    image, its map and its JSON appear together or not at all (a SIGKILL mid-rename shows as a hash mismatch).
+    ``root``: the sha256 map names each image relative to it (a folder that may move), else as given."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     temps: list[tuple[str, Path]] = []
     try:
@@ -294,7 +295,8 @@ def write_together(images: dict, summary: dict, json_path: Path) -> None:
             os.close(fd)
             temps.append((tmp, path))
             image.save(tmp)
-        summary["sha256"] = {str(path): _sha256(tmp) for tmp, path in temps}
+        summary["sha256"] = {(Path(path).relative_to(root).as_posix() if root is not None else str(path)): _sha256(tmp)
+                             for tmp, path in temps}
         fd, tmp = tempfile.mkstemp(suffix=".json", dir=json_path.parent, prefix=f".{json_path.stem}.")
         temps.append((tmp, json_path))
         with os.fdopen(fd, "w") as f:
