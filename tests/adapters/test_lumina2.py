@@ -147,9 +147,17 @@ def test_refusals():
     remove_safe_dit(custom)
 
 
-def test_cli_audit_and_generate(tmp_path):
+def test_cli_audit_and_generate(tmp_path, capsys):
     assert main(["audit", "--model", "lumina2", "--height-tokens", "3", "--width-tokens", "4"]) == 0
     out = tmp_path / "l2.png"
     assert main(["generate", "a red circle", "--model", "tiny-random-lumina2", "--steps", "4", "--height", "64",
                  "--width", "64", "--guidance", "1", "--out", str(out)]) == 0
     assert out.exists()
+    from safe_dit.testing.lumina2 import build_lumina2_text_pipeline
+
+    build_lumina2_text_pipeline().save_pretrained(tmp_path / "lumina2")  # generate --model DIR, offline
+    for mode, guidance in (("dense-fp", "4"), ("safe-core", "1")):
+        capsys.readouterr()
+        assert main(["generate", "a red circle", "--model", str(tmp_path / "lumina2"), "--mode", mode, "--height", "64",
+                     "--width", "64", "--steps", "3", "--guidance", guidance, "--out", str(tmp_path / "d.png")]) == 0
+        assert '"backbone": "lumina2"' in capsys.readouterr().out.strip().splitlines()[-1]
