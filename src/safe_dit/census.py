@@ -297,8 +297,27 @@ def census_one(recipe: Recipe, grid=(16, 16), seed: int = 0) -> dict:
             row["error"] = f"forward failed ({label}): {type(err).__name__}: {err}"
             row["trace"] = traceback.format_exc(limit=3)
             return row
-        row["settings"].append({"setting": label, "caption_lens": lens, "calls": spy.calls})
+        entry = {"setting": label, "caption_lens": lens, "calls": spy.calls}
+        entry["dense_fp_masked_calls"] = _dense_fp_masked(model, kwargs)
+        row["settings"].append(entry)
     return row
+
+
+def _dense_fp_masked(model, kwargs) -> int | None:
+    """Masked SDPA calls of the same forward under safe-dit's dense-fp (None: no adapter for this class)."""
+    from safe_dit.adapters import supported_classes
+    from safe_dit.api import apply_safe_dit, remove_safe_dit
+    from safe_dit.config import SafeConfig
+
+    if type(model).__name__ not in supported_classes():
+        return None
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    try:
+        with torch.no_grad(), SdpaCensus() as spy:
+            model(**kwargs)
+    finally:
+        remove_safe_dit(model)
+    return sum(c["kind"] != "none" for c in spy.calls)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,6 +367,7 @@ def summarize_row(row: dict, taxes: dict[str, dict[str, float]]) -> dict:
         est = {dev: sum(_work(c) * _charge(c, t) for c in s["calls"]) / work for dev, t in taxes.items() if t}
         removable = sum(_work(c) for c in s["calls"] if c["kind"] in ("all-valid", "row-constant", "key-padding"))
         out.append({"setting": s["setting"], "calls": len(s["calls"]), "masked": len(s["calls"]) - kinds.get("none", 0),
+                    "dense_fp_masked": s.get("dense_fp_masked_calls"),
                     "kinds": kinds, "masked_work_fraction": 1 - sum(_work(c) for c in s["calls"] if c["kind"] == "none") / work,
                     "exactly_removable_work_fraction": removable / work, "attention_tax_estimate": est,
                     "mask_shapes": sorted({f"{c['mask_dtype']}{c['mask_shape']}" for c in s["calls"] if c["kind"] != "none"})})
@@ -367,8 +387,9 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
             progress(name)
         if name not in recipes:
             rows.append({"class": name, "pipeline": None, "settings": [],
-                         "error": "not built: no tiny offline recipe in the census yet (its forward takes inputs "
-                                  "specific to its pipeline that the census does not synthesise)"})
+                         "error": "not built: no tiny recipe yet (model-specific inputs)",
+                         "why": "the census has no tiny config and inputs for this class yet: its forward takes inputs "
+                                "specific to its pipeline that the census does not synthesise"})
             continue
         rows.append(census_one(recipes[name], grid))
     supported = set(supported_classes())
@@ -385,21 +406,20 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
 
 def format_census(result: dict) -> str:
     lines = ["| class | pipeline | attention calls with a mask (batch 1 / equal / CFG different) | mask kinds (CFG batch) "
-             "| est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work | safe-dit |",
+             "| est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work | safe-dit dense-fp: masked calls |",
              "|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         if s["error"]:
-            lines.append(f"| `{s['class']}` | {s['pipeline'] or '–'} | – | {s['error'][:150]} | – | – | "
-                         f"{'yes' if s['safe_dit_adapter'] else '–'} |")
+            lines.append(f"| `{s['class']}` | {s['pipeline'] or '–'} | – | {s['error'][:60]} | – | – | – |")
             continue
         counts = " / ".join(f"{x['masked']}/{x['calls']}" for x in s["settings"])
         cfg = s["settings"][-1]
         kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(cfg["kinds"].items()) if k != "none") or "none"
         shapes = "; ".join(cfg["mask_shapes"])
         gpu = cfg["attention_tax_estimate"].get("gpu")
+        fp = " / ".join(str(x["dense_fp_masked"]) for x in s["settings"]) if s["safe_dit_adapter"] else "no adapter"
         lines.append(f"| `{s['class']}` | {s['pipeline']} | {counts} | {kinds}{' (' + shapes + ')' if shapes else ''} | "
-                     f"{'–' if gpu is None else f'{gpu:.2f}×'} | {cfg['exactly_removable_work_fraction']:.0%} | "
-                     f"{'yes' if s['safe_dit_adapter'] else '–'} |")
+                     f"{'–' if gpu is None else f'{gpu:.2f}×'} | {cfg['exactly_removable_work_fraction']:.0%} | {fp} |")
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ def test_lumina2_passes_key_padding_in_three_of_four_calls_for_a_cfg_batch():
     assert "error" not in row
     assert _kinds(row, 0) == ["all-valid", "none", "none", "none"]  # batch 1: the caption refiner's all-ones mask
     assert _kinds(row, 2) == ["key-padding", "none", "key-padding", "key-padding"]  # CFG batch, different captions
+    assert [s["dense_fp_masked_calls"] for s in row["settings"]] == [0, 0, 0]  # safe-dit's dense-fp: none left
 
 
 def test_qwen_image_masks_only_when_captions_differ():
