@@ -228,13 +228,41 @@ def configure_parser(p) -> None:
     p.add_argument("--no-rewrite-padding", action="store_true",
                    help="keep caption padding masks instead of rewriting them exactly")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--zoo", action="store_true",
+                   help="the mask census instead: every image-generation transformer class of the installed diffusers "
+                        "with a tiny offline recipe, batch 1 / 2 / CFG batch with different caption lengths; which "
+                        "masks reach SDPA and their estimated tax (with --json, --plot, --table)")
+    p.add_argument("--plot", metavar="PATH", help="--zoo: write the census plot (PNG) here")
+    p.add_argument("--table", metavar="PATH", help="--zoo: write the census table (Markdown) here")
+    p.add_argument("--results", default="benchmarks/results", metavar="DIR",
+                   help="--zoo: where the midt-{gpu,cpu}.json the tax estimate uses are (default: benchmarks/results)")
     p.set_defaults(func=run)
 
 
 BACKBONES = tuple(KITS)
 
 
+def run_zoo(args) -> int:
+    from safe_dit.census import format_census, plot_census, run_census
+
+    result = run_census(args.results, progress=lambda name: print(f"census: {name}", file=sys.stderr))
+    table = format_census(result)
+    print(table)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        plot_census(result, args.plot)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    sys.stdout.write(json.dumps(result["summary"]) + "\n")
+    return 0
+
+
 def run(args) -> int:
+    if args.zoo:
+        return run_zoo(args)
     for name in ("layers", "height_tokens", "width_tokens", "batch", "text_len"):
         if getattr(args, name) < 1:
             raise SafeDitError(f"--{name.replace('_', '-')} must be >= 1")

@@ -71,6 +71,11 @@ class _Backbone:
         self.kwargs = kit.prompt_kwargs(self.transformer, draw, self.text_len, PROMPT_VALID, device=args.device)
         self.modes = MODES[:3] if kit.guidance_distilled else MODES
         self.batch = "1 (guidance-distilled)" if kit.guidance_distilled else "2 (CFG)"
+        if getattr(args, "prompts", 1) == 2:  # a second prompt of another caption length in the same call
+            second = kit.prompt_kwargs(self.transformer, draw, self.text_len, PROMPT_VALID[::-1], device=args.device)
+            self.kwargs = {k: torch.cat([v, second[k]]) if isinstance(v, torch.Tensor) else v
+                           for k, v in self.kwargs.items()}
+            self.batch = f"2 prompts ({PROMPT_VALID[0]} and {PROMPT_VALID[1]} valid caption tokens) x " + self.batch
         self.label = kit.label
         self.heads, self.kv_heads, self.head_dim = kit.attention_shape(self.transformer)
         self.transformer.to(args.device)
@@ -268,6 +273,10 @@ def configure_parser(p) -> None:
     p.add_argument("--heads", type=int, default=None,
                    help="attention heads (Lumina: with --hidden-size; SD3/FLUX: width = heads x the real head dim)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads, with --hidden-size")
+    p.add_argument("--prompts", type=int, default=1, choices=(1, 2),
+                   help="prompts per pipeline call: 2 batches a second prompt with another caption length "
+                        f"({PROMPT_VALID[0]} and {PROMPT_VALID[1]} valid tokens), where Lumina-Image-2.0 and Qwen-Image "
+                        "mask their joint attention (default 1)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; safe-sw uses guidance±1")
     add_schedule_arguments(p)

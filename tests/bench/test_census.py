@@ -1,0 +1,37 @@
+"""The mask census (``safe-dit audit --zoo``): its mask kinds, and what it finds on the classes the issue names."""
+
+import torch
+
+from safe_dit.census import RECIPES, census_one, mask_kind
+
+Q, K = (2, 4, 6, 8), (2, 4, 5, 8)  # [B, H, Lq, d], [B, H, Lk, d]
+
+
+def test_mask_kinds():
+    assert mask_kind(None, Q, K) == "none"
+    assert mask_kind(torch.ones(2, 1, 1, 5, dtype=torch.bool), Q, K) == "all-valid"
+    assert mask_kind(torch.zeros(2, 1, 1, 5), Q, K) == "all-valid"
+    assert mask_kind(torch.full((2, 1, 6, 5), 3.0), Q, K) == "row-constant"
+    padding = torch.arange(5)[None] < torch.tensor([5, 2])[:, None]  # [B, Lk]
+    assert mask_kind(padding[:, None, None], Q, K) == "key-padding"
+    assert mask_kind(torch.where(padding, 0.0, -10000.0)[:, None, None], Q, K) == "key-padding"
+    assert mask_kind(padding.float()[:, None, None], Q, K) == "other"  # a 0/1 float mask is a bias, not padding
+    causal = torch.ones(6, 5, dtype=torch.bool).tril()
+    assert mask_kind(causal, Q, K) == "other"
+
+
+def _kinds(row, setting):
+    return [c["kind"] for c in row["settings"][setting]["calls"]]
+
+
+def test_lumina2_passes_key_padding_in_three_of_four_calls_for_a_cfg_batch():
+    row = census_one(next(r for r in RECIPES if r.cls == "Lumina2Transformer2DModel"), grid=(4, 4))
+    assert "error" not in row
+    assert _kinds(row, 0) == ["all-valid", "none", "none", "none"]  # batch 1: the caption refiner's all-ones mask
+    assert _kinds(row, 2) == ["key-padding", "none", "key-padding", "key-padding"]  # CFG batch, different captions
+    assert [s["dense_fp_masked_calls"] for s in row["settings"]] == [0, 0, 0]  # safe-dit's dense-fp: none left
+
+
+def test_qwen_image_masks_only_when_captions_differ():
+    row = census_one(next(r for r in RECIPES if r.cls == "QwenImageTransformer2DModel"), grid=(4, 4))
+    assert set(_kinds(row, 0)) == {"none"} and set(_kinds(row, 2)) == {"key-padding"}
