@@ -39,7 +39,7 @@ def test_dense_fp_reproduces_dense_through_the_sampling_loop(backbone):
 
 def test_keep_ratio_one_reproduces_dense_fp(backbone):
     pipe, run, _grid, _dense, dense_fp = backbone
-    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, warmup_steps=2, anchor_interval=3))
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, warmup_steps=2, anchor_interval=3))
     out = run(pipe)
     report = runtime_of(pipe).last_report
     remove_safe_dit(pipe)
@@ -49,7 +49,8 @@ def test_keep_ratio_one_reproduces_dense_fp(backbone):
 
 def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
     pipe, run, grid, _dense, dense_fp = backbone
-    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=4, tail_dense_steps=1))
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=4, anchor_growth=0.0,
+                                    tail_dense_steps=1, context_forecast=1, reuse_every=2))
     with SdpaSpy() as spy:
         out = run(pipe)
     rt = runtime_of(pipe)
@@ -58,9 +59,11 @@ def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
     second = rt.last_index.clone()
     remove_safe_dit(pipe)
     assert spy.masks and all(m is None for m in spy.masks)  # every SDPA call of every step kind is mask-free
-    assert report["steps"] == ["warmup"] * 2 + ["selective"] * 3 + ["anchor"] + ["selective"] * 3 + ["tail"]
+    assert report["steps"] == ["warmup"] * 2 + ["selective", "reuse", "selective", "anchor", "selective", "reuse", "selective",
+                                               "tail"]
     n = grid[0] * grid[1]
     assert report["tokens_per_step"][0] == n and report["sensitive_tokens"] == -(-n // 4)
+    assert [t for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "reuse"] == [0, 0]
     assert all(t == -(-n // 4) for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "selective")
     assert rt.generation is None and rt.last_grid == grid  # released after the last step; the map is kept
     assert not torch.equal(first, second)  # the prompt decides the partition

@@ -266,7 +266,7 @@ def test_pixart_alpha_pipeline_too():
     dense = _run(alpha, steps=8)
     apply_safe_dit(alpha, SafeConfig("dense-fp"))
     fast = _run(alpha, steps=8)
-    apply_safe_dit(alpha, SafeConfig("safe-core", keep_ratio=1.0, anchor_interval=3))
+    apply_safe_dit(alpha, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, anchor_interval=3))
     full = _run(alpha, steps=8)
     assert "selective" in runtime_of(alpha).last_report["steps"]
     remove_safe_dit(alpha)

@@ -87,11 +87,11 @@ def test_safe_core_on_a_batch_of_two_captions(lens):
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense_fp = [forward(model, inputs) for inputs in steps]
     remove_safe_dit(model)
-    sched = dict(warmup_steps=1, anchor_interval=3, tail_dense_steps=0)
-    full, g1, _ = _steps(model, steps, SafeConfig("safe-core", keep_ratio=1.0, **sched), cfg_batch=True)
+    sched = dict(warmup_steps=1, anchor_interval=3, tail_dense_steps=0, anchor_growth=0.0)
+    full, g1, _ = _steps(model, steps, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, **sched), cfg_batch=True)
     assert "selective" in g1.report()["steps"]
     assert all((o - d).abs().max() <= 1e-5 * d.abs().max() for o, d in zip(full, dense_fp))  # keep 1 == dense-fp
-    sparse, g2, spy = _steps(model, steps, SafeConfig("safe-core", keep_ratio=0.25, **sched))
+    sparse, g2, spy = _steps(model, steps, SafeConfig("safe-core", keep_ratio=0.25, reuse_every=0, **sched))
     report = g2.report()
     assert report["steps"] == ["warmup", "selective", "selective", "anchor", "selective", "selective"]
     assert report["tokens_per_step"][1] == 6 and report["tokens_per_step"][0] == 24

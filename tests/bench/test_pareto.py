@@ -107,7 +107,10 @@ def test_default_settings_cover_the_issue():
                                                    "pab", "sea-cache", "text-kv-cache"}
     assert sum(x.family == "steps" for x in s) == 3 and sum(x.is_safe_core for x in s) >= 5
     # same steps, guidance and dtype for everyone but step reduction
-    assert all(x.steps(30) == 30 for x in s if x.family != "steps")
+    assert all(x.steps(30) == 30 for x in s if x.family != "steps" and not x.name.endswith(" steps"))
+    assert {"safe-core published", "no-context-forecast", "periodic-anchors"} <= set(names)
+    assert {tuple(sorted(x.peer.params.items())) for x in s if x.peer and x.peer.method == "taylorseer"} >= {
+        (("cache_interval", 2),), (("cache_interval", 5),), (("cache_interval", 3), ("max_order", 2))}
 
 
 @pytest.fixture(scope="module")

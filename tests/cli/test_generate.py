@@ -1,9 +1,11 @@
 """safe-dit generate on the offline tiny-random pipeline: files, summary, atomic writes, errors."""
 
 import json
+import math
 
 import pytest
 
+from safe_dit import SafeConfig
 from safe_dit.cli import main
 
 
@@ -24,7 +26,8 @@ def test_safe_core_writes_image_overlay_and_summary(tmp_path, capsys):
     assert summary["mode"] == "safe-core" and summary["seconds"] > 0 and summary["peak_memory_mb"] > 0
     n = summary["tokens_per_step"][0]
     assert summary["step_kinds"][:2] == ["warmup", "warmup"]
-    assert min(summary["tokens_per_step"]) == -(-n // 4)  # keep_ratio 0.25 at selective steps
+    selective = [t for t, k in zip(summary["tokens_per_step"], summary["step_kinds"]) if k == "selective"]
+    assert selective and all(t == math.ceil(n * SafeConfig().keep_ratio) for t in selective)  # the default keep ratio
     assert 0 < summary["flop_ratio_vs_dense"] < 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.json", "img.png", "img.sensitivity.png"]  # no temp files
 
@@ -76,7 +79,9 @@ def test_other_backbones_generate_with_their_map(tmp_path, capsys, model, backbo
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["backbone"] == backbone and summary["mode"] == "safe-core"
     n = summary["tokens_per_step"][0]
-    assert min(summary["tokens_per_step"]) == -(-n // 4) and 0 < summary["flop_ratio_vs_dense"] < 1
+    selective = [t for t, k in zip(summary["tokens_per_step"], summary["step_kinds"]) if k == "selective"]
+    assert selective and all(t == math.ceil(n * SafeConfig().keep_ratio) for t in selective)
+    assert 0 < summary["flop_ratio_vs_dense"] < 1
     assert (tmp_path / "img.sensitivity.png").stat().st_size > 0
 
 

@@ -48,7 +48,8 @@ def dense_fp(pipe):
     return _with(pipe, SafeConfig("dense-fp"))[0]
 
 
-SCHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=3, tail_dense_steps=1)
+SCHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=3, tail_dense_steps=1, anchor_growth=0.0, context_forecast=0,
+             reuse_every=0)  # the published schedule, whose parts the ablations switch off
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,8 @@ def test_selective_and_anchor_steps_compile_without_graph_breaks():
     torch._dynamo.reset()
     model = build_lumina_next("tiny")
     inputs = lumina_inputs(model, 4, 4, batch=2)  # all caption tokens valid: no padding mask to keep
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=1, anchor_interval=2,
-                                     tail_dense_steps=0))
+    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=1, anchor_interval=2, anchor_growth=0.0,
+                                     tail_dense_steps=0, context_forecast=0, reuse_every=0))
     breaks = {}
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
         model(**inputs)  # warm-up, eager: the partition is built here (value reads and logging allowed)

@@ -169,7 +169,7 @@ def test_the_study_commands_teach_in_their_help(capsys):
 
 def test_list_names_every_setting_and_each_parses(cli):
     code, out, _ = cli("study", "make", "--list")
-    names = [line[:34].strip() for line in out.splitlines()]
+    names = [line.split("  ")[0].strip() for line in out.splitlines()]
     assert code == 0 and {"dense-fp", "safe-core", "steps x0.50", "mag-cache(threshold=0.12)"} <= set(names)
     for name in names:
         assert make.parse_side(name, 30).setting.name == name

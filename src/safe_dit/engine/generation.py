@@ -81,7 +81,7 @@ class Generation:
         self.anchor_step = -1  # the step that output comes from
         # context_forecast > 0: per layer, the K/V of the last order+1 dense steps [(step, K, V)]
         self.kv_history: dict = {}
-        self.times: dict[int, float] = {}  # step -> its timestep (the forecasts' variable; the step index if absent)
+        self.times: dict[int, float | None] = {}  # step -> its timestep (the forecasts' variable; else the step index)
         self.model_outputs: list[tuple[int, torch.Tensor]] = []  # reuse_every: the last computed model outputs
         self.output_template = None  # the structure (tuple / ModelOutput) of the last computed model output
         self.tokens_per_step: list[int] = []
@@ -99,7 +99,7 @@ class Generation:
         self.batch = batch
         self.device = torch.device(device) if device is not None else self.device
         self.step = step
-        self.times[step] = float(step) if timestep is None else timestep
+        self.times[step] = timestep
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
             self._finish_partition()
@@ -214,8 +214,8 @@ class Generation:
     def _weights(self, steps: list[int]) -> list[float]:
         """Extrapolation weights from these steps to the current one, in the timestep (in the step index where
         the timesteps are not distinct, e.g. a model driven by hand with one timestep)."""
-        xs = [self.times[s] for s in steps] + [self.times[self.step]]
-        if len(set(xs)) < len(xs):
+        xs = [self.times.get(s) for s in steps] + [self.times.get(self.step)]
+        if None in xs or len(set(xs)) < len(xs):
             xs = [float(s) for s in steps] + [float(self.step)]
         return extrapolation_weights(xs[:-1], xs[-1])
 

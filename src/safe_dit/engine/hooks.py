@@ -143,8 +143,11 @@ class StepTracker:
         if step == 0:  # a CFG batch is what the pipeline call said it is, never guessed from the latents
             gen.cfg_batch = bool(cfg) and rt.cfg_pairs and latents.shape[0] % 2 == 0
             gen.cond_first = rt.cond_first
-        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device,
-                       timestep=_first_timestep(kwargs.get("timestep")))
+        forecasts = rt.config.context_forecast or rt.config.reuse_every
+        timestep = None  # the forecasts' variable; without it (or under torch.compile: no host read) the step index
+        if forecasts and not torch.compiler.is_compiling():
+            timestep = _first_timestep(kwargs.get("timestep"))
+        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device, timestep=timestep)
         return None
 
     @staticmethod

@@ -245,8 +245,10 @@ def _draw(pipe, prompt: str, seed: int, steps: int, height: int, width: int, gui
 def run(args, pipe=None, weights: dict | None = None) -> int:
     """The command; ``pipe`` (with its ``weights`` identity): an already loaded pipeline of ``args.model``."""
     if args.list:
-        for name, s in known_settings().items():
-            print(f"{name:34} {s.family:9} {s.note}")
+        known = known_settings()
+        width = max(map(len, known)) + 2  # names may hold spaces; two spaces end each
+        for name, s in known.items():
+            print(f"{name:{width}}{s.family:9} {s.note}")
         return 0
     _check(args)
     sides = {"a": parse_side(args.a, args.steps), "b": parse_side(args.b, args.steps)}
