@@ -215,14 +215,18 @@ def check_out(out: Path) -> None:
         raise SafeDitError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
     if out.is_dir():
         raise SafeDitError(f"--out {str(out)!r} is a directory: name the image file, e.g. {str(out / 'image.png')!r}")
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
+    check_creatable(out, out.parent if str(out.parent) else Path("."))
+
+
+def check_creatable(out: Path, folder: Path) -> None:
+    """``folder`` (where ``--out`` writes) exists or can be made: its nearest existing ancestor is a writable folder."""
+    probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise SafeDitError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a directory")
+        raise SafeDitError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise SafeDitError(f"--out {str(out)!r}: the directory {str(probe)!r} is not writable")
+        raise SafeDitError(f"--out {str(out)!r}: the folder {str(probe)!r} is not writable")
 
 
 def run(args) -> int:

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import secrets
 import shlex
@@ -178,13 +177,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise SafeDitError(f"--out {str(out)!r} already holds a study: --overwrite replaces it, or choose another folder")
         if not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise SafeDitError(f"--out {str(out)!r} is not empty and holds no study: choose a new or empty folder")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SafeDitError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise SafeDitError(f"--out {str(out)!r}: {str(probe)!r} is not writable")
+    from safe_dit.generate import check_creatable
+
+    check_creatable(out, out)
 
 
 def _check(args) -> None:
