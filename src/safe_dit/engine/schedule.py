@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +35,14 @@ class StepPlan:
     anchor_growth: float = 0.0
 
     def anchors(self) -> tuple[int, ...]:
+        return self._anchors
+
+    @functools.cached_property
+    def _anchor_set(self) -> frozenset[int]:
+        return frozenset(self._anchors)
+
+    @functools.cached_property
+    def _anchors(self) -> tuple[int, ...]:
         """The anchor steps: listed, periodic, or with gaps ``anchor_interval + floor(i * anchor_growth)``
         (i = 0, 1, ...) from the last warm-up step, so they thin out as the trajectory settles."""
         if self.anchor_steps is not None:
@@ -46,7 +56,7 @@ class StepPlan:
             out.append(position)
 
     def is_anchor(self, step: int) -> bool:
-        return step >= self.warmup_steps and step in self.anchors()
+        return step >= self.warmup_steps and step in self._anchor_set
 
     def kind(self, step: int) -> str:
         if not 0 <= step < self.num_steps:
@@ -60,9 +70,8 @@ class StepPlan:
         if not self.srsu:
             return DENSE
         if self.reuse_every:
-            last = step - 1  # the last refresh: an anchor, or the last warm-up step
-            while last >= self.warmup_steps and not (self.car and self.is_anchor(last)):
-                last -= 1
+            before = bisect.bisect_left(self._anchors, step) if self.car else 0
+            last = self._anchors[before - 1] if before else self.warmup_steps - 1  # the last refresh
             if (step - last) % self.reuse_every == 0:
                 return REUSE
         return SELECTIVE
