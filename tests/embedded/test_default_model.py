@@ -101,3 +101,73 @@ def test_training_can_continue_from_a_checkpoint(micro_model_dir, tmp_path):
                        "--init-from", str(micro_model_dir), "--out", str(out)]) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["continues"]["steps"] == 3 and record["steps"] == 1
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+    return load_file(str(out / "diffusion_pytorch_model.safetensors"))
+
+
+def test_an_interrupted_resumable_run_continues_bit_for_bit(tmp_path, monkeypatch):
+    from safe_dit.embedded import train as tr
+
+    args = ["--steps", "4", "--batch", "2", "--quiet", "--log-every", "1", "--save-every", "2", "--resume",
+            "--config-overrides", MICRO]
+    assert train_main(args + ["--out", str(tmp_path / "straight")]) == 0
+    assert not (tmp_path / "straight" / tr.RESUME_FILE).exists()  # a finished run leaves only the checkpoint
+
+    calls, real = [0], world.sample_scene
+
+    def dies_in_step_three(*a, **k):
+        calls[0] += 1
+        if calls[0] > 2 * 2:  # batch 2: scenes of steps 1-2 drawn, the run stops inside step 3
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr.world, "sample_scene", dies_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(args + ["--out", str(tmp_path / "resumed")])
+    assert (tmp_path / "resumed" / tr.RESUME_FILE).is_file()
+    monkeypatch.setattr(tr.world, "sample_scene", real)
+    assert train_main(args + ["--out", str(tmp_path / "resumed")]) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = json.loads((tmp_path / "straight" / "training.json").read_text())["log"]
+    log_b = json.loads((tmp_path / "resumed" / "training.json").read_text())["log"]
+    assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b] and len(log_a) == 4
+
+
+def test_resume_refuses_a_state_saved_by_another_command(tmp_path):
+    base = ["--batch", "2", "--quiet", "--save-every", "1", "--resume", "--config-overrides", MICRO,
+            "--out", str(tmp_path)]
+    (tmp_path / "resume.pt").parent.mkdir(exist_ok=True)
+    import torch as _t
+    _t.save(dict(argv=["--steps", "9"]), tmp_path / "resume.pt")
+    with pytest.raises(SystemExit, match="another command"):
+        train_main(["--steps", "2"] + base)
+
+
+def test_training_through_the_fast_path_has_stock_losses(tmp_path):
+    """The training script runs the model under dense-fp (mask elided, caption padding split by length):
+    the same losses as through stock masked attention, step by step (the weights move the same way)."""
+    args = ["--steps", "3", "--batch", "4", "--quiet", "--log-every", "1", "--caption-dropout", "0.5",
+            "--config-overrides", MICRO]
+    assert train_main(args + ["--out", str(tmp_path / "fp")]) == 0
+    assert train_main(args + ["--no-fast-path", "--out", str(tmp_path / "stock")]) == 0
+    fp = json.loads((tmp_path / "fp" / "training.json").read_text())
+    stock = json.loads((tmp_path / "stock" / "training.json").read_text())
+    assert fp["fast_path"] and not stock["fast_path"]
+    np.testing.assert_allclose([e["loss"] for e in fp["log"]], [e["loss"] for e in stock["log"]], rtol=1e-5)
+    a, b = _weights(tmp_path / "fp"), _weights(tmp_path / "stock")
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= 4e-6, worst  # the two fp16 checkpoints hold the same weights (measured: equal)
+
+
+def test_training_at_128_pixels_is_a_1024_token_model(tmp_path):
+    assert train_main(["--size", "128", "--steps", "1", "--batch", "2", "--quiet", "--config-overrides", MICRO,
+                       "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["transformer_config"]["sample_size"] == 128 and record["data"].startswith("shapes world")
+    assert "128x128" in record["data"]
+    pipe = dm.load_default_pipeline(tmp_path)
+    assert pipe.default_image_size == 128
