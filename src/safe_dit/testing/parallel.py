@@ -5,6 +5,7 @@ safe_dit.testing.parallel``), each of which joins one gloo process group (with a
 for a collective another rank never reaches fails instead of hanging), calls ``function(rank, world)`` and,
 on rank 0, writes its JSON-able return value to a file; ``launch`` returns it. The processes are killed if
 they run past ``timeout`` seconds. One launch can run many cases: process start-up dominates on small CPUs.
+``SAFE_DIT_CP_DEVICE=cuda`` in the environment: NCCL, one GPU per rank (``benchmarks/run_cp_gpu.sh``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def main(target: str, out: str) -> None:
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=float(os.environ.get("SAFE_DIT_GROUP_TIMEOUT", "90")))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+    cuda = os.environ.get("SAFE_DIT_CP_DEVICE", "cpu") == "cuda"  # benchmarks/run_cp_gpu.sh: one GPU per rank, NCCL
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
     try:
         result = _load(target)(rank, world)
         if rank == 0:
