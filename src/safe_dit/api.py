@@ -96,7 +96,7 @@ class generation:
             raise SafeDitError("safe_dit.generation(...) needs a model with safe-core or safe-sw applied")
         if not isinstance(num_steps, int) or num_steps < 1:
             raise SafeDitError(f"num_steps must be an int >= 1, got {num_steps!r}")
-        self._gen = Generation(self.runtime.config, num_steps)
+        self._gen = Generation(self.runtime.config, num_steps, self.runtime.parallel)
         self.cfg_batch = bool(cfg_batch)
 
     def __enter__(self):

@@ -84,6 +84,12 @@ class SafeConfig:
     sw_map:
         ``safe-sw`` only. ``False`` replaces the per-token map by its per-image mean: the same
         average guidance, without the spatial weighting.
+    context_parallel:
+        A diffusers ``ContextParallelConfig`` (ulysses, ring, or their ``*_anything`` variants) to split the image
+        (and, in joint-attention models, text) tokens over the ranks of an initialised process group (torchrun).
+        safe-dit splits after the token embedders and gathers after the last per-token layer in its own hooks;
+        sequence attention goes through diffusers' dispatcher with the parallel config, caption cross-attention
+        stays local, and lengths (proportional scale, PCSP top-K) are global. ``None``: one device.
     """
 
     mode: str = "dense-fp"
@@ -108,6 +114,7 @@ class SafeConfig:
     anchor_steps: tuple[int, ...] | None = None
     reuse_every: int = 2
     reuse_order: int = 1
+    context_parallel: object | None = None  # diffusers.ContextParallelConfig
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in MODES:
@@ -146,6 +153,15 @@ class SafeConfig:
         _check(_int(self.reuse_every) and self.reuse_every >= 0, f"reuse_every must be an int >= 0, got {self.reuse_every!r}")
         _check(_int(self.reuse_order) and self.reuse_order in (0, 1),
                f"reuse_order must be 0 (last output) or 1 (linear), got {self.reuse_order!r}")
+        if self.context_parallel is not None:
+            from diffusers.models._modeling_parallel import ContextParallelConfig
+
+            _check(isinstance(self.context_parallel, ContextParallelConfig),
+                   f"context_parallel must be a diffusers ContextParallelConfig, got {type(self.context_parallel).__name__}")
+            _check(self.mode != "dense", "mode='dense' is the stock model, which safe-dit leaves untouched: run it under "
+                   "diffusers' enable_parallelism, or use dense-fp (exactly equal) with context_parallel")
+            _check(self.mask_elision, "mask_elision=False keeps the stock masks, which cannot be sharded under "
+                   "context_parallel (Lumina-Next's is [B, H, N, N])")
         _check(self.mask_elision or self.mode != "dense-fp",
                "dense-fp without its fast path is dense: use mode='dense' (mask_elision=False is a safe-core/safe-sw ablation)")
 

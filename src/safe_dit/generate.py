@@ -34,7 +34,7 @@ from safe_dit.api import apply_safe_dit, runtime_of
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.environment import environment
 from safe_dit.bench.report import DTYPES
-from safe_dit.cli_args import add_schedule_arguments, schedule_kwargs
+from safe_dit.cli_args import add_parallel_argument, add_schedule_arguments, context_parallel_setup, schedule_kwargs
 from safe_dit.testing.kits import KITS
 
 
@@ -142,6 +142,7 @@ def configure_parser(p) -> None:
     p.add_argument("--out", default=DEFAULT_OUT,
                    help="image path (.png/.jpg/.webp); the sensitivity map (NAME.sensitivity.png) and the JSON summary "
                         "(NAME.json) go beside it; the folder is made if missing")
+    add_parallel_argument(p)
     p.set_defaults(func=run)
 
 
@@ -232,8 +233,9 @@ def check_creatable(out: Path, folder: Path) -> None:
 def run(args) -> int:
     check_arguments(args)  # before loading anything; the size again once the native size fills a missing side
     out = Path(args.out)
+    cp, rank = context_parallel_setup(args)  # --context-parallel: torchrun's process group, this rank's device
     config = SafeConfig(args.mode, **schedule_kwargs(args), cfg_context=args.cfg_context,
-                        cfg_sensitive=args.cfg_sensitive)
+                        cfg_sensitive=args.cfg_sensitive, context_parallel=cp)
     if args.model == DEFAULT_MODEL:
         warn_outside_world(args.prompt)
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
@@ -245,6 +247,8 @@ def run(args) -> int:
         logger.warning("the embedded model was trained at 64x64 only; at %dx%d it draws what it can, not its world",
                        args.height, args.width)
     kwargs = call_kwargs(pipe, args)
+    if rank:  # under torchrun every rank computes the same image; rank 0 alone shows progress and writes files
+        pipe.set_progress_bar_config(disable=True)
     apply_safe_dit(pipe, config)
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
@@ -260,6 +264,8 @@ def run(args) -> int:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    if rank:
+        return 0
     report = rt.last_report if rt is not None and config.scheduled else None
     images = {out: image}
     if report is not None and rt.last_sensitivity is not None:
@@ -272,7 +278,7 @@ def run(args) -> int:
     files["summary"] = str(out.with_suffix(".json"))
     summary = {
         "prompt": args.prompt, "model": args.model, "backbone": adapter_for(pipe.transformer).name, "mode": args.mode,
-        "config": config.__dict__, "height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed,
+        "config": dict(config.__dict__, context_parallel=args.context_parallel), "height": args.height, "width": args.width, "steps": args.steps, "seed": args.seed,
         "guidance": args.guidance, "seconds": seconds,
         "peak_memory_mb": peak, "peak_memory_kind": "cuda max allocated" if cuda else "process max RSS",
         "tokens_per_step": report["tokens_per_step"] if report else None,

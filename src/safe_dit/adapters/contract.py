@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 
 from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.engine.attend import Dispatch
+from safe_dit.engine.attend import PARALLEL_REFUSED, Dispatch
 from safe_dit.engine.guidance import sensitivity_weighted
+from safe_dit.engine.parallel import SequenceParallel, check_heads, gather_tokens
 from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, step_reuse, swap_processors, watch_cfg
 from safe_dit.engine.runtime import Handle, Runtime
 
@@ -65,12 +66,18 @@ class Adapter:
     special_trailing_tokens: int = 0  # e.g. T5's </s>, the last valid token
     refused_inputs: tuple[str, ...] = ()  # forward kwargs the scheduled modes refuse (per-token residuals)
     cfg_pairs: bool = True  # its pipelines may batch [cond; uncond] (False: guidance-distilled, one call per step)
+    context_parallel: bool = False  # its split points are declared (``parallel_hooks``); else context_parallel is refused
 
     def check(self, model: torch.nn.Module, config: SafeConfig) -> None:
         """Refuse a config this backbone cannot run exactly, before anything changes."""
 
     def hooks(self, model: torch.nn.Module, runtime: Runtime, handle: Handle) -> list:
         """Backbone-specific hooks after the per-forward state exists (fast-path modes)."""
+        return []
+
+    def parallel_hooks(self, model: torch.nn.Module, runtime: Runtime, parallel) -> list:
+        """Under context parallelism: the hooks that split the token sequence after the token embedders (before
+        any other hook on them). The gather after ``tokens_out`` is generic."""
         return []
 
     def guidance(self, model: torch.nn.Module, runtime: Runtime, handle: Handle) -> Callable | None:
@@ -85,13 +92,24 @@ class Adapter:
         handle = Handle(config, runtime, self.name)
         if not config.fast_path:
             return handle  # dense: the stock model, untouched
+        if getattr(model, "_parallel_config", None) is not None:  # diffusers' enable_parallelism split its inputs
+            raise SafeDitError(PARALLEL_REFUSED)
+        if config.context_parallel is not None:
+            if not self.context_parallel:
+                raise SafeDitError(f"context_parallel is not supported for {self.name} yet (its split points are not "
+                                   "declared); supported: lumina-next, pixart, sd3, flux. Run it on one device")
+            runtime.parallel = SequenceParallel(config.context_parallel)
+            check_heads(model, runtime.parallel)
         keep = () if config.scheduled else self.passthrough  # scheduled modes need every block's rows
         handle.on_remove(swap_processors(model, lambda name: self.processor(runtime, name, model, config), runtime,
                                          expected=self.replaces, keep=keep))
         hooks = []
         if config.scheduled and self.refused_inputs:
             hooks.append(model.register_forward_pre_hook(refuse_inputs(*self.refused_inputs), with_kwargs=True))
-        hooks += forward_scope(model, runtime) + self.hooks(model, runtime, handle)
+        hooks += forward_scope(model, runtime)
+        if runtime.parallel is not None:  # split first: every later hook on the embedders sees this rank's rows
+            hooks += self.parallel_hooks(model, runtime, runtime.parallel)
+        hooks += self.hooks(model, runtime, handle)
         if config.scheduled:
             if pipe is not None and self.cfg_pairs:
                 handle.on_remove(watch_cfg(pipe, runtime))
@@ -99,6 +117,8 @@ class Adapter:
             tokens_in = None if self.tokens_in is None else getattr(model, self.tokens_in)
             guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None
             hooks += schedule_hooks(model, runtime, grid, tokens_in, getattr(model, self.tokens_out), guide)
+        if runtime.parallel is not None:  # gather last: the scheduled modes scatter this rank's rows first
+            hooks.append(getattr(model, self.tokens_out).register_forward_hook(gather_tokens(runtime.parallel)))
         handle.remove_hooks(hooks)
         if config.scheduled and config.reuse_every:
             handle.on_remove(step_reuse(model, runtime))

@@ -30,6 +30,7 @@ from safe_dit.config import SafeDitError
 from safe_dit.engine.hooks import layer_of
 from safe_dit.engine.joint import joint_attention
 from safe_dit.engine.masks import key_padding_from_bias
+from safe_dit.engine.parallel import split_tokens
 from safe_dit.engine.schedule import SELECTIVE
 
 NOTES = ("FLUX: FluxPipeline builds no attention mask and the model passes none (T5 padding is ordinary tokens "
@@ -103,7 +104,7 @@ class SafeFluxAttnProcessor(SafeProcessor):
             return 0  # dense: the joint sequence needs no split
         if rope is None:
             raise SafeDitError("safe-core on FLUX needs image_rotary_emb in every block (call the model as FluxPipeline does)")
-        return rope[0].shape[0] - gen.grid[0] * gen.grid[1]  # the RoPE table covers [text; all N image tokens]
+        return rope[0].shape[0] - gen.local_tokens  # the RoPE table covers [text; all N (this rank's) image tokens]
 
     def _rotate(self, q, k, rope, n_text: int, gen):
         """One RoPE over the joint sequence: the stock table [T + N, d], or at selective steps the rows of
@@ -152,6 +153,19 @@ class FluxAdapter(Adapter):
     grid = staticmethod(_token_grid)
     refused_inputs = ("controlnet_block_samples", "controlnet_single_block_samples")
     cfg_pairs = False  # guidance-distilled: a batch of 2 is two prompts, never [cond; uncond]
+    context_parallel = True  # image tokens split after x_embedder, text after context_embedder, the RoPE table
+    # [text; image] into each part's rows; gathered after proj_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        def split_rope(_module, _inputs, rope):  # (cos, sin) [T + N, d] -> [T_local + N_local, d]
+            n = runtime.state.global_tokens
+            parts = [(t[:-n], t[-n:]) for t in rope]
+            return tuple(torch.cat([parallel.shard(txt, 0, "caption tokens"), parallel.shard(img, 0, "image tokens")])
+                         for txt, img in parts)
+
+        return [model.x_embedder.register_forward_hook(split_tokens(runtime, parallel)),
+                model.context_embedder.register_forward_hook(split_tokens(runtime, parallel, "caption tokens", False)),
+                model.pos_embed.register_forward_hook(split_rope)]
 
     def check(self, model, config) -> None:
         if config.mode == "safe-sw":

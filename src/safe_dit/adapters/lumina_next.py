@@ -82,6 +82,9 @@ class SafeLuminaAttnProcessor(SafeProcessor):
             collect_text_probs(self.runtime, gen, query, key, None if attention_mask is None else attention_mask.bool())
 
         scale = None  # Lumina's proportional attention: only self-attention (RoPE on keys) rescales
+        parallel = self.runtime is not None and self.runtime.parallel is not None
+        if parallel and self.is_self and self.runtime.state is not None:
+            seq_len = self.runtime.state.global_tokens  # context parallelism: the scale of the whole sequence
         if key_rotary_emb is not None:
             scale = attn.scale * (1 if base_sequence_length is None else math.sqrt(math.log(seq_len, base_sequence_length)))
 
@@ -94,7 +97,7 @@ class SafeLuminaAttnProcessor(SafeProcessor):
             return mask.bool().view(query.shape[0], 1, 1, -1).expand(-1, query.shape[2], query.shape[1], -1)
 
         return attend(self.runtime, self.name, query, key, value, mask, scale, rewrite=self.rewrite_padding,
-                      stock_mask=stock_mask, processor=self)
+                      stock_mask=stock_mask, processor=self, sequence=self.is_self)
 
 
 @register
@@ -108,6 +111,17 @@ class LuminaNextAdapter(Adapter):
     tokens_in = None  # the patch embedder's hook gathers the sensitive rows with their RoPE rows and mask
     tokens_out = "norm_out"
     special_leading_tokens = 1  # Gemma's <bos> is not a prompt word
+    context_parallel = True  # split after the patch embedder (tokens, their mask and RoPE rows), gathered after norm_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        def split(_module, _inputs, outputs):
+            x, mask, img_size, rope = outputs  # [B, N, D], [B, N], sizes, [1, N, d/2]
+            if runtime.state is not None:
+                runtime.state.global_tokens = x.shape[1]
+            x, mask, rope = (parallel.shard(t, 1, "image tokens") for t in (x, mask, rope))  # N -> N_local
+            return x, mask, img_size, rope
+
+        return [model.patch_embedder.register_forward_hook(split)]
 
     @staticmethod
     def provenance_holds(model: LuminaNextDiT2DModel) -> bool:

@@ -27,6 +27,7 @@ from safe_dit.engine.attend import attend, collect_text_probs
 from safe_dit.engine.guidance import SchedulerGuidance
 from safe_dit.engine.hooks import layer_of
 from safe_dit.engine.masks import key_padding_from_bias
+from safe_dit.engine.parallel import split_tokens
 from safe_dit.engine.schedule import SELECTIVE
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class SafePixArtAttnProcessor(SafeProcessor):
 
         out = attend(self.runtime, self.name, query, key, value, attention_mask, None, rewrite=self.rewrite_padding,
                      stock_mask=stock_mask, compact=lambda m: key_padding_from_bias(m, batch),
-                     processor=self)  # [B, Lq, H, d]
+                     processor=self, sequence=self.is_self)  # [B, Lq, H, d]
         out = out.reshape(batch, -1, attn.heads * d).to(query.dtype)  # [B, Lq, H*d]
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
@@ -110,6 +111,10 @@ class PixArtAdapter(Adapter):
     tokens_out = "proj_out"  # before unpatchify
     cond_first = False  # the CFG batch is [uncond; cond]
     special_trailing_tokens = 1  # T5 ends every caption with </s> (not a prompt word)
+    context_parallel = True  # split after pos_embed (positions already added), gathered after proj_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        return [model.pos_embed.register_forward_hook(split_tokens(runtime, parallel))]
 
     def guidance(self, model, runtime, handle):
         scheduler = getattr(runtime.pipe, "scheduler", None)

@@ -23,6 +23,7 @@ from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.engine.hooks import layer_of
 from safe_dit.engine.joint import joint_attention
+from safe_dit.engine.parallel import split_tokens
 
 NOTES = ("SD3: JointAttnProcessor2_0 passes no mask to SDPA and StableDiffusion3Pipeline builds none "
          "(caption padding is ordinary tokens of the joint sequence): nothing to elide, dense-fp == dense; "
@@ -90,3 +91,8 @@ class SD3Adapter(Adapter):
     tokens_out = "proj_out"  # before unpatchify
     cond_first = False  # CFG batch [uncond; cond]
     refused_inputs = ("block_controlnet_hidden_states",)
+    context_parallel = True  # image tokens split after pos_embed, text after context_embedder; gathered after proj_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        return [model.pos_embed.register_forward_hook(split_tokens(runtime, parallel)),
+                model.context_embedder.register_forward_hook(split_tokens(runtime, parallel, "caption tokens", False))]

@@ -32,17 +32,19 @@ from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.environment import environment, peak_memory_mb
 from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
-from safe_dit.cli_args import add_schedule_arguments, schedule_kwargs
+from safe_dit.cli_args import add_parallel_argument, add_schedule_arguments, context_parallel_setup, schedule_kwargs
 from safe_dit.testing.kits import KITS, kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
 
-def _configs(args) -> dict[str, SafeConfig]:
-    sched = schedule_kwargs(args)
+def _configs(args, cp=None) -> dict[str, SafeConfig]:
+    """The modes' configs; under ``--context-parallel`` every mode but ``dense`` (the stock model, unsplit on
+    each rank: the one-device baseline) splits the sequence."""
+    sched = dict(schedule_kwargs(args), context_parallel=cp)
     return {
         "dense": SafeConfig("dense"),
-        "dense-fp": SafeConfig("dense-fp"),
+        "dense-fp": SafeConfig("dense-fp", context_parallel=cp),
         "safe-core": SafeConfig("safe-core", **sched),
         "safe-sw": SafeConfig("safe-sw", cfg_context=args.guidance - 1.0, cfg_sensitive=args.guidance + 1.0, **sched),
     }
@@ -92,12 +94,12 @@ class _Backbone:
                          generator=torch.Generator().manual_seed(0), output_type="latent").images
 
 
-def run_e2e(args, progress: bool = True) -> dict:
+def run_e2e(args, progress: bool = True, cp=None) -> dict:
     dtype = DTYPES[args.dtype]
     bb = _Backbone(args, dtype)
     pipe = bb.pipe
     modes = tuple(m for m in bb.modes if args.modes is None or m in args.modes)
-    configs = _configs(args)
+    configs = _configs(args, cp)
     rows = []
     bar = tqdm(total=len(args.tokens) * len(modes) * (args.repeats + 2), disable=not progress,
                desc=f"bench e2e {args.model}", file=sys.stderr)
@@ -173,7 +175,9 @@ def run_e2e(args, progress: bool = True) -> dict:
             "batch": bb.batch, "guidance": args.guidance, "repeats": args.repeats, "text_len": bb.text_len,
             "time_up_to_tokens": args.time_up_to,
             "memory_measured_on": "a short call (warm-up steps + anchor + selective steps) of each mode",
-            "configs": {m: c.__dict__ for m, c in configs.items() if m in modes},
+            "configs": {m: dict(c.__dict__, context_parallel=getattr(args, "context_parallel", None) if
+                                c.context_parallel is not None else None) for m, c in configs.items() if m in modes},
+            "context_parallel": getattr(args, "context_parallel", None),
         },
         "rows": rows,
         "summary": summarize(rows),
@@ -291,6 +295,7 @@ def configure_parser(p) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
     p.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 64 and 256 tokens, 6 steps")
     add_output_arguments(p)
+    add_parallel_argument(p)
     p.set_defaults(func=run)
 
 
@@ -306,5 +311,8 @@ def run(args) -> int:
         raise SafeDitError("--device cuda requested but CUDA is not available")
     if args.modes is not None:
         args.modes = sorted(set(args.modes) | {"dense", "dense-fp", "safe-core"}, key=MODES.index)
-    result = run_e2e(args, progress=not args.no_progress)
+    cp, rank = context_parallel_setup(args)
+    result = run_e2e(args, progress=not args.no_progress and rank == 0, cp=cp)
+    if rank:  # every rank ran the same benchmark in lockstep; rank 0 alone prints and writes
+        return 0
     return emit(result, format_table(result), args, plot)

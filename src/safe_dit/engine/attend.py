@@ -17,15 +17,17 @@ from diffusers.models.attention_dispatch import AttentionBackendName, _Attention
 
 from safe_dit.config import SafeDitError
 from safe_dit.engine.masks import EXP_UNDERFLOW, KeyPaddingPlan, MaskDecision, discarded_bias_max, sdpa_with_plan
+from safe_dit.engine.parallel import MASK_UNDER_CP, cpu_ring_attention, needs_cpu_lse
 from safe_dit.engine.partition import image_to_text_probs
 
 # Backends whose kernels group query heads over fewer K/V heads themselves (SDPA's enable_gqa).
 _GQA_BACKENDS = frozenset({AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH,
                            AttentionBackendName._NATIVE_EFFICIENT, AttentionBackendName.FLEX})
 
-PARALLEL_REFUSED = ("safe-dit does not run under diffusers' context parallelism yet (enable_parallelism / a "
-                    "ContextParallelConfig): its masks and sensitive rows would be decided per shard, which is "
-                    "silently wrong. Run safe-dit on one device, or the stock model in parallel")
+PARALLEL_REFUSED = ("safe-dit does not run under diffusers' own context parallelism (enable_parallelism): its input "
+                    "split would shard the masks and sensitive rows safe-dit decides, which is silently wrong. Pass "
+                    "SafeConfig(context_parallel=ContextParallelConfig(...)) instead (safe-dit splits and gathers "
+                    "itself), or remove_safe_dit and run the stock model under enable_parallelism")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ForwardState:
     certified: list[tuple[torch.Tensor, str]] = field(default_factory=list)
     decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
     spread_checks: list = field(default_factory=list)  # device bools: a bias rewrite's assumption failed in a call
+    global_tokens: int | None = None  # under context parallelism: the image tokens of all ranks (global lengths)
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
         """Record that ``mask`` (this very tensor object) is all-valid by construction."""
@@ -114,30 +117,47 @@ def _gqa_native(backend) -> bool:
     return name in _GQA_BACKENDS
 
 
-def dispatch(query, key, value, mask=None, scale=None, processor: Dispatch | None = None) -> torch.Tensor:
+def dispatch(query, key, value, mask=None, scale=None, processor: Dispatch | None = None,
+             sequence: bool = True) -> torch.Tensor:
     """[B, Lq, H, d] x [B, Lk, Hkv, d] -> [B, Lq, H, d] through diffusers' dispatcher. Fewer K/V heads than
-    query heads (GQA) use the kernel's own grouping where the backend has one, else K/V are repeated."""
+    query heads (GQA) use the kernel's own grouping where the backend has one, else K/V are repeated.
+
+    Under safe-dit's context parallelism (the runtime's ``parallel``), a ``sequence`` call (its queries and keys
+    are this rank's shard of the sequence) goes through the dispatcher's Ulysses/ring attention with the parallel
+    config; a call that is not (caption cross-attention: every rank holds all captions) runs locally."""
     backend = getattr(processor, "_attention_backend", None)
-    parallel = getattr(processor, "_parallel_config", None)
-    if parallel is not None:  # set by enable_parallelism after apply_safe_dit
+    if getattr(processor, "_parallel_config", None) is not None:  # set by diffusers' enable_parallelism
         raise SafeDitError(PARALLEL_REFUSED)
+    runtime = getattr(processor, "runtime", None)
+    parallel = getattr(runtime, "parallel", None) if sequence else None
     gqa = key.shape[2] != query.shape[2]
-    if gqa and not _gqa_native(backend):
+    if gqa and (parallel is not None or not _gqa_native(backend)):  # diffusers' templated CP attention has no GQA
         n_rep = query.shape[2] // key.shape[2]
         key, value = (t.repeat_interleave(n_rep, dim=2) for t in (key, value))
         gqa = False
-    return dispatch_attention_fn(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa, backend=backend,
-                                 parallel_config=parallel)
+    if parallel is None:
+        return dispatch_attention_fn(query, key, value, attn_mask=mask, scale=scale, enable_gqa=gqa, backend=backend)
+    if mask is not None:
+        raise SafeDitError(MASK_UNDER_CP.format(where=getattr(processor, "name", "attention")))
+    if needs_cpu_lse(parallel, query, _is_native(backend)):
+        return cpu_ring_attention(parallel, query, key, value, scale)
+    return dispatch_attention_fn(query, key, value, scale=scale, backend=backend, parallel_config=parallel.config)
+
+
+def _is_native(backend) -> bool:
+    name = _AttentionBackendRegistry.get_active_backend()[0] if backend is None else AttentionBackendName(backend)
+    return name == AttentionBackendName.NATIVE
 
 
 def attend(runtime, name: str, query, key, value, mask, scale, *, rewrite: bool, stock_mask: Callable,
-           compact=None, processor: Dispatch | None = None) -> torch.Tensor:
+           compact=None, processor: Dispatch | None = None, sequence: bool = True) -> torch.Tensor:
     """One attention call, q [B, Lq, H, d], k/v [B, Lk, Hkv, d] -> [B, Lq, H, d]: no mask; a mask certified
     by provenance (dropped, no value read); or a mask decided once per forward: kept as the stock
     processor passes it (``stock_mask()``, in SDPA's [B, H, Lq, Lk] broadcast form) or rewritten exactly
-    into mask-free calls."""
+    into mask-free calls. ``sequence``: q/k are the (possibly sharded) token sequence, False for caption
+    cross-attention (local under context parallelism)."""
     def run(q, k, v, m=None):
-        return dispatch(q, k, v, m, scale, processor)
+        return dispatch(q, k, v, m, scale, processor, sequence)
 
     if mask is None:
         runtime.record(name, "no mask")
@@ -151,6 +171,9 @@ def attend(runtime, name: str, query, key, value, mask, scale, *, rewrite: bool,
         if why is not None:
             runtime.record(name, "elided: " + why)
             return run(query, key, value)
+    if sequence and getattr(runtime, "parallel", None) is not None:  # a mask of unknown origin, sharded: its value on
+        # this rank says nothing of the others' (and every rank must decide alike, or the collectives hang)
+        raise SafeDitError(MASK_UNDER_CP.format(where=name))
     if state is None:  # called outside a model forward: decide for this call alone
         state = ForwardState()
     decision = state.key_padding_decision(mask, rewrite, compact)

@@ -62,8 +62,15 @@ def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
 class Generation:
     """State of one sampling run under ``safe-core``/``safe-sw``."""
 
-    def __init__(self, config: SafeConfig, num_steps: int):
+    def __init__(self, config: SafeConfig, num_steps: int, parallel=None):
         self.config = config
+        # Context parallelism (engine.parallel.SequenceParallel): the partition is chosen on the gathered global
+        # map; ``index`` then holds this rank's local rows (padded to one count on every rank, ``valid`` False on
+        # placeholder rows of a sample with none here), ``global_index`` the partition itself.
+        self.parallel = parallel
+        self.valid: torch.Tensor | None = None  # [B, K] (None: every row real)
+        self.global_index: torch.Tensor | None = None  # [B, K] over all N tokens
+        self.local_tokens: int | None = None  # image tokens of this rank (N without context parallelism)
         self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
                              srsu=config.srsu, car=config.car, anchor_steps=config.anchor_steps,
                              reuse_every=config.reuse_every, anchor_growth=config.anchor_growth)
@@ -100,6 +107,11 @@ class Generation:
         self.device = torch.device(device) if device is not None else self.device
         self.step = step
         self.times[step] = timestep
+        if self.parallel is None:
+            self.local_tokens = num_tokens
+        else:
+            start, stop = self.parallel.local(num_tokens, "image tokens")
+            self.local_tokens = stop - start
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
             self._finish_partition()
@@ -110,7 +122,7 @@ class Generation:
             kind = SELECTIVE if self.output is not None and self.kv else ANCHOR
         self.kind = kind
         self.kinds.append(kind)
-        self.tokens_per_step.append({SELECTIVE: self.index.shape[1] if self.index is not None else num_tokens,
+        self.tokens_per_step.append({SELECTIVE: self.global_index.shape[1] if self.index is not None else num_tokens,
                                      REUSE: 0}.get(kind, num_tokens))
         return kind
 
@@ -131,17 +143,27 @@ class Generation:
             n = self.grid[0] * self.grid[1]
             index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
                                           self.config.partition_seed)  # [B, K], made on the CPU (seeded)
-            self.index = index.to(self.device) if self.device is not None else index
-            self.sensitivity = torch.zeros(self.batch, n, device=self.index.device).scatter_(1, self.index, 1.0)
+            self._localise(index.to(self.device) if self.device is not None else index)
+            self.sensitivity = torch.zeros(self.batch, n, device=index.device).scatter_(1, self.global_index, 1.0)
             return
-        score = self.accumulator.mean()  # [B, N]
+        score = self.accumulator.mean()  # [B, N] ([B, N_local] under context parallelism)
+        if self.parallel is not None:  # the top-K is global: exact against one device
+            score = self.parallel.gather(score, 1)  # [B, N]
         if self.cfg_batch:
             cond = score[self.cfg_rows(score.shape[0])[0]]
             score = torch.cat([cond, cond])  # the unconditional half has no prompt
         self.sensitivity = sensitivity_map(score, self.grid, self.config.smooth_radius)
-        self.index = select_sensitive(self.sensitivity, self.config.keep_ratio)
+        self._localise(select_sensitive(self.sensitivity, self.config.keep_ratio))
         self.accumulator = SensitivityAccumulator()
-        logger.info("PCSP: %d of %d tokens sensitive", self.index.shape[1], score.shape[1])
+        logger.info("PCSP: %d of %d tokens sensitive", self.global_index.shape[1], score.shape[1])
+
+    def _localise(self, index: torch.Tensor) -> None:
+        """Fix the partition: ``global_index`` [B, K]; ``index`` the rows this process computes."""
+        self.global_index = index
+        if self.parallel is None:
+            self.index, self.valid = index, None
+        else:
+            self.index, self.valid = self.parallel.local_partition(index, self.grid[0] * self.grid[1])
 
     # -- SRSU caches --------------------------------------------------------------------------
     @property
@@ -158,13 +180,16 @@ class Generation:
         if self.refreshes_cache:
             self.kv[layer] = (key, value)
 
-    def merged_kv(self, layer, key_rows: torch.Tensor, value_rows: torch.Tensor, rows_at: torch.Tensor | None = None):
+    def merged_kv(self, layer, key_rows: torch.Tensor, value_rows: torch.Tensor, rows_at: torch.Tensor | None = None,
+                  valid: torch.Tensor | None = None):
         """Full K/V [B, L, Hkv, d]: the fresh rows written over the context's, in place. ``rows_at`` [B, n]
         says where the fresh rows [B, n, Hkv, d] go (default: the sensitive image rows). The context rows are
         the anchor's K/V (``context_forecast=0``; exact reuse: the partition is fixed between anchors, so every
         row a selective step wrote is written again by the next one) or their polynomial forecast through the
-        last dense steps at this step's timestep (a new tensor per step and layer)."""
+        last dense steps at this step's timestep (a new tensor per step and layer). ``valid`` [B, n] (default:
+        this rank's ``valid``, for the sensitive image rows): placeholder rows keep the context's K/V."""
         at = self.index if rows_at is None else rows_at
+        valid = self.valid if rows_at is None else valid
         hist = self.kv_history.get(layer)
         if hist and len(hist) > 1:
             weights = self._weights([s for s, _, _ in hist])
@@ -172,6 +197,10 @@ class Generation:
             v = combine([h[2] for h in hist], weights)
         else:
             k, v = self.kv[layer]
+        if valid is not None:
+            keep = valid.view(*valid.shape, *([1] * (key_rows.dim() - 2)))  # [B, n, 1, 1]
+            key_rows = torch.where(keep, key_rows.to(k.dtype), gather_rows(k, at))
+            value_rows = torch.where(keep, value_rows.to(v.dtype), gather_rows(v, at))
         k.scatter_(1, _row_index(at, key_rows), key_rows.to(k.dtype))
         v.scatter_(1, _row_index(at, value_rows), value_rows.to(v.dtype))
         return k, v
@@ -180,11 +209,22 @@ class Generation:
         """Where the rows of a selective step's joint sequence ([text; sensitive image rows] or the reverse) sit
         in the full joint sequence: [B, T + K] (text rows always fresh)."""
         def make():
-            b, n = self.index.shape[0], self.grid[0] * self.grid[1]
+            b, n = self.index.shape[0], self.local_tokens
             text = torch.arange(n_text, device=self.index.device).expand(b, -1)  # [B, T]
             return torch.cat([text, self.index + n_text] if text_first else [self.index, text + n], dim=1)
 
         return self.remember(("joint_rows", n_text, text_first), make)
+
+    def joint_valid(self, n_text: int, text_first: bool) -> torch.Tensor | None:
+        """``valid`` for ``joint_rows`` (text rows always real), or None when every row is real."""
+        if self.valid is None:
+            return None
+
+        def make():
+            text = torch.ones(self.valid.shape[0], n_text, dtype=torch.bool, device=self.valid.device)
+            return torch.cat([text, self.valid] if text_first else [self.valid, text], dim=1)
+
+        return self.remember(("joint_valid", n_text, text_first), make)
 
     def remember(self, key, make):
         """A value fixed with the partition (row positions, gathered RoPE rows), made once and shared by every block."""
@@ -205,6 +245,9 @@ class Generation:
         """The selective step's per-token output: fresh sensitive rows over the anchor's output. Context rows
         keep the anchor's velocity, which under an Euler step is the same as keeping its clean-image (x0)
         prediction: a linear forecast of the output itself was measured no better (benchmarks/forecast_probe.py)."""
+        if self.valid is not None:  # placeholder rows (context parallelism) keep the anchor's output
+            keep = self.valid.view(*self.valid.shape, *([1] * (rows.dim() - 2)))
+            rows = torch.where(keep, rows.to(self.output.dtype), gather_rows(self.output, self.index))
         return scatter_rows(self.output, self.index, rows)
 
     def store_output(self, out: torch.Tensor) -> None:
@@ -244,6 +287,6 @@ class Generation:
             "steps": self.kinds,
             "tokens_per_step": self.tokens_per_step,
             "token_fraction": (sum(self.tokens_per_step) / (n * len(self.tokens_per_step))) if n else 1.0,
-            "sensitive_tokens": None if self.index is None else int(self.index.shape[1]),
+            "sensitive_tokens": None if self.global_index is None else int(self.global_index.shape[1]),
             "cache_mb": self.cache_bytes() / 2**20,
         }

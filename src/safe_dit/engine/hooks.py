@@ -21,8 +21,15 @@ STEP_REUSE_HOOK = "safe_dit_step_reuse"
 
 
 def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
-    """Hooks that give every model forward its own ``ForwardState`` (released even on error)."""
-    return [model.register_forward_pre_hook(runtime.begin), model.register_forward_hook(runtime.end, always_call=True)]
+    """Hooks that give every model forward its own ``ForwardState`` (released even on error), and refuse a model
+    that diffusers' ``enable_parallelism`` split since apply (its input split would shard what safe-dit decides)."""
+
+    def begin(module, args):
+        if getattr(module, "_parallel_config", None) is not None:
+            raise SafeDitError(PARALLEL_REFUSED)
+        runtime.begin(module, args)
+
+    return [model.register_forward_pre_hook(begin), model.register_forward_hook(runtime.end, always_call=True)]
 
 
 def schedule_hooks(model: torch.nn.Module, runtime: Runtime, grid, tokens_in: torch.nn.Module | None,
@@ -96,6 +103,9 @@ def swap_processors(model: torch.nn.Module, make_processor: Callable[[str], obje
     def restore():
         for module, original, new in originals:
             if module.processor is new:
+                if getattr(new, "_parallel_config", None) is not None and hasattr(original, "_parallel_config"):
+                    original._parallel_config = new._parallel_config  # enable_parallelism came after apply: the
+                    # stock processor takes its parallel config, so the stock model runs correctly split
                 module.set_processor(original)
         runtime.installed = []
 
@@ -164,7 +174,7 @@ class StepTracker:
             if gen is not None and gen.step == 0 and None not in (t, gen.first_timestep) and t != gen.first_timestep:
                 rt.generation = None
                 raise SafeDitError(NOT_ADVANCING)
-            gen = rt.generation = Generation(rt.config, len(scheduler.timesteps))
+            gen = rt.generation = Generation(rt.config, len(scheduler.timesteps), rt.parallel)
             gen.first_timestep = t
             return gen, 0
         if gen is not None and index == gen.step:

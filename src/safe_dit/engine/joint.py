@@ -31,15 +31,30 @@ def joint_attention(proc, query: torch.Tensor, key: torch.Tensor, value: torch.T
     gen = runtime.generation
     if gen is not None:
         if gen.kind == SELECTIVE:  # SRSU: fresh rows over the anchor's joint K/V, in place
-            key, value = gen.merged_kv(proc.name, key, value, gen.joint_rows(n_text, text_first))  # [B, T + N, H, d]
+            key, value = gen.merged_kv(proc.name, key, value, gen.joint_rows(n_text, text_first),
+                                       gen.joint_valid(n_text, text_first))  # [B, T + N, H, d]
         elif gen.refreshes_cache:
             gen.store_kv(proc.name, key, value)
         if n_text and gen.wants_probs(proc.layer):  # PCSP (warm-up: all N image rows)
             n_img = query.shape[1] - n_text
-            text_keys = slice(0, n_text) if text_first else slice(n_img, n_img + n_text)
+            keys, text_keys = _global_keys(runtime.parallel, key, n_text, text_first)  # [B, T + N, H, d], slice
             q_t = query.transpose(1, 2)  # [B, H, L, d]
             q_rows = q_t[:, :, n_text:] if text_first else q_t[:, :, :n_img]  # [B, H, N, d]
-            probs = joint_image_to_text_probs(q_rows, key.transpose(1, 2), text_keys)  # [B, N, T]
-            gen.collect(probs, runtime.text_weights(None, n_text, probs.device))
+            probs = joint_image_to_text_probs(q_rows, keys.transpose(1, 2), text_keys)  # [B, N, T]
+            gen.collect(probs, runtime.text_weights(None, probs.shape[-1], probs.device))
     return attend(runtime, proc.name, query, key, value, mask, None, rewrite=proc.rewrite_padding,
                   stock_mask=stock_mask or (lambda: mask), compact=compact, processor=proc)  # [B, L, H, d]
+
+
+def _global_keys(parallel, key: torch.Tensor, n_text: int, text_first: bool) -> tuple[torch.Tensor, slice]:
+    """The joint keys of the whole sequence and where its text keys sit. Under context parallelism ``key`` is this
+    rank's [text; image] shard: each part is all-gathered (warm-up only, the PCSP blocks only), so that every image
+    query's probabilities are normalised over all keys as on one device."""
+    n_img = key.shape[1] - n_text
+    if parallel is not None:
+        text = key[:, :n_text] if text_first else key[:, n_img:]
+        image = key[:, n_text:] if text_first else key[:, :n_img]
+        text, image = parallel.gather(text.contiguous(), 1), parallel.gather(image.contiguous(), 1)
+        key = torch.cat([text, image] if text_first else [image, text], dim=1)
+        n_text, n_img = text.shape[1], image.shape[1]
+    return key, (slice(0, n_text) if text_first else slice(n_img, n_img + n_text))

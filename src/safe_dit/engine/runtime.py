@@ -39,13 +39,14 @@ class Runtime:
         self.special_leading_tokens = special_leading_tokens  # e.g. Gemma's <bos>
         self.special_trailing_tokens = special_trailing_tokens  # e.g. T5's </s>, the last valid token
         self.cond_first = cond_first  # CFG batch order: [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
+        self.parallel = None  # engine.parallel.SequenceParallel under SafeConfig(context_parallel=...)
 
     def finish_generation(self) -> None:
         """Keep the small report and partition; drop the caches with the generation."""
         gen = self.generation
         if gen is not None:
             self.last_report = gen.report()
-            self.last_sensitivity, self.last_index, self.last_grid = gen.sensitivity, gen.index, gen.grid
+            self.last_sensitivity, self.last_index, self.last_grid = gen.sensitivity, gen.global_index, gen.grid
         self.generation = None
         self.explicit_generation = False
 
