@@ -45,6 +45,35 @@ def test_plan_places_reuse_steps_after_each_refresh_and_explicit_anchors():
         SafeConfig("safe-core", context_forecast=3)
 
 
+def test_final_selective_steps_follow_the_dense_tail_and_drop_anchors_there():
+    plan = StepPlan(12, 2, 4, 1, reuse_every=2, final_selective_steps=2)
+    assert plan.kinds()[-4:] == ["selective", "tail", "selective", "reuse"]  # reuse counted from the tail, the last refresh
+    assert StepPlan(8, 2, 2, 1, anchor_growth=0.0, final_selective_steps=1).kinds() == [
+        "warmup", "warmup", "selective", "anchor", "selective", "anchor", "tail", "selective"]  # no anchor at 7
+    assert StepPlan(8, 2, 2, 1, car=False, final_selective_steps=1).kinds()[-2:] == ["selective", "selective"]
+    with pytest.raises(SafeDitError, match="final_selective_steps"):
+        SafeConfig("safe-core", final_selective_steps=-1)
+
+
+def test_the_final_selective_step_reuses_the_tails_context_not_an_older_anchors(pipe):
+    """Tail steps refresh the caches: the final step's context rows keep the tail step's output (frozen
+    context, no forecast), and only the sensitive rows change."""
+    config = SafeConfig("safe-core", keep_ratio=0.25, anchor_interval=4, anchor_growth=0.0, tail_dense_steps=1,
+                        final_selective_steps=1, context_forecast=0, reuse_every=0)
+    apply_safe_dit(pipe, config)
+    outputs = []
+    hook = pipe.transformer.register_forward_hook(lambda _m, _i, out: outputs.append(out[0].clone()))
+    _run(pipe, steps=8)
+    hook.remove()
+    kinds = runtime_of(pipe).last_report["steps"]
+    assert kinds[-3:] == ["anchor", "tail", "selective"], kinds
+    last, tail, anchor = (o.flatten(2) for o in (outputs[-1], outputs[-2], outputs[-3]))  # [B, C, pixels]
+    same_as_tail = (last == tail).all(dim=1).float().mean().item()  # share of positions unchanged
+    assert 0.6 <= same_as_tail < 1.0  # the context (3/4 of the tokens, every pixel of a token) kept the tail's output
+    assert (last == anchor).all(dim=1).float().mean().item() < 0.1  # not the older anchor's
+    remove_safe_dit(pipe)
+
+
 def test_context_kv_forecast_follows_the_line_through_the_last_dense_steps():
     gen = Generation(SafeConfig("safe-core", context_forecast=1, warmup_steps=1, anchor_interval=2), 8)
     gen.index, gen.grid = torch.tensor([[0]]), (1, 3)
@@ -73,7 +102,8 @@ def test_forecasting_with_every_row_sensitive_reproduces_dense_fp(pipe):
 
 
 def test_reuse_steps_skip_the_model_and_forecast_its_output(pipe):
-    config = SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=2, anchor_interval=4, tail_dense_steps=1, reuse_every=2)
+    config = SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=2, anchor_interval=4, tail_dense_steps=1, reuse_every=2,
+                        final_selective_steps=0)
     apply_safe_dit(pipe, config)
     transformer = pipe.transformer
     calls, outputs, spy = [], [], SdpaSpy()

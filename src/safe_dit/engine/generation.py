@@ -14,7 +14,7 @@ import torch
 
 from safe_dit.config import SafeConfig
 from safe_dit.engine.partition import SensitivityAccumulator, prompt_free_partition, select_sensitive, sensitivity_map
-from safe_dit.engine.schedule import ANCHOR, REUSE, SELECTIVE, WARMUP, StepPlan
+from safe_dit.engine.schedule import ANCHOR, REUSE, SELECTIVE, TAIL, WARMUP, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ class Generation:
         self.local_tokens: int | None = None  # image tokens of this rank (N without context parallelism)
         self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
                              srsu=config.srsu, car=config.car, anchor_steps=config.anchor_steps,
-                             reuse_every=config.reuse_every, anchor_growth=config.anchor_growth)
+                             reuse_every=config.reuse_every, anchor_growth=config.anchor_growth,
+                             final_selective_steps=config.final_selective_steps)
         self.step = -1
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()
@@ -144,7 +145,7 @@ class Generation:
             index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
                                           self.config.partition_seed)  # [B, K], made on the CPU (seeded)
             self._localise(index.to(self.device) if self.device is not None else index)
-            self.sensitivity = torch.zeros(self.batch, n, device=index.device).scatter_(1, self.global_index, 1.0)
+            self.sensitivity = torch.zeros(self.batch, n, device=self.global_index.device).scatter_(1, self.global_index, 1.0)
             return
         score = self.accumulator.mean()  # [B, N] ([B, N_local] under context parallelism)
         if self.parallel is not None:  # the top-K is global: exact against one device
@@ -168,8 +169,9 @@ class Generation:
     # -- SRSU caches --------------------------------------------------------------------------
     @property
     def refreshes_cache(self) -> bool:
-        """Anchors and the last warm-up step (the first anchor) refill the SRSU caches."""
-        return self.kind == ANCHOR or (self.kind == WARMUP and self.step == self.plan.warmup_steps - 1)
+        """Anchors, tail steps (final selective steps may follow them) and the last warm-up step (the first
+        anchor) refill the SRSU caches."""
+        return self.kind in (ANCHOR, TAIL) or (self.kind == WARMUP and self.step == self.plan.warmup_steps - 1)
 
     def store_kv(self, layer, key: torch.Tensor, value: torch.Tensor) -> None:
         order = self.config.context_forecast

@@ -18,7 +18,8 @@ class StepPlan:
     SRSU caches (they hold every token's K/V and output, whatever the partition), so it counts as
     the first anchor: afterwards every ``anchor_interval``-th step is a dense anchor refreshing all
     tokens and the caches (or the steps listed in ``anchor_steps``), the others are selective; the
-    last ``tail_dense_steps`` are dense. With ``reuse_every = r > 0``, every r-th step after an anchor
+    ``tail_dense_steps`` before the last ``final_selective_steps`` are dense (and refresh the caches), and those
+    final steps update only the sensitive rows, never dense (the image has settled). With ``reuse_every = r > 0``, every r-th step after an anchor
     that would be selective skips the model instead (``REUSE``).
 
     Ablations: ``srsu=False`` makes every would-be selective step a plain dense step;
@@ -33,6 +34,7 @@ class StepPlan:
     anchor_steps: tuple[int, ...] | None = None
     reuse_every: int = 0
     anchor_growth: float = 0.0
+    final_selective_steps: int = 0
 
     def anchors(self) -> tuple[int, ...]:
         return self._anchors
@@ -63,15 +65,19 @@ class StepPlan:
             raise IndexError(f"step {step} outside 0..{self.num_steps - 1}")
         if step < self.warmup_steps:
             return WARMUP
-        if self.car and step >= self.num_steps - self.tail_dense_steps:
+        tail_end = self.num_steps - self.final_selective_steps  # first of the final steps
+        final = self.car and step >= tail_end
+        if self.car and not final and step >= tail_end - self.tail_dense_steps:
             return TAIL
-        if self.car and self.is_anchor(step):
+        if self.car and not final and self.is_anchor(step):
             return ANCHOR
         if not self.srsu:
             return DENSE
         if self.reuse_every:
-            before = bisect.bisect_left(self._anchors, step) if self.car else 0
+            before = bisect.bisect_left(self._anchors, min(step, tail_end)) if self.car else 0
             last = self._anchors[before - 1] if before else self.warmup_steps - 1  # the last refresh
+            if final and self.tail_dense_steps:
+                last = max(last, tail_end - 1)  # the tail's last step
             if (step - last) % self.reuse_every == 0:
                 return REUSE
         return SELECTIVE
