@@ -76,7 +76,9 @@ def native_size(pipe, model: str) -> int:
     """The pipeline's own default image side in pixels (64 for the embedded model)."""
     if model == DEFAULT_MODEL:
         return 64
-    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.get("sample_size")
+    if sample is None:  # no sample size in its config (ZImagePipeline defaults to 1024 pixels)
+        return 1024
     return int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
