@@ -134,6 +134,30 @@ def test_a_bool_mask_is_kept_as_shipped():
     remove_safe_dit(model)
 
 
+def test_gradient_checkpointing_follows_the_stock_blocks():
+    """Under gradient checkpointing the stock double blocks get the mask positionally and the single blocks none (a
+    diffusers quirk: its checkpointed single-block call drops attention_mask); dense-fp follows both, gradients too."""
+    model = build_chroma()
+    model.enable_gradient_checkpointing()
+    model.train()
+    inputs = chroma_inputs(model, 3, 4, batch=2, text_len=12, valid_lens=[11, 3])
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        out = model(**inputs)[0]
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    stock_out, stock = grads()
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    with SdpaSpy() as spy:
+        out, patched = grads()
+    remove_safe_dit(model)
+    assert all(m is None for m in spy.masks)
+    assert _close(out, stock_out) and stock.keys() == patched.keys()
+    assert all(torch.allclose(patched[n], stock[n], atol=1e-6, rtol=1e-5) for n in stock)
+
+
 def test_remove_restores_the_stock_model_exactly():
     model = build_chroma()
     before = processors(model)

@@ -25,9 +25,11 @@ def build_z_image(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torc
         raise ValueError(f"unknown Z-Image preset {preset!r}; choose one of {sorted(Z_IMAGE_PRESETS)}")
     cfg = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16)
     cfg.update(Z_IMAGE_PRESETS[preset])
+    overrides = dict(overrides)
     if "num_layers" in overrides:  # the name every other kit's builder (and audit --layers) uses
-        overrides = dict(overrides)
         overrides["n_layers"] = overrides.pop("num_layers")
+    if "n_heads" in overrides and "dim" not in overrides:  # a width at the preset's head dim (RoPE axes fit it)
+        overrides.update(dim=overrides["n_heads"] * cfg["dim"] // cfg["n_heads"], n_kv_heads=overrides["n_heads"])
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = ZImageTransformer2DModel(**cfg)
@@ -101,8 +103,10 @@ def z_image_prompt_kwargs(transformer, draw, text_len: int, valid=None, device="
 
 
 def z_image_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
-    """Transformer overrides for bench e2e: ``layers`` unified blocks (and up to 2 refiners each)."""
-    return dict(n_layers=layers, n_refiner_layers=min(2, layers))
+    """Transformer overrides for bench e2e: ``layers`` unified blocks (and up to 2 refiners each); --heads sets the
+    width at the preset's head dim."""
+    overrides = dict(n_layers=layers, n_refiner_layers=min(2, layers))
+    return overrides | (dict(n_heads=heads) if heads else {})
 
 
 def z_image_attention_shape(transformer) -> tuple[int, int, int]:
