@@ -193,7 +193,8 @@ class StepTracker:
             raise SafeDitError(
                 f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
                 f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, SD3 skip-layer "
-                "guidance, or ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG")
+                "guidance, or ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's "
+                "caches. Use dense-fp for such runs, or batched CFG")
         if gen is None or index != gen.step + 1 or index >= gen.plan.num_steps:
             rt.generation = None
             where = "no generation is running" if gen is None else f"the generation is at step {gen.step}"
