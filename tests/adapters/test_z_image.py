@@ -111,6 +111,18 @@ def test_safe_core_on_the_unified_sequence(grid, lens):
     assert _close(sparse[3], dense_fp[3])  # the anchor is a dense step
 
 
+def test_keep_ratio_one_is_dense_fp_in_bf16():
+    model = build_z_image(dtype=torch.bfloat16)
+    steps = _trajectory(model, (4, 6), [40, 3])
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    dense_fp = [forward(model, inputs) for inputs in steps]
+    remove_safe_dit(model)
+    full, g, _ = _steps(model, steps, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, warmup_steps=1,
+                                                 anchor_interval=3, tail_dense_steps=0, anchor_growth=0.0), cfg_batch=True)
+    assert "selective" in g.report()["steps"] and full[1][0].dtype == torch.bfloat16
+    assert all(_close([a.float() for a in o], [b.float() for b in d], 1e-2) for o, d in zip(full, dense_fp))
+
+
 def test_pcsp_reads_each_samples_own_caption():
     """The partition of a sample comes from its own caption: another caption for sample 1 leaves sample 0's alone."""
     model = build_z_image()
