@@ -229,6 +229,14 @@ def test_refusals_and_true_cfg_under_dense_fp():
     model = build_chroma()
     with pytest.raises(SafeDitError, match="safe-sw is not available for Chroma"):
         apply_safe_dit(model, SafeConfig("safe-sw"))
+    with pytest.raises(SafeDitError, match="cannot keep the masks as shipped"):
+        apply_safe_dit(model, SafeConfig("safe-core", rewrite_padding=False))
+    apply_safe_dit(model, SafeConfig("dense-fp", rewrite_padding=False))  # the ablation: m_i m_j kept as shipped
+    inputs = chroma_inputs(model, 3, 4, batch=2, text_len=12, valid_lens=[11, 3])
+    with SdpaSpy() as spy:
+        kept = forward(model, inputs)
+    remove_safe_dit(model)
+    assert all(m is not None and m.dim() == 4 for m in spy.masks) and _close(kept, forward(model, inputs))
     pipe = build_chroma_pipeline()
     g = torch.Generator().manual_seed(0)
     kw = dict(prompt_embeds=torch.randn(1, 12, 24, generator=g), prompt_attention_mask=(torch.arange(12) <= 6)[None].float(),

@@ -21,7 +21,7 @@ step's query rows, the cached keys carry theirs). PCSP reads the image-query x c
 softmax (the extra channel included), weighting only real caption words (``</s>`` and the kept pad token are not).
 
 Refused: ``safe-sw`` and, in the scheduled modes, guidance > 1 (``ChromaPipeline`` makes separate conditional
-and unconditional calls per step), a bool / integer mask, ControlNet residuals.
+and unconditional calls per step), a bool / integer mask, the mask-keeping ablations, ControlNet residuals.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ NO_SW_CFG = ("safe-sw is not available for Chroma: ChromaPipeline calls the tran
 KEPT_SCHEDULED = ("safe-core on Chroma needs the float caption mask ChromaPipeline builds (or none); this forward has "
                   "a {dtype} attention_mask, whose [B, 1, L, L] outer product cannot follow the sensitive rows. Pass "
                   "the mask as ChromaPipeline does (float), or use dense-fp")
+
+ABLATION_SCHEDULED = ("safe-core on Chroma cannot keep the masks as shipped (mask_elision=False / rewrite_padding=False): "
+                      "each block's [B, 1, L, L] bias cannot follow the sensitive rows. Use those ablations with "
+                      "mode='dense-fp'")
 
 KEPT, ELIDED, RANK1 = "kept", "elided", "rank-1"
 
@@ -152,6 +156,8 @@ class ChromaAdapter(Adapter):
     def check(self, model, config) -> None:
         if config.mode == "safe-sw":
             raise SafeDitError(NO_SW_CFG)
+        if config.scheduled and not (config.mask_elision and config.rewrite_padding):
+            raise SafeDitError(ABLATION_SCHEDULED)
 
     def hooks(self, model, runtime, handle) -> list:
         plan = MaskPlan(runtime.config)
