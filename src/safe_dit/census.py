@@ -55,8 +55,9 @@ class SdpaCensus(TorchFunctionMode):
 
 
 def mask_kind(mask: torch.Tensor | None, q_shape, k_shape) -> str:
-    """none / all-valid / row-constant / key-padding / other, for a mask as SDPA receives it
-    (q [B, H, Lq, d], k [B, Hk, Lk, d]). Reads values: for the census, never on a hot path."""
+    """none / all-valid / row-constant / key-padding / rank-1 bias / other, for a mask as SDPA receives it
+    (q [B, H, Lq, d], k [B, Hk, Lk, d]). Reads values: for the census, never on a hot path. A rank-1 bias
+    u_i v_j (Chroma's float m_i m_j) is exactly removable too: one extra q/k channel carries it."""
     if mask is None:
         return "none"
     b, h, lq, lk = q_shape[0], q_shape[1], q_shape[2], k_shape[2]
@@ -78,7 +79,21 @@ def mask_kind(mask: torch.Tensor | None, q_shape, k_shape) -> str:
     padding = (first == 0) | (first <= -1000)
     if bool((m == first).all()) and bool(padding.all()) and bool((first == 0).any(-1).all()):
         return "key-padding"
+    if bool(finite) and _rank_one_per_sample(m):
+        return "rank-1 bias"
     return "other"
+
+
+def _rank_one_per_sample(m: torch.Tensor) -> bool:
+    """m [B, h, Lq, Lk] finite: the same [Lq, Lk] matrix for every head of a sample, and it is u v^T."""
+    if not bool((m == m[:, :1]).all()):
+        return False
+    for sample in m[:, 0].double():  # [Lq, Lk]
+        i, j = divmod(int(sample.abs().argmax()), sample.shape[1])
+        outer = sample[:, j:j + 1] * sample[i:i + 1, :] / sample[i, j]
+        if not torch.allclose(outer, sample, rtol=0, atol=1e-6 * float(sample.abs().max())):
+            return False
+    return True
 
 
 def describe_call(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, gqa: bool) -> dict:
@@ -300,7 +315,36 @@ def census_one(recipe: Recipe, grid=(16, 16), seed: int = 0) -> dict:
         entry = {"setting": label, "caption_lens": lens, "calls": spy.calls}
         entry["dense_fp_masked_calls"] = _dense_fp_masked(model, kwargs)
         row["settings"].append(entry)
+    row["safe_dit_modes"] = safe_dit_modes(model)
     return row
+
+
+def safe_dit_modes(model) -> list[str]:
+    """The safe-dit modes this model's adapter accepts ([] without one): what ``apply_safe_dit`` would not refuse."""
+    from safe_dit.adapters import adapter_for
+    from safe_dit.config import MODES, SafeConfig, SafeDitError
+
+    try:
+        adapter = adapter_for(model)
+    except SafeDitError:
+        return []
+    modes = []
+    for mode in MODES:
+        try:
+            adapter.check(model, SafeConfig(mode))
+        except SafeDitError:
+            continue
+        modes.append(mode)
+    return modes
+
+
+def adapter_status(modes: list[str]) -> str:
+    """A census row's safe-dit status in words."""
+    if not modes:
+        return "no adapter"
+    if "safe-core" not in modes:
+        return "dense-fp only"
+    return "safe-core + safe-sw" if "safe-sw" in modes else "safe-core (no safe-sw)"
 
 
 def _dense_fp_masked(model, kwargs) -> int | None:
@@ -324,7 +368,8 @@ def _dense_fp_masked(model, kwargs) -> int | None:
 # the estimate from the MIDT measurements
 
 _MIDT_CASE = {"all-valid bool": "bool-expanded", "all-valid float": "additive-zero", "row-constant": "additive-rowconst",
-              "key-padding": "key-padding", "other bool": "bool-expanded", "other float": "additive-zero"}
+              "key-padding": "key-padding", "other bool": "bool-expanded", "other float": "additive-zero",
+              "rank-1 bias float": "additive-zero"}
 
 
 def midt_taxes(results_dir: str, device: str, seq_len: int = 4096) -> dict[str, float]:
@@ -365,7 +410,8 @@ def summarize_row(row: dict, taxes: dict[str, dict[str, float]]) -> dict:
             kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
         work = sum(_work(c) for c in s["calls"]) or 1.0
         est = {dev: sum(_work(c) * _charge(c, t) for c in s["calls"]) / work for dev, t in taxes.items() if t}
-        removable = sum(_work(c) for c in s["calls"] if c["kind"] in ("all-valid", "row-constant", "key-padding"))
+        removable = sum(_work(c) for c in s["calls"]
+                        if c["kind"] in ("all-valid", "row-constant", "key-padding", "rank-1 bias"))
         out.append({"setting": s["setting"], "calls": len(s["calls"]), "masked": len(s["calls"]) - kinds.get("none", 0),
                     "dense_fp_masked": s.get("dense_fp_masked_calls"),
                     "kinds": kinds, "masked_work_fraction": 1 - sum(_work(c) for c in s["calls"] if c["kind"] == "none") / work,
@@ -397,6 +443,7 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
     for row in rows:
         s = summarize_row(row, taxes)
         s["safe_dit_adapter"] = row["class"] in supported
+        s["safe_dit_modes"] = row.get("safe_dit_modes", [])
         summary.append(s)
     return {"benchmark": "census", "environment": environment("cpu"), "settings": {
         "grid": list(grid), "image_tokens": grid[0] * grid[1], "text_len": RECIPES[0].text_len,
@@ -406,11 +453,12 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
 
 def format_census(result: dict) -> str:
     lines = ["| class | pipeline | attention calls with a mask (batch 1 / equal / CFG different) | mask kinds (CFG batch) "
-             "| est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work | safe-dit dense-fp: masked calls |",
-             "|---|---|---|---|---|---|---|"]
+             "| est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work | safe-dit dense-fp: masked calls "
+             "| safe-dit |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         if s["error"]:
-            lines.append(f"| `{s['class']}` | {s['pipeline'] or '–'} | – | {s['error'][:60]} | – | – | – |")
+            lines.append(f"| `{s['class']}` | {s['pipeline'] or '–'} | – | {s['error'][:60]} | – | – | – | – |")
             continue
         counts = " / ".join(f"{x['masked']}/{x['calls']}" for x in s["settings"])
         cfg = s["settings"][-1]
@@ -419,7 +467,8 @@ def format_census(result: dict) -> str:
         gpu = cfg["attention_tax_estimate"].get("gpu")
         fp = " / ".join(str(x["dense_fp_masked"]) for x in s["settings"]) if s["safe_dit_adapter"] else "no adapter"
         lines.append(f"| `{s['class']}` | {s['pipeline']} | {counts} | {kinds}{' (' + shapes + ')' if shapes else ''} | "
-                     f"{'–' if gpu is None else f'{gpu:.2f}×'} | {cfg['exactly_removable_work_fraction']:.0%} | {fp} |")
+                     f"{'–' if gpu is None else f'{gpu:.2f}×'} | {cfg['exactly_removable_work_fraction']:.0%} | {fp} | "
+                     f"{adapter_status(s.get('safe_dit_modes', []))} |")
     return "\n".join(lines)
 
 
@@ -428,17 +477,19 @@ def plot_census(result: dict, path: str) -> None:
 
     plt = pyplot()
     rows = [s for s in result["summary"] if not s["error"]]
-    names = [s["class"].replace("Transformer2DModel", "").replace("2DModel", "") for s in rows]
+    names = [s["class"].replace("Transformer2DModel", "").replace("2DModel", "")
+             + f"  [{adapter_status(s.get('safe_dit_modes', []))}]" for s in rows]  # what safe-dit runs on it
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.8), sharey=True)
-    kinds = ("all-valid", "row-constant", "key-padding", "other")
-    colours = {"all-valid": "tab:green", "row-constant": "tab:olive", "key-padding": "tab:orange", "other": "tab:red"}
+    kinds = ("all-valid", "row-constant", "key-padding", "rank-1 bias", "other")
+    colours = {"all-valid": "tab:green", "row-constant": "tab:olive", "key-padding": "tab:orange",
+               "rank-1 bias": "tab:purple", "other": "tab:red"}
     left = [0.0] * len(rows)
     for kind in kinds:
         vals = [s["settings"][-1]["kinds"].get(kind, 0) / max(1, s["settings"][-1]["calls"]) for s in rows]
         ax1.barh(names, vals, left=left, color=colours[kind], label=kind)
         left = [a + b for a, b in zip(left, vals)]
     ax1.set_xlim(0, 1)
-    ax1.set_xlabel("share of attention calls with a mask (CFG batch, different caption lengths)")
+    ax1.set_xlabel("share of attention calls with a mask\n(CFG batch, different caption lengths)")
     ax1.legend(fontsize=8, loc="lower right")
     gpu = [s["settings"][-1]["attention_tax_estimate"].get("gpu", 1.0) for s in rows]
     cpu = [s["settings"][-1]["attention_tax_estimate"].get("cpu", 1.0) for s in rows]
@@ -446,7 +497,7 @@ def plot_census(result: dict, path: str) -> None:
     ax2.barh([i + 0.2 for i in y], gpu, height=0.4, label="GPU (H200 MIDT)")
     ax2.barh([i - 0.2 for i in y], cpu, height=0.4, label="CPU (2-core MIDT)")
     ax2.axvline(1.0, color="k", lw=0.6)
-    ax2.set_xlabel("estimated attention-time factor from its masks (MIDT at N=4096)")
+    ax2.set_xlabel("estimated attention-time factor from its masks\n(MIDT at N=4096)")
     ax2.legend(fontsize=8)
     env = result["environment"]
     fig.suptitle(f"Mask census of diffusers {env['diffusers']} image DiTs (tiny random models, "

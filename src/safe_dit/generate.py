@@ -8,8 +8,8 @@ crashed or interrupted run never leaves a half-written image.
 
 --model defaults to the embedded shapes model (``safe_dit.embedded.model``: a small trained
 Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers pipeline directory of any
-supported backbone -- Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5, FLUX.1, Lumina-Image-2.0, Qwen-Image -- (or a
-hub id already in your local cache; nothing is downloaded), or `tiny-random[-pixart|-sd3|-flux|-lumina2]`, tiny randomly
+supported backbone -- Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5, FLUX.1, Lumina-Image-2.0, Qwen-Image, Z-Image, Chroma -- (or a
+hub id already in your local cache; nothing is downloaded), or `tiny-random[-pixart|-sd3|-flux|-lumina2|-z-image|-chroma]`, tiny randomly
 initialised pipelines that exercise every code path in seconds but draw noise.
 """
 
@@ -76,7 +76,9 @@ def native_size(pipe, model: str) -> int:
     """The pipeline's own default image side in pixels (64 for the embedded model)."""
     if model == DEFAULT_MODEL:
         return 64
-    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.get("sample_size")
+    if sample is None:  # no sample size in its config (ZImagePipeline defaults to 1024 pixels)
+        return 1024
     return int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
@@ -120,9 +122,9 @@ def configure_parser(p) -> None:
                                   + VOCABULARY_HINT.replace("%", "%%"))
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="'default' (the embedded 64x64 shapes model, offline); a local diffusers pipeline directory "
-                        "of Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5, FLUX.1, Lumina-Image-2.0 or Qwen-Image (nothing is "
-                        "downloaded); or tiny-random[-pixart|-sd3|-flux|-lumina2] (random weights: noise, for smoke "
-                        "tests)")
+                        "of Lumina-Next, PixArt-Sigma/Alpha, SD3/SD3.5, FLUX.1, Lumina-Image-2.0, Qwen-Image, Z-Image or "
+                        "Chroma (nothing is downloaded); or tiny-random[-pixart|-sd3|-flux|-lumina2|-z-image|-chroma] "
+                        "(random weights: noise, for smoke tests)")
     p.add_argument("--mode", default="safe-core", choices=MODES,
                    help="the CLI shows the acceleration, safe-core; the Python API's SafeConfig defaults to the exact "
                         "dense-fp")

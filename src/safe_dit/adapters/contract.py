@@ -59,7 +59,7 @@ class Adapter:
     replaces: tuple[type, ...] | None = None  # stock processors it may replace (others refused); None: any
     passthrough: tuple[type, ...] = ()  # processors left in place under dense-fp (exact: they pass no mask)
     tokens_in: str | None = None  # module whose output is the image tokens [B, N, D]; None: `hooks` gathers
-    tokens_out: str = "proj_out"  # the last per-token layer, [B, N, C] out
+    tokens_out: str | Callable = "proj_out"  # the last per-token layer, [B, N, C] out (or model -> that module)
     grid: int | Callable | None = None  # token grid: a patch size, a callable (args, kwargs) -> (h, w); None: config
     cond_first: bool = True  # CFG batch order: [cond; uncond] (True) or [uncond; cond]
     special_leading_tokens: int = 0  # caption tokens that are no prompt word (e.g. Gemma's <bos>)
@@ -67,6 +67,7 @@ class Adapter:
     refused_inputs: tuple[str, ...] = ()  # forward kwargs the scheduled modes refuse (per-token residuals)
     cfg_pairs: bool = True  # its pipelines may batch [cond; uncond] (False: guidance-distilled, one call per step)
     context_parallel: bool = False  # its split points are declared (``parallel_hooks``); else context_parallel is refused
+    step_inputs: tuple[str, str] = ("hidden_states", "timestep")  # the forward's latent and timestep parameters
 
     def check(self, model: torch.nn.Module, config: SafeConfig) -> None:
         """Refuse a config this backbone cannot run exactly, before anything changes."""
@@ -110,15 +111,16 @@ class Adapter:
         if runtime.parallel is not None:  # split first: every later hook on the embedders sees this rank's rows
             hooks += self.parallel_hooks(model, runtime, runtime.parallel)
         hooks += self.hooks(model, runtime, handle)
+        tokens_out = self.tokens_out(model) if callable(self.tokens_out) else getattr(model, self.tokens_out)
         if config.scheduled:
             if pipe is not None and self.cfg_pairs:
                 handle.on_remove(watch_cfg(pipe, runtime))
             grid = model.config.patch_size if self.grid is None else self.grid
             tokens_in = None if self.tokens_in is None else getattr(model, self.tokens_in)
             guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None
-            hooks += schedule_hooks(model, runtime, grid, tokens_in, getattr(model, self.tokens_out), guide)
+            hooks += schedule_hooks(model, runtime, grid, tokens_in, tokens_out, guide, self.step_inputs)
         if runtime.parallel is not None:  # gather last: the scheduled modes scatter this rank's rows first
-            hooks.append(getattr(model, self.tokens_out).register_forward_hook(gather_tokens(runtime.parallel)))
+            hooks.append(tokens_out.register_forward_hook(gather_tokens(runtime.parallel)))
         handle.remove_hooks(hooks)
         if config.scheduled and config.reuse_every:
             handle.on_remove(step_reuse(model, runtime))

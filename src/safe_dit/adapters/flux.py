@@ -68,6 +68,24 @@ class SafeFluxAttnProcessor(SafeProcessor):
         self.layer = len(model.transformer_blocks) + single if single >= 0 else layer_of(self.name, "transformer_blocks")
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        q, k, v, n_text, double = self._joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        batch = q.shape[0]
+
+        def stock_mask():  # as diffusers' native backend: a [B, Lk] mask becomes [B, 1, 1, Lk]
+            m = attention_mask
+            return m[:, None, None] if m.dim() == 2 and m.shape[0] == batch else m
+
+        def compact(m):  # per-sample key masks ([B, Lk] or [B, 1, 1, Lk]) as [B, Lk]; others are semantic
+            key_only = m.dim() == 2 or (m.dim() == 4 and m.shape[1] == m.shape[2] == 1)
+            return key_padding_from_bias(m.reshape(batch, -1), batch) if key_only and m.shape[0] == batch else None
+
+        out = joint_attention(self, q, k, v, n_text, text_first=True, mask=attention_mask, stock_mask=stock_mask,
+                              compact=compact)  # [B, T + n, H, d]
+        return self._joint_out(attn, out, n_text, double, q.dtype)
+
+    def _joint_qkv(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """Projections, RMS norms, the joint [text; image] order and RoPE, as the stock processor: q/k/v
+        [B, T + n, H, d], the text length, and whether this is a double-stream block."""
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))  # [B, L, H, d]
         q, k = attn.norm_q(q), attn.norm_k(k)
@@ -80,18 +98,12 @@ class SafeFluxAttnProcessor(SafeProcessor):
         n_text = self._text_len(encoder_hidden_states if double else None, image_rotary_emb, gen)
         if image_rotary_emb is not None:
             q, k = self._rotate(q, k, image_rotary_emb, n_text, gen)
-        batch = q.shape[0]
+        return q, k, v, n_text, double
 
-        def stock_mask():  # as diffusers' native backend: a [B, Lk] mask becomes [B, 1, 1, Lk]
-            m = attention_mask
-            return m[:, None, None] if m.dim() == 2 and m.shape[0] == batch else m
-
-        def compact(m):  # per-sample key masks ([B, Lk] or [B, 1, 1, Lk]) as [B, Lk]; others are semantic
-            key_only = m.dim() == 2 or (m.dim() == 4 and m.shape[1] == m.shape[2] == 1)
-            return key_padding_from_bias(m.reshape(batch, -1), batch) if key_only and m.shape[0] == batch else None
-
-        out = joint_attention(self, q, k, v, n_text, text_first=True, mask=attention_mask, stock_mask=stock_mask,
-                              compact=compact).flatten(2, 3).to(q.dtype)  # [B, T + n, D]
+    @staticmethod
+    def _joint_out(attn, out, n_text: int, double: bool, dtype):
+        """[B, T + n, H, d] attention output -> the block's output projections, as the stock processor."""
+        out = out.flatten(2, 3).to(dtype)  # [B, T + n, D]
         if not double:
             return out
         txt, img = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)

@@ -75,7 +75,8 @@ class _Backbone:
         self.batch = "1 (guidance-distilled)" if kit.guidance_distilled else "2 (CFG)"
         if getattr(args, "prompts", 1) == 2:  # a second prompt of another caption length in the same call
             second = kit.prompt_kwargs(self.transformer, draw, self.text_len, PROMPT_VALID[::-1], device=args.device)
-            self.kwargs = {k: torch.cat([v, second[k]]) if isinstance(v, torch.Tensor) else v
+            self.kwargs = {k: torch.cat([v, second[k]]) if isinstance(v, torch.Tensor)
+                           else v + second[k] if isinstance(v, list) else v  # Z-Image: lists of unpadded captions
                            for k, v in self.kwargs.items()}
             self.batch = f"2 prompts ({PROMPT_VALID[0]} and {PROMPT_VALID[1]} valid caption tokens) x " + self.batch
         self.label = kit.label

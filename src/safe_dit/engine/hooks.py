@@ -33,11 +33,14 @@ def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
 
 
 def schedule_hooks(model: torch.nn.Module, runtime: Runtime, grid, tokens_in: torch.nn.Module | None,
-                   tokens_out: torch.nn.Module, guide: Callable | None = None) -> list:
-    """The scheduled modes' hooks: step tracking (``grid`` as for ``StepTracker``), sensitive rows in after
-    ``tokens_in`` (None: the adapter gathers them itself), outputs scattered/cached after ``tokens_out`` (the
-    last per-token layer), SW-CFG ``guide`` and the generation's release after the model's forward."""
-    hooks = [model.register_forward_pre_hook(StepTracker(runtime, grid), with_kwargs=True)]
+                   tokens_out: torch.nn.Module, guide: Callable | None = None,
+                   inputs: tuple[str, str] = ("hidden_states", "timestep")) -> list:
+    """The scheduled modes' hooks: step tracking (``grid`` as for ``StepTracker``; ``inputs`` the forward's
+    latent and timestep parameters), sensitive rows in after ``tokens_in`` (None: the adapter gathers them
+    itself), outputs scattered/cached after ``tokens_out`` (the last per-token layer), SW-CFG ``guide`` and the
+    generation's release after the model's forward."""
+    tracker = StepTracker(runtime, grid, *inputs, positions=_positions(model))
+    hooks = [model.register_forward_pre_hook(tracker, with_kwargs=True)]
     if tokens_in is not None:
         hooks.append(tokens_in.register_forward_hook(gather_sensitive(runtime)))
     return hooks + [tokens_out.register_forward_hook(on_final_tokens(runtime)),
@@ -128,19 +131,37 @@ def latent_grid(patch: int):
     return grid
 
 
+def _positions(model: torch.nn.Module) -> dict[str, int]:
+    """The positions of the forward's parameters (hooks see positional and keyword arguments apart)."""
+    try:
+        return {n: i for i, n in enumerate(inspect.signature(model.forward).parameters)}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _argument(args, kwargs, name: str, positions: dict[str, int], default: int | None = None):
+    at = positions.get(name, default)
+    return kwargs.get(name, args[at] if at is not None and at < len(args) else None)
+
+
 class StepTracker:
     """Model forward pre-hook: which step of which generation this forward is, and what kind of step.
 
     ``grid`` is the patch size of a [B, C, H, W] latent input, or a callable (args, kwargs) -> (h, w)
-    for backbones that take packed tokens (FLUX)."""
+    for backbones that take packed tokens (FLUX). The latents are the forward's ``latent_arg`` (a tensor
+    [B, ...], or a list of per-sample tensors as Z-Image takes them), its timestep ``timestep_arg``."""
 
-    def __init__(self, runtime: Runtime, grid):
+    def __init__(self, runtime: Runtime, grid, latent_arg: str = "hidden_states", timestep_arg: str = "timestep",
+                 positions: dict[str, int] | None = None):
         self.runtime = runtime
         self.grid_of = latent_grid(grid) if isinstance(grid, int) else grid
+        self.latent_arg, self.timestep_arg, self.positions = latent_arg, timestep_arg, positions or {}
 
     def __call__(self, _model, args, kwargs):
         rt = self.runtime
-        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, ...]
+        latents = _argument(args, kwargs, self.latent_arg, self.positions, 0)  # [B, ...] or B x [...]
+        batch, device = (len(latents), latents[0].device) if isinstance(latents, (list, tuple)) \
+            else (latents.shape[0], latents.device)
         grid = self.grid_of(args, kwargs)
         if rt.explicit_generation:
             gen, step, cfg = rt.generation, rt.generation.step + 1, rt.explicit_cfg
@@ -148,20 +169,20 @@ class StepTracker:
                 raise SafeDitError(f"safe_dit.generation(..., num_steps={gen.plan.num_steps}) got more transformer "
                                    "calls than steps: one call per sampling step")
         else:
-            gen, step = self._pipeline_step(rt, kwargs)
+            gen, step = self._pipeline_step(rt, _argument(args, kwargs, self.timestep_arg, self.positions))
             cfg = rt.pipeline_cfg
         if step == 0:  # a CFG batch is what the pipeline call said it is, never guessed from the latents
-            gen.cfg_batch = bool(cfg) and rt.cfg_pairs and latents.shape[0] % 2 == 0
+            gen.cfg_batch = bool(cfg) and rt.cfg_pairs and batch % 2 == 0
             gen.cond_first = rt.cond_first
         forecasts = rt.config.context_forecast or rt.config.reuse_every
         timestep = None  # the forecasts' variable; without it (or under torch.compile: no host read) the step index
         if forecasts and not torch.compiler.is_compiling():
-            timestep = _first_timestep(kwargs.get("timestep"))
-        gen.begin_step(step, grid[0] * grid[1], grid, batch=latents.shape[0], device=latents.device, timestep=timestep)
+            timestep = _first_timestep(_argument(args, kwargs, self.timestep_arg, self.positions))
+        gen.begin_step(step, grid[0] * grid[1], grid, batch=batch, device=device, timestep=timestep)
         return None
 
     @staticmethod
-    def _pipeline_step(rt: Runtime, kwargs) -> tuple[Generation, int]:
+    def _pipeline_step(rt: Runtime, timestep) -> tuple[Generation, int]:
         """The step from the scheduler the pipeline holds now (it may have been replaced since apply)."""
         scheduler = getattr(rt.pipe, "scheduler", None)
         if scheduler is None:
@@ -170,7 +191,7 @@ class StepTracker:
                 "transformer inside `with safe_dit.generation(transformer, num_steps=...)`")
         index, gen = scheduler.step_index, rt.generation
         if index is None:  # the first step of a pipeline call
-            t = _first_timestep(kwargs.get("timestep"))
+            t = _first_timestep(timestep)
             if gen is not None and gen.step == 0 and None not in (t, gen.first_timestep) and t != gen.first_timestep:
                 rt.generation = None
                 raise SafeDitError(NOT_ADVANCING)
@@ -181,8 +202,9 @@ class StepTracker:
             rt.generation = None
             raise SafeDitError(
                 f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
-                f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, or SD3 skip-layer "
-                "guidance): each call would overwrite the other's caches. Use dense-fp for such runs, or batched CFG")
+                f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, SD3 skip-layer "
+                "guidance, or ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's "
+                "caches. Use dense-fp for such runs, or batched CFG")
         if gen is None or index != gen.step + 1 or index >= gen.plan.num_steps:
             rt.generation = None
             where = "no generation is running" if gen is None else f"the generation is at step {gen.step}"
@@ -301,12 +323,16 @@ def step_reuse(model: torch.nn.Module, runtime: Runtime) -> Callable[[], None]:
 
 
 def _sample(output):
-    """The model output's first tensor (a tuple's first item or a ModelOutput's ``sample``)."""
-    return output[0]
+    """The model output's first tensor (a tuple's first item or a ModelOutput's ``sample``); a list of per-sample
+    tensors (Z-Image) stacked."""
+    sample = output[0]
+    return torch.stack(list(sample)) if isinstance(sample, (list, tuple)) else sample
 
 
 def _with_sample(template, sample: torch.Tensor):
     """``template`` (the last computed output's structure) carrying ``sample`` instead of its first tensor."""
+    if isinstance(template[0], (list, tuple)):  # per-sample outputs, as the model returned them
+        sample = list(sample.unbind(0))
     if isinstance(template, tuple):
         return (sample, *template[1:])
     keys = list(template.keys())

@@ -21,12 +21,15 @@ from safe_dit.engine.schedule import SELECTIVE
 
 def joint_attention(proc, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, n_text: int, *,
                     text_first: bool, mask: torch.Tensor | None = None, stock_mask: Callable | None = None,
-                    compact: Callable | None = None) -> torch.Tensor:
+                    compact: Callable | None = None, scale: float | None = None,
+                    text_valid: torch.Tensor | None = None) -> torch.Tensor:
     """q/k/v [B, L, H, d], the joint sequence with ``n_text`` text rows first (``text_first``) or last, and
     N image rows (or K sensitive rows at selective steps) -> [B, L, H, d] in the same order.
 
     ``proc`` is the calling processor (its runtime, name, layer, rewrite_padding and dispatch settings);
-    ``mask`` (over the joint keys, as the stock processor would pass it) goes through ``attend``."""
+    ``mask`` (over the joint keys, as the stock processor would pass it) goes through ``attend``; ``scale``
+    (default 1/sqrt(d)) is the logits' scale, in the main call and in PCSP's; ``text_valid`` [B, T] says which
+    text tokens PCSP may weigh (default all)."""
     runtime = proc.runtime
     gen = runtime.generation
     if gen is not None:
@@ -40,9 +43,9 @@ def joint_attention(proc, query: torch.Tensor, key: torch.Tensor, value: torch.T
             keys, text_keys = _global_keys(runtime.parallel, key, n_text, text_first)  # [B, T + N, H, d], slice
             q_t = query.transpose(1, 2)  # [B, H, L, d]
             q_rows = q_t[:, :, n_text:] if text_first else q_t[:, :, :n_img]  # [B, H, N, d]
-            probs = joint_image_to_text_probs(q_rows, keys.transpose(1, 2), text_keys)  # [B, N, T]
-            gen.collect(probs, runtime.text_weights(None, probs.shape[-1], probs.device))
-    return attend(runtime, proc.name, query, key, value, mask, None, rewrite=proc.rewrite_padding,
+            probs = joint_image_to_text_probs(q_rows, keys.transpose(1, 2), text_keys, scale=scale)  # [B, N, T]
+            gen.collect(probs, runtime.text_weights(text_valid, probs.shape[-1], probs.device))
+    return attend(runtime, proc.name, query, key, value, mask, scale, rewrite=proc.rewrite_padding,
                   stock_mask=stock_mask or (lambda: mask), compact=compact, processor=proc)  # [B, L, H, d]
 
 
