@@ -40,14 +40,14 @@ safe-dit bench e2e --no-progress --tokens 16384 --hidden-size 1152 --heads 16 --
 # 7. Cross-backbone, matched 4096 image tokens, 1 block on CPU:
 #    SD3 through StableDiffusion3Pipeline (SD3-Medium's full width 1536 = 24 heads x 64, 333 caption tokens,
 #    CFG batch 2, its default 28 steps); FLUX through FluxPipeline (head dim 128 at half the FLUX.1 width:
-#    12 heads = 1536, 1 double + 1 single block, 512 caption tokens, batch 1, 20 steps; no safe-sw).
+#    12 heads = 1536, 1 double + 1 single block, 512 caption tokens, batch 1, 28 steps (FluxPipeline's default; 20 before session 9); no safe-sw).
 safe-dit bench e2e --model sd3 --no-progress --tokens 4096 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
   --json "$out/e2e-$tag-sd3.json" --plot "$out/e2e-$tag-sd3.png" > "$out/e2e-$tag-sd3.txt"
 safe-dit bench e2e --model pixart --no-progress --tokens 4096 --layers 1 --steps 20 --repeats 2 --guidance 4.5 \
   --json "$out/e2e-$tag-pixart.json" --plot "$out/e2e-$tag-pixart.png" > "$out/e2e-$tag-pixart.txt"
 safe-dit bench e2e --model pixart --no-progress --tokens 9216 --layers 1 --steps 20 --repeats 1 --guidance 4.5 \
   --json "$out/e2e-$tag-pixart-9216.json" --plot "$out/e2e-$tag-pixart-9216.png" > "$out/e2e-$tag-pixart-9216.txt"
-safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
+safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 28 --repeats 1 --guidance 3.5 \
   --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
 #    SD3 and FLUX again at 9216 tokens (1536^2), safe-sw skipped (same cost as safe-core; ~17 / ~13 min alone).
 safe-dit bench e2e --model sd3 --no-progress --tokens 9216 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
