@@ -62,3 +62,67 @@ def test_step_plan(steps, warm, interval, tail, expected):
 def test_dense_fraction():
     plan = StepPlan(10, 2, 4, 1)  # W W S S S A S S S T
     assert plan.dense_fraction(0.25) == pytest.approx((4 + 6 * 0.25) / 10)
+
+
+def test_the_joint_pcsp_tap_from_the_calls_own_log_sum_exp_is_exact_and_changes_no_output():
+    """Warm-up steps of joint-attention backbones read PCSP's image->text probabilities from the log-sum-exp that
+    the CPU flash kernel returns with the attention itself, instead of a second mask-free pass over all keys: the
+    same probabilities as the full softmax, and the very output SDPA gives."""
+    import torch.nn.functional as F
+
+    from safe_dit.engine.partition import joint_image_to_text_probs, joint_text_probs_from_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 14, 8, generator=g) for _ in range(3))  # [B, H, L, d]: 10 image + 4 text
+    scale = 0.3
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, scale=scale))  # what attend() computes
+    full = (torch.einsum("bhnd,bhld->bhnl", q.double(), k.double()) * scale).softmax(-1)
+    for image, text in ((slice(0, 10), slice(10, 14)), (slice(4, 14), slice(0, 4))):  # SD3 and FLUX orders
+        ref = full[:, :, image, text].mean(1)
+        fused = joint_text_probs_from_lse(q[:, :, image], k, text, lse[:, :, image], scale)
+        assert torch.allclose(fused.double(), ref, atol=1e-6)
+        assert torch.allclose(fused, joint_image_to_text_probs(q[:, :, image], k, text, scale=scale), atol=1e-6)
+        assert torch.allclose(joint_text_probs_from_lse(q[:, :, image], k, text, lse[:, :, image], scale,
+                                                        chunk_bytes=1).double(), ref, atol=1e-6)  # head by head
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_joint_backbones_take_the_fused_tap_and_keep_their_outputs(name, monkeypatch):
+    """Through a whole safe-core generation: the fused tap runs (no second SDPA pass in warm-up) and every step's
+    output equals the one computed with the two-pass tap."""
+    import safe_dit
+    from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+    from safe_dit.api import runtime_of
+    from safe_dit.engine import joint
+    from safe_dit.testing.kits import kit_for
+
+    kit = kit_for(name)
+    model = kit.build()
+    x = kit.inputs(model, 4, 4, batch=2 if name == "sd3" else 1, text_len=6)
+
+    def run():
+        outs = []
+        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.25))
+        with torch.no_grad(), safe_dit.generation(model, num_steps=5):
+            for _ in range(5):
+                outs.append(model(**x)[0].clone())
+        sensitivity = runtime_of(model).last_sensitivity.clone()
+        remove_safe_dit(model)
+        return outs, sensitivity
+
+    calls = []
+    real = joint._attention_with_lse
+    def spy(*args):
+        result = real(*args)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(joint, "_attention_with_lse", spy)
+    fused, fused_map = run()
+    assert calls and all(calls)  # every tapped warm-up call took the fused path
+    monkeypatch.setattr(joint, "_attention_with_lse", lambda *a: None)  # the two-pass tap
+    two_pass, two_pass_map = run()
+    assert torch.allclose(fused_map, two_pass_map, atol=1e-6)
+    for a, b in zip(fused, two_pass):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from safe_dit.engine.attend import attend
-from safe_dit.engine.partition import joint_image_to_text_probs
+from safe_dit.engine.partition import joint_image_to_text_probs, joint_text_probs_from_lse
 from safe_dit.engine.schedule import SELECTIVE
 
 
@@ -40,13 +40,45 @@ def joint_attention(proc, query: torch.Tensor, key: torch.Tensor, value: torch.T
             gen.store_kv(proc.name, key, value)
         if n_text and gen.wants_probs(proc.layer):  # PCSP (warm-up: all N image rows)
             n_img = query.shape[1] - n_text
-            keys, text_keys = _global_keys(runtime.parallel, key, n_text, text_first)  # [B, T + N, H, d], slice
             q_t = query.transpose(1, 2)  # [B, H, L, d]
             q_rows = q_t[:, :, n_text:] if text_first else q_t[:, :, :n_img]  # [B, H, N, d]
+            fused = _attention_with_lse(proc, query, key, value, mask, scale)
+            if fused is not None:  # the tap from the call's own log-sum-exp: no second pass over the keys
+                out, lse = fused  # [B, L, H, d], [B, H, L]
+                lse_rows = lse[:, :, n_text:] if text_first else lse[:, :, :n_img]  # [B, H, N]
+                text_keys = slice(0, n_text) if text_first else slice(n_img, n_img + n_text)
+                probs = joint_text_probs_from_lse(q_rows, key.transpose(1, 2), text_keys, lse_rows, scale)
+                gen.collect(probs, runtime.text_weights(text_valid, probs.shape[-1], probs.device))
+                runtime.record(proc.name, "no mask")
+                return out
+            keys, text_keys = _global_keys(runtime.parallel, key, n_text, text_first)  # [B, T + N, H, d], slice
             probs = joint_image_to_text_probs(q_rows, keys.transpose(1, 2), text_keys, scale=scale)  # [B, N, T]
             gen.collect(probs, runtime.text_weights(text_valid, probs.shape[-1], probs.device))
     return attend(runtime, proc.name, query, key, value, mask, scale, rewrite=proc.rewrite_padding,
                   stock_mask=stock_mask or (lambda: mask), compact=compact, processor=proc)  # [B, L, H, d]
+
+
+def _attention_with_lse(proc, query, key, value, mask, scale):
+    """The warm-up call of a PCSP block as one CPU flash-attention call that also returns each query's log-sum-exp
+    ((out [B, L, H, d], lse [B, H, L])), or None where that would not be the very call ``attend`` makes: a mask, a
+    chosen attention backend, context parallelism, GQA, torch.compile, or another device (those keep the extra
+    mask-free SDPA pass of ``joint_image_to_text_probs``). CPU only: the flash kernel SDPA itself dispatches to
+    there for mask-free float calls (tests/engine/test_partition.py checks the outputs are bit-identical)."""
+    runtime = proc.runtime
+    if (mask is not None or runtime.parallel is not None or query.device.type != "cpu"
+            or query.dtype not in (torch.float32, torch.bfloat16) or key.shape[2] != query.shape[2]
+            or getattr(proc, "_attention_backend", None) is not None or not _native_default()
+            or torch.compiler.is_compiling()):
+        return None
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def _native_default() -> bool:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE
 
 
 def _global_keys(parallel, key: torch.Tensor, n_text: int, text_first: bool) -> tuple[torch.Tensor, slice]:

@@ -52,6 +52,23 @@ def joint_image_to_text_probs(query: torch.Tensor, key: torch.Tensor, text: slic
     return total / h  # [B, N, T]
 
 
+def joint_text_probs_from_lse(query: torch.Tensor, key: torch.Tensor, text: slice, lse: torch.Tensor,
+                              scale: float | None = None, chunk_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """The same [B, N, T] block as :func:`joint_image_to_text_probs`, given the log-sum-exp of each image query's
+    logits over all L keys (``lse`` [B, H, N], which a flash kernel returns with the attention itself):
+    p_it = exp(s q_i k_t - lse_i), averaged over heads. No second pass over the L keys."""
+    b, h, n, d = query.shape
+    t = len(range(key.shape[2])[text])
+    scale = d ** -0.5 if scale is None else scale
+    step = max(1, min(h, chunk_bytes // max(1, b * n * t * 4)))
+    total = torch.zeros(b, n, t, device=query.device)
+    for h0 in range(0, h, step):
+        q, k = query[:, h0:h0 + step].float(), key[:, h0:h0 + step, text].float()  # [B, h', N, d], [B, h', T, d]
+        logits = torch.einsum("bhnd,bhtd->bhnt", q, k) * scale  # [B, h', N, T]
+        total += (logits - lse[:, h0:h0 + step, :, None].float()).exp().sum(1)
+    return total / h  # [B, N, T]
+
+
 class SensitivityAccumulator:
     """Running mean over blocks and warm-up steps of each image token's attention to the prompt.
 
