@@ -47,12 +47,13 @@ logger = logging.getLogger(__name__)
 TINY_PIPELINES = {kit.tiny_name: kit.text_pipeline for kit in KITS.values()}
 
 
-def load_pipeline(model: str, dtype: torch.dtype, device: str):
-    """The embedded default, a tiny random pipeline, or a local diffusers pipeline of a supported backbone."""
+def load_pipeline(model: str, dtype: torch.dtype, device: str, height: int | None = None, width: int | None = None):
+    """The embedded default (the one trained at the requested size, 64 or 128 px), a tiny random pipeline, or a local
+    diffusers pipeline of a supported backbone."""
     if model == DEFAULT_MODEL:
-        from safe_dit.embedded.model import load_default_pipeline
+        from safe_dit.embedded.model import load_default_pipeline, size_for
 
-        return load_default_pipeline(dtype=dtype).to(device)
+        return load_default_pipeline(dtype=dtype, size=size_for(height, width)).to(device)
     if model in TINY_PIPELINES:
         return TINY_PIPELINES[model]().to(device, dtype)
     from diffusers import DiffusionPipeline
@@ -73,9 +74,9 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str):
 
 
 def native_size(pipe, model: str) -> int:
-    """The pipeline's own default image side in pixels (64 for the embedded model)."""
+    """The pipeline's own default image side in pixels (the embedded models': 64 or 128, their training size)."""
     if model == DEFAULT_MODEL:
-        return 64
+        return int(pipe.default_image_size)
     sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.get("sample_size")
     if sample is None:  # no sample size in its config (ZImagePipeline defaults to 1024 pixels)
         return 1024
@@ -129,7 +130,8 @@ def configure_parser(p) -> None:
                    help="the CLI shows the acceleration, safe-core; the Python API's SafeConfig defaults to the exact "
                         "dense-fp")
     p.add_argument("--negative-prompt", default="", help="what CFG steers away from (not FLUX)")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size)")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size; "
+                   "for the embedded model 128 with --width 128 picks the one trained at 128x128, 1024 tokens)")
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps")
     p.add_argument("--guidance", type=float, default=4.0,
@@ -202,6 +204,12 @@ def check_arguments(args) -> None:
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise SafeDitError(f"--device {args.device!r}: safe-dit runs on cpu, cuda, mps or xpu")
     check_out(Path(args.out))
+    if args.model == DEFAULT_MODEL:
+        from safe_dit.embedded.model import IMAGE_SIZE, embedded_weights, size_for
+
+        size = size_for(args.height, args.width)
+        if size != IMAGE_SIZE:
+            embedded_weights(size)  # the model for this size is installed (else say so now, before any work)
     if args.model == DEFAULT_MODEL and max(args.height or 0, args.width or 0) > EMBEDDED_MAX_SIDE:
         raise SafeDitError(f"--height and --width must be at most {EMBEDDED_MAX_SIDE} pixels for the embedded model: "
                            f"its pipeline has RoPE rows for {ROPE_TOKENS} tokens a side")
@@ -240,14 +248,15 @@ def run(args) -> int:
                         cfg_sensitive=args.cfg_sensitive, context_parallel=cp)
     if args.model == DEFAULT_MODEL:
         warn_outside_world(args.prompt)
-    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device)
+    pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.height, args.width)
     args.height = args.height or native_size(pipe, args.model)
     args.width = args.width or native_size(pipe, args.model)
     _check_size(args)
     _check_rope(pipe, args)
-    if args.model == DEFAULT_MODEL and (args.height, args.width) != (64, 64):
-        logger.warning("the embedded model was trained at 64x64 only; at %dx%d it draws what it can, not its world",
-                       args.height, args.width)
+    native = native_size(pipe, args.model)
+    if args.model == DEFAULT_MODEL and (args.height, args.width) != (native, native):
+        logger.warning("the embedded models were trained at 64x64 and 128x128; at %dx%d the %d-px one draws what it "
+                       "can, not its world", args.height, args.width, native)
     kwargs = call_kwargs(pipe, args)
     if rank:  # under torchrun every rank computes the same image; rank 0 alone shows progress and writes files
         pipe.set_progress_bar_config(disable=True)

@@ -103,3 +103,49 @@ def test_a_saved_pipeline_directory_loads_offline(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["backbone"] == "pixart"
     assert out.stat().st_size > 0
 
+
+
+@pytest.fixture()
+def micro_128(tmp_path, monkeypatch):
+    """A 1-step micro model trained at 128 px, installed as the embedded 128-px model."""
+    from safe_dit.embedded import model as dm
+    from safe_dit.embedded.train import main as train_main
+
+    out = tmp_path / "shapes-lumina-128"
+    micro = json.dumps(dict(hidden_size=32, num_layers=1, num_attention_heads=2, num_kv_heads=2))
+    assert train_main(["--size", "128", "--steps", "1", "--batch", "2", "--quiet", "--config-overrides", micro,
+                       "--out", str(out)]) == 0
+    monkeypatch.setitem(dm.EMBEDDED_MODELS, 128, out)
+    return out
+
+
+def test_128_pixels_pick_the_1024_token_embedded_model(tmp_path, capsys, micro_128):
+    from PIL import Image
+
+    from safe_dit.embedded.model import size_for
+
+    assert size_for(128, 128) == 128 and size_for(None, None) == 64 and size_for(128, 64) == 64 and size_for(96, 96) == 64
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red circle at the center on a gray background", "--height", "128", "--width", "128",
+                 "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "img.json").read_text())
+    assert Image.open(out).size == (128, 128) and (summary["height"], summary["width"]) == (128, 128)
+    assert summary["tokens_per_step"][0] == 32 * 32  # patch 4 at 128 px: the 1024-token model ran
+    capsys.readouterr()
+    assert main(["eval", "--size", "128", "--single", "1", "--two", "0", "--steps", "2", "--modes", "dense-fp",
+                 "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["settings"]["size"] == 128 and evaluated["settings"]["model"] == "embedded 128 px"
+
+
+def test_a_missing_128_model_is_explained_before_any_work(tmp_path, capsys, monkeypatch):
+    from safe_dit.embedded import model as dm
+
+    monkeypatch.setitem(dm.EMBEDDED_MODELS, 128, tmp_path / "absent")
+    out = tmp_path / "img.png"
+    assert main(["generate", "a red circle at the center on a gray background", "--height", "128", "--width", "128",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "128-px embedded model" in err and "--size 64" in err and not out.exists()
+    assert main(["eval", "--size", "128", "--quick"]) == 2
+    assert "still being trained" in capsys.readouterr().err

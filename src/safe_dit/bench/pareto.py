@@ -48,6 +48,8 @@ __all__ = ["CORE", "FAMILIES", "Setting", "analyse", "configure_parser", "defaul
 
 def configure_parser(p) -> None:
     p.add_argument("--model", default=None, help="directory of a shapes transformer (default: the embedded one)")
+    p.add_argument("--size", type=int, choices=(64, 128), default=None,
+                   help="the embedded model trained at this image side: 64 (256 tokens, the default) or 128 (1024 tokens)")
     p.add_argument("--single", type=int, default=18, help="one-object prompts (default 18; the first of eval's set)")
     p.add_argument("--two", type=int, default=12, help="two-object prompts (default 12)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps for every setting but step reduction")
@@ -113,7 +115,7 @@ def _run(args) -> int:
 
     settings = [s for s in default_settings() if s.family in args.families or s.name in ("dense", REFERENCE)]
     torch.manual_seed(args.seed)
-    pipe = load_default_pipeline(args.model)
+    pipe = load_default_pipeline(args.model, size=args.size)
     pipe.set_progress_bar_config(disable=True)
     scenes = prompt_set(args.single, args.two, args.seed)
     progress = not args.no_progress
@@ -122,6 +124,7 @@ def _run(args) -> int:
                                                                                      part1.get("patterns")) \
         if args.scaled_tokens else None
     rows = part1.pop("rows")
+    weights = weights_identity(args.model, args.size)
     result = dict(
         benchmark="pareto",
         settings=[dict(name=s.name, family=s.family, mode=s.safe.mode, ablations=list(s.safe.ablations),
@@ -130,7 +133,7 @@ def _run(args) -> int:
                   for s in settings],
         settings_common=dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
                              guidance=args.guidance, seed=args.seed, dtype="float32",
-                             model=args.model or "embedded default", weights=weights_identity(args.model),
+                             model=args.model or weights["path"], size=int(pipe.default_image_size), weights=weights,
                              peers_run_on="dense-fp (the exact fast path on)",
                              diffusers_cache_hooks=available_hooks()),
         quality=part1, scaled=part2, analysis=analyse(settings, part1, part2), rows=rows,

@@ -249,6 +249,8 @@ def save_grid(result: dict, images: dict, path: str, max_rows: int = 12) -> None
 def configure_parser(p) -> None:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="default: all four")
     p.add_argument("--model", default=None, help="directory of a shapes transformer (default: the embedded one)")
+    p.add_argument("--size", type=int, choices=(64, 128), default=None,
+                   help="the embedded model trained at this image side: 64 (256 tokens, the default) or 128 (1024 tokens)")
     p.add_argument("--single", type=int, default=54, help="one-object prompts (default 54)")
     p.add_argument("--two", type=int, default=30, help="two-object prompts (default 30)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps per image (default 30)")
@@ -276,14 +278,15 @@ def run(args) -> int:
     if REFERENCE not in modes:
         modes.insert(0, REFERENCE)
     torch.manual_seed(args.seed)
-    pipe = load_default_pipeline(args.model)
+    pipe = load_default_pipeline(args.model, size=args.size)
     pipe.set_progress_bar_config(disable=True)
     scenes = prompt_set(args.single, args.two, args.seed)
     result = evaluate(pipe, scenes, modes, args, progress=not args.no_progress)
     images = result.pop("images")
+    weights = weights_identity(args.model, args.size)
     result["settings"] = dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
-                              guidance=args.guidance, seed=args.seed, model=args.model or "embedded default",
-                              weights=weights_identity(args.model))
+                              guidance=args.guidance, seed=args.seed, model=args.model or weights["path"],
+                              size=int(pipe.default_image_size), weights=weights)
     result["environment"] = environment("cpu")
     grid = args.grid or args.plot
     if grid:

