@@ -127,7 +127,7 @@ def test_128_pixels_pick_the_1024_token_embedded_model(tmp_path, capsys, micro_1
     assert size_for(128, 128) == 128 and size_for(None, None) == 64 and size_for(128, 64) == 64 and size_for(96, 96) == 64
     out = tmp_path / "img.png"
     assert main(["generate", "a red circle at the center on a gray background", "--height", "128", "--width", "128",
-                 "--steps", "3", "--out", str(out), "--no-progress"]) == 0
+                 "--steps", "3", "--out", str(out)]) == 0
     summary = json.loads((tmp_path / "img.json").read_text())
     assert Image.open(out).size == (128, 128) and (summary["height"], summary["width"]) == (128, 128)
     assert summary["tokens_per_step"][0] == 32 * 32  # patch 4 at 128 px: the 1024-token model ran
