@@ -17,7 +17,7 @@ class SafeDitError(ValueError):
 class SafeConfig:
     """How safe-dit should run a model.
 
-    The safe-core defaults (keep 0.2, warm-up 2, anchor gaps 2, 3, 4, ..., one dense tail step before a final
+    The safe-core defaults (keep 0.2, warm-up 2, anchor gaps 2, 4, 6, ..., one dense tail step before a final
     selective one, linear context K/V forecast, every 2nd step after an anchor reused) were chosen on a held-out
     prompt set (seed 23) at 20, 28 and 30 steps; ``SafeConfig(..., **PUBLISHED)`` in ``safe_dit.bench.pareto_settings`` is the published schedule.
 
@@ -115,7 +115,7 @@ class SafeConfig:
     car: bool = True
     sw_map: bool = True
     context_forecast: int = 1
-    anchor_growth: float = 1.0
+    anchor_growth: float = 2.0
     anchor_steps: tuple[int, ...] | None = None
     reuse_every: int = 2
     reuse_order: int = 1
