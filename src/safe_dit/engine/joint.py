@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from safe_dit.engine.attend import attend
+from safe_dit.engine.attend import _is_native, attend
 from safe_dit.engine.partition import joint_image_to_text_probs, joint_text_probs_from_lse
 from safe_dit.engine.schedule import SELECTIVE
 
@@ -67,18 +67,12 @@ def _attention_with_lse(proc, query, key, value, mask, scale):
     runtime = proc.runtime
     if (mask is not None or runtime.parallel is not None or query.device.type != "cpu"
             or query.dtype not in (torch.float32, torch.bfloat16) or key.shape[2] != query.shape[2]
-            or getattr(proc, "_attention_backend", None) is not None or not _native_default()
+            or getattr(proc, "_attention_backend", None) is not None or not _is_native(None)
             or torch.compiler.is_compiling()):
         return None
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
     return out.transpose(1, 2), lse
-
-
-def _native_default() -> bool:
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    return _AttentionBackendRegistry.get_active_backend()[0] == AttentionBackendName.NATIVE
 
 
 def _global_keys(parallel, key: torch.Tensor, n_text: int, text_first: bool) -> tuple[torch.Tensor, slice]:
