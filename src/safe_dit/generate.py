@@ -76,7 +76,7 @@ def load_pipeline(model: str, dtype: torch.dtype, device: str, height: int | Non
 def native_size(pipe, model: str) -> int:
     """The pipeline's own default image side in pixels (the embedded models': 64 or 128, their training size)."""
     if model == DEFAULT_MODEL:
-        return int(pipe.default_image_size)
+        return int(pipe.default_sample_size)  # pixel space: the size they were trained at
     sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.get("sample_size")
     if sample is None:  # no sample size in its config (ZImagePipeline defaults to 1024 pixels)
         return 1024

@@ -170,4 +170,29 @@ def test_training_at_128_pixels_is_a_1024_token_model(tmp_path):
     assert record["transformer_config"]["sample_size"] == 128 and record["data"].startswith("shapes world")
     assert "128x128" in record["data"]
     pipe = dm.load_default_pipeline(tmp_path)
-    assert pipe.default_image_size == 128
+    assert pipe.default_sample_size == 128 and pipe.default_image_size == 128 and record["rope_linear_factor"] == 1.0
+
+
+def test_fine_tune_at_128_under_the_pipelines_resolution_extrapolation_matches_the_pipeline(tmp_path):
+    """--rope-base 64: sample_size stays 64, the world is drawn at 128, and training conditions the model exactly as
+    diffusers' LuminaPipeline does at 128x128 (positions interpolated by 2, attention base of 64): spied on."""
+    from safe_dit.embedded.train import pipeline_conditioning
+    assert train_main(["--size", "128", "--rope-base", "64", "--steps", "1", "--batch", "2", "--quiet",
+                       "--config-overrides", MICRO, "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["transformer_config"]["sample_size"] == 64 and record["image_size"] == 128
+    assert record["rope_linear_factor"] == 2.0 and "128x128" in record["data"]
+    pipe = dm.load_default_pipeline(tmp_path)
+    assert pipe.default_sample_size == 128 and pipe.default_image_size == 64  # default height; the RoPE base
+    seen = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: seen.append(k) or forward(*a, **k)
+    with torch.no_grad():
+        image = pipe("a red circle at the top left on a white background", num_inference_steps=1,
+                     guidance_scale=1.0, output_type="np").images[0]
+    assert image.shape == (128, 128, 3)
+    rope, xattn, linear = pipeline_conditioning(pipe.transformer.config, 128)
+    assert linear == 2.0 and seen and torch.equal(seen[0]["image_rotary_emb"], rope)
+    assert seen[0]["cross_attention_kwargs"] == xattn
+    rope_64, _, _ = pipeline_conditioning(pipe.transformer.config, 64)
+    assert not torch.equal(rope, rope_64)  # the check can fail: 128 px is not conditioned as 64 px

@@ -133,7 +133,7 @@ def _run(args) -> int:
                   for s in settings],
         settings_common=dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
                              guidance=args.guidance, seed=args.seed, dtype="float32",
-                             model=args.model or weights["path"], size=int(pipe.default_image_size), weights=weights,
+                             model=args.model or weights["path"], size=int(pipe.default_sample_size), weights=weights,
                              peers_run_on="dense-fp (the exact fast path on)",
                              diffusers_cache_hooks=available_hooks()),
         quality=part1, scaled=part2, analysis=analyse(settings, part1, part2), rows=rows,

@@ -286,7 +286,7 @@ def run(args) -> int:
     weights = weights_identity(args.model, args.size)
     result["settings"] = dict(prompts=len(scenes), single=args.single, two=args.two, steps=args.steps,
                               guidance=args.guidance, seed=args.seed, model=args.model or weights["path"],
-                              size=int(pipe.default_image_size), weights=weights)
+                              size=int(pipe.default_sample_size), weights=weights)
     result["environment"] = environment("cpu")
     grid = args.grid or args.plot
     if grid:

@@ -64,14 +64,19 @@ class PixelVAE(ModelMixin, ConfigMixin):
 
 
 class PixelLuminaPipeline(LuminaPipeline):
-    """diffusers' LuminaPipeline with a latent scale factor of 1 (pixel-space model)."""
+    """diffusers' LuminaPipeline with a latent scale factor of 1 (pixel-space model).
 
-    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer):
+    ``image_size`` is the size the model was trained at, the pipeline's default height and width. It may be larger
+    than the transformer's ``sample_size``, from which the stock pipeline scales RoPE and the attention temperature
+    (Lumina-Next's resolution extrapolation): the 128-px model is the 64-px one fine-tuned under that scaling."""
+
+    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, image_size: int | None = None):
         super().__init__(transformer=transformer, scheduler=scheduler, vae=vae,
                          text_encoder=text_encoder, tokenizer=tokenizer)
         self.vae_scale_factor = 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=1)
-        self.default_image_size = self.default_sample_size * self.vae_scale_factor
+        self.default_image_size = self.default_sample_size * self.vae_scale_factor  # the RoPE / attention base
+        self.default_sample_size = image_size or self.default_sample_size  # default height and width
 
 
 def text_encoder_dir() -> Path:
@@ -179,12 +184,19 @@ def _steps_before(previous: dict):
         previous = previous.get("continues") or {}
 
 
-def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch.float32) -> PixelLuminaPipeline:
+def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch.float32,
+                   image_size: int | None = None) -> PixelLuminaPipeline:
     tokenizer, text_encoder = load_text_encoder(dtype)
     return PixelLuminaPipeline(
         transformer=(transformer if transformer.dtype == dtype else transformer.to(dtype)).eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=PixelVAE(), text_encoder=text_encoder, tokenizer=tokenizer,
+        vae=PixelVAE(), text_encoder=text_encoder, tokenizer=tokenizer, image_size=image_size,
     )
+
+
+def trained_size(path: str | Path) -> int | None:
+    """The image size a checkpoint was trained at (its training.json), None when it does not say (= sample_size)."""
+    card = Path(path) / "training.json"
+    return json.loads(card.read_text()).get("image_size") if card.is_file() else None
 
 
 def load_default_pipeline(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
@@ -200,4 +212,4 @@ def load_default_pipeline(path: str | Path | None = None, dtype: torch.dtype = t
             "reinstall safe-dit or train one with `python scripts/train_default_model.py`"
         )
     transformer = LuminaNextDiT2DModel.from_pretrained(path, dtype=dtype)
-    return build_pipeline(transformer, dtype)
+    return build_pipeline(transformer, dtype, image_size=trained_size(path))

@@ -42,6 +42,16 @@ def build_transformer(seed: int, **overrides) -> LuminaNextDiT2DModel:
     return model
 
 
+def pipeline_conditioning(config, size: int) -> tuple[torch.Tensor, dict, float]:
+    """RoPE, cross_attention_kwargs and RoPE's linear factor exactly as LuminaPipeline computes them for a square
+    ``size``-px image: its scaling_factor is size / sample_size, applied linearly (positions interpolated) below the
+    default watershed, i.e. at every step; proportional attention keeps the sample_size base."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    linear = size / config.sample_size
+    rope = get_2d_rotary_pos_embed_lumina(head_dim, 384, 384, linear_factor=linear, ntk_factor=1.0)
+    return rope, proportional_attention_kwargs(config.sample_size), linear
+
+
 class CaptionCache:
     """Text states per caption, computed once (the caption space is finite)."""
 
@@ -93,7 +103,14 @@ def train(args) -> dict:
     tokenizer, encoder = load_text_encoder()
     captions = CaptionCache(tokenizer, encoder)
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
-    overrides.setdefault("sample_size", args.size)  # the pipeline's default image size (pixel space)
+    # sample_size is the size the pipeline scales RoPE and the attention temperature from (Lumina-Next's resolution
+    # extrapolation: at a larger image the positions are interpolated by image/sample_size, the proportional
+    # attention keeps the sample_size base); trained at --size with that scaling, so that diffusers' stock
+    # LuminaPipeline at --size reproduces training exactly.
+    rope_base = args.rope_base or args.size
+    if args.size % rope_base:
+        raise SystemExit(f"--rope-base {rope_base} must divide --size {args.size}")
+    overrides.setdefault("sample_size", rope_base)
     model = build_transformer(args.seed, **overrides).train()
     previous = {}
     if args.init_from:  # continue from a saved (EMA, fp16) checkpoint; the optimiser starts afresh
@@ -112,17 +129,16 @@ def train(args) -> dict:
     ema.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    head_dim = model.config.hidden_size // model.config.num_attention_heads
-    rope = get_2d_rotary_pos_embed_lumina(head_dim, 384, 384, linear_factor=1.0, ntk_factor=1.0)
-    xattn = proportional_attention_kwargs(model.config.sample_size)
+    rope, xattn, linear = pipeline_conditioning(model.config, args.size)
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
-    size = model.config.sample_size
+    size = args.size
     record = dict(
         data=f"shapes world (safe_dit.embedded.world): {size}x{size}, 1-2 objects, "
              f"{len(world.COLORS)} colours x {len(world.SHAPES)} shapes x {len(world.POSITIONS)} cells, "
              f"{len(world.BACKGROUNDS)} backgrounds, two-object probability {args.two_object_prob}",
         command="python scripts/train_default_model.py " + " ".join(args.argv),
+        image_size=size, rope_linear_factor=linear,
         transformer_config=dict(model.config), parameters=n_params, text_encoder="all-MiniLM-L6-v2",
         seed=args.seed, batch=args.batch, fast_path=not args.no_fast_path, lr=args.lr, ema=args.ema, caption_dropout=args.caption_dropout,
         environment=environment("cpu"), log=[],
@@ -207,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (each overwrites --out)")
     p.add_argument("--size", type=int, default=world.IMAGE_SIZE, choices=(64, 128),
                    help="image size in pixels: 64 (256 tokens) or 128 (1024 tokens, patch 4); default 64")
+    p.add_argument("--rope-base", type=int, default=0,
+                   help="the transformer's sample_size, from which Lumina-Next's pipeline scales RoPE (positions / "
+                        "(size / rope-base)) and the attention temperature; 64 fine-tunes the 64-px model at 128 "
+                        "under the stock resolution extrapolation (default: --size, no scaling)")
     p.add_argument("--resume", action="store_true",
                    help=f"save {RESUME_FILE} (fp32 weights, optimiser, RNG) in --out at every checkpoint and, "
                         "if one is there, continue from it: run the same command again after an interruption")
