@@ -17,7 +17,7 @@ class SafeDitError(ValueError):
 class SafeConfig:
     """How safe-dit should run a model.
 
-    The safe-core defaults (keep 0.2, warm-up 2, anchor gaps 2, 4, 6, ..., one dense tail step before a final
+    The safe-core defaults (keep 0.15, warm-up 2, anchor gaps 2, 4, 6, ..., one dense tail step before a final
     selective one, linear context K/V forecast, every 2nd step after an anchor reused) were chosen on a held-out
     prompt set (seed 23) at 20, 28 and 30 steps; ``SafeConfig(..., **PUBLISHED)`` in ``safe_dit.bench.pareto_settings`` is the published schedule.
 
@@ -98,7 +98,7 @@ class SafeConfig:
 
     mode: str = "dense-fp"
     rewrite_padding: bool = True
-    keep_ratio: float = 0.2
+    keep_ratio: float = 0.15
     warmup_steps: int = 2
     anchor_interval: int = 2
     tail_dense_steps: int = 1

@@ -84,12 +84,12 @@ def test_prompt_free_partition_is_made_where_the_latents_are(kind):
     of CUDA tensors with it); 'meta' stands in for a device other than the CPU here."""
     from safe_dit.engine.generation import Generation
 
-    gen = Generation(SafeConfig("safe-core", partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
+    gen = Generation(SafeConfig("safe-core", keep_ratio=0.25, partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
     gen.begin_step(0, 16, (4, 4), batch=2, device="meta")
     gen.begin_step(1, 16, (4, 4), batch=2, device="meta")  # the partition is made when warm-up ends
     assert gen.index.device.type == "meta" and gen.sensitivity.device.type == "meta"
     assert gen.index.shape == (2, sensitive_count(16, 0.25))
-    cpu = Generation(SafeConfig("safe-core", partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
+    cpu = Generation(SafeConfig("safe-core", keep_ratio=0.25, partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
     cpu.begin_step(0, 16, (4, 4), batch=2)
     cpu.begin_step(1, 16, (4, 4), batch=2)
     assert cpu.index.device.type == "cpu" and torch.equal(cpu.sensitivity.sum(1), torch.full((2,), 4.0))
