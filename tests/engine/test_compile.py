@@ -66,3 +66,39 @@ def test_selective_and_anchor_steps_compile_without_graph_breaks():
     torch._dynamo.reset()
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
     assert breaks == {"selective": 0, "anchor": 0}, breaks
+
+
+def test_safe_core_defaults_compile_to_a_few_graphs_that_match_eager():
+    """The per-step state the compiled body reads is a step kind and a few bools; the step index, timesteps and
+    forecast weights stay outside the graphs (eager bookkeeping, weights as tensor inputs). Before, every step
+    recompiled (12 graphs for 11 calls, then dynamo's recompile limit of 8 sent the model back to eager)."""
+    import safe_dit
+
+    def run(steps, compiled):
+        torch._dynamo.reset()
+        model = build_lumina_next("tiny")
+        inputs = lumina_inputs(model, 4, 4, batch=2)
+        apply_safe_dit(model, SafeConfig("safe-core"))
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        fn = torch.compile(model, backend=backend) if compiled else model
+        outs = []
+        with torch.no_grad(), safe_dit.generation(model, num_steps=steps) as g:
+            for i in range(steps):
+                outs.append(fn(**dict(inputs, timestep=torch.full((2,), 1.0 - i / steps)))[0])
+        remove_safe_dit(model)
+        torch._dynamo.reset()
+        return outs, graphs, g.report()["steps"]
+
+    eager, _, kinds = run(30, compiled=False)
+    compiled, graphs, compiled_kinds = run(30, compiled=True)
+    assert compiled_kinds == kinds and {"selective", "anchor", "reuse", "tail"} <= set(kinds)
+    assert len(graphs) <= 8, len(graphs)  # measured: 7 for 30 steps (warm-up x2, selective x2, anchor, reuse, tail)
+    _, graphs_12, _ = run(12, compiled=True)
+    assert len(graphs_12) == len(graphs)  # bounded: more steps compile nothing new
+    for e, c in zip(eager, compiled):
+        assert torch.allclose(e, c, atol=1e-5, rtol=1e-5)

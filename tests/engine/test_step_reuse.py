@@ -9,7 +9,7 @@ from helpers import SdpaSpy, run_lumina as _run
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.engine.generation import Generation, extrapolation_weights
+from safe_dit.engine.generation import Generation, combine, extrapolation_weights
 from safe_dit.engine.schedule import StepPlan
 from safe_dit.testing.kits import build_lumina_pipeline
 
@@ -75,17 +75,24 @@ def test_the_final_selective_step_reuses_the_tails_context_not_an_older_anchors(
 
 
 def test_context_kv_forecast_follows_the_line_through_the_last_dense_steps():
-    gen = Generation(SafeConfig("safe-core", context_forecast=1, warmup_steps=1, anchor_interval=2), 8)
-    gen.index, gen.grid = torch.tensor([[0]]), (1, 3)
-    for step, kind, t, value in ((0, "warmup", 0.0, 1.0), (2, "anchor", 0.4, 3.0)):
-        gen.step, gen.kind, gen.times[step] = step, kind, t
-        gen.store_kv("layer", torch.full((1, 3, 1, 2), value), torch.full((1, 3, 1, 2), -value))
-    gen.step, gen.kind, gen.times[3] = 3, "selective", 0.5
+    gen = Generation(SafeConfig("safe-core", context_forecast=1, warmup_steps=1, anchor_interval=2, anchor_growth=0.0,
+                                reuse_every=0, tail_dense_steps=0, final_selective_steps=0), 8)
+    gen._localise(torch.tensor([[0]]))  # the partition, fixed by hand
+    for step, t, value in ((0, 0.0, 1.0), (1, 0.2, None), (2, 0.4, 3.0)):  # warm-up (first anchor), selective, anchor
+        gen.begin_step(step, 3, (1, 3), timestep=t)
+        if value is not None:
+            assert gen.refreshes_cache
+            gen.store_kv("layer", torch.full((1, 3, 1, 2), value), torch.full((1, 3, 1, 2), -value))
+            gen.store_output(torch.zeros(1, 3, 1))
+    assert gen.kinds == ["warmup", "selective", "anchor"] and gen.kv_steps == [0, 2]
+    assert gen.begin_step(3, 3, (1, 3), timestep=0.5) == "selective"
     k, v = gen.merged_kv("layer", torch.full((1, 1, 1, 2), 9.0), torch.full((1, 1, 1, 2), -9.0))
     assert torch.equal(k[0, 0], torch.full((1, 2), 9.0))  # the sensitive row is fresh
     assert torch.allclose(k[0, 1:], torch.full((2, 1, 2), 3.5))  # 3 + (3 - 1) / 0.4 * 0.1, in the timestep
     assert torch.allclose(v[0, 1:], torch.full((2, 1, 2), -3.5))
     assert torch.equal(gen.kv["layer"][0], torch.full((1, 3, 1, 2), 3.0))  # the anchor's cache is left as it was
+    weights = torch.tensor(gen.kv_weights)  # the tensor form a compiled graph takes gives the same forecast
+    assert torch.allclose(combine([torch.tensor(1.0), torch.tensor(3.0)], weights), torch.tensor(3.5))
 
 
 def test_forecasting_with_every_row_sensitive_reproduces_dense_fp(pipe):

@@ -46,11 +46,15 @@ def extrapolation_weights(nodes: list[float], x: float) -> list[float]:
     return out
 
 
-def combine(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_j weights[j] * tensors[j], as a new tensor."""
+def combine(tensors: list[torch.Tensor], weights) -> torch.Tensor:
+    """sum_j weights[j] * tensors[j], as a new tensor. ``weights``: Python floats, or a 1-D tensor (under
+    torch.compile: graph inputs, so a new step's weights do not recompile the graph)."""
     out = tensors[-1] * weights[-1]
-    for t, w in zip(tensors[:-1], weights[:-1]):
-        out.add_(t, alpha=w)
+    for j, t in enumerate(tensors[:-1]):
+        if isinstance(weights, torch.Tensor):
+            out.add_(t * weights[j].to(t.dtype))
+        else:
+            out.add_(t, alpha=weights[j])
     return out
 
 
@@ -87,8 +91,16 @@ class Generation:
         self.kv: dict = {}  # layer (index or attention name) -> K, V [B, N, Hkv, d]
         self.output: torch.Tensor | None = None  # per-token model output at the last anchor [B, N, C]
         self.anchor_step = -1  # the step that output comes from
-        # context_forecast > 0: per layer, the K/V of the last order+1 dense steps [(step, K, V)]
+        # context_forecast > 0: per layer, the K/V of the last order+1 cache-refreshing steps [(K, V)], taken at
+        # the steps ``kv_steps``; ``kv_weights`` their extrapolation weights to this step (None: no forecast yet)
         self.kv_history: dict = {}
+        self.kv_steps: list[int] = []
+        self.kv_weights: list[float] | None = None
+        self.kv_weights_tensor: torch.Tensor | None = None
+        # per-step facts the processors branch on, fixed eagerly in begin_step: under torch.compile a bool guards
+        # two graphs, where the step index would guard (and recompile) every step
+        self.refresh = False
+        self.last_step = False
         self.times: dict[int, float | None] = {}  # step -> its timestep (the forecasts' variable; else the step index)
         self.model_outputs: list[tuple[int, torch.Tensor]] = []  # reuse_every: the last computed model outputs
         self.output_template = None  # the structure (tuple / ModelOutput) of the last computed model output
@@ -123,13 +135,23 @@ class Generation:
             kind = SELECTIVE if self.output is not None and self.kv else ANCHOR
         self.kind = kind
         self.kinds.append(kind)
+        self.refresh = kind in (ANCHOR, TAIL) or (kind == WARMUP and step == self.plan.warmup_steps - 1)
+        self.last_step = step >= self.plan.num_steps - 1
+        order = self.config.context_forecast
+        if self.refresh:
+            self.anchor_step = step
+            if order:  # this step's K/V become the newest forecast node
+                self.kv_steps = (self.kv_steps + [step])[-(order + 1):]
+        elif len(self.kv_steps) > 1:
+            self.kv_weights = self._weights(self.kv_steps)
+            self.kv_weights_tensor = torch.tensor(self.kv_weights, dtype=torch.float32, device=self.device)
         self.tokens_per_step.append({SELECTIVE: self.global_index.shape[1] if self.index is not None else num_tokens,
                                      REUSE: 0}.get(kind, num_tokens))
         return kind
 
     @property
     def is_last_step(self) -> bool:
-        return self.step >= self.plan.num_steps - 1
+        return self.last_step
 
     # -- PCSP ---------------------------------------------------------------------------------
     def wants_probs(self, layer: int) -> bool:
@@ -171,13 +193,13 @@ class Generation:
     def refreshes_cache(self) -> bool:
         """Anchors, tail steps (final selective steps may follow them) and the last warm-up step (the first
         anchor) refill the SRSU caches."""
-        return self.kind in (ANCHOR, TAIL) or (self.kind == WARMUP and self.step == self.plan.warmup_steps - 1)
+        return self.refresh
 
     def store_kv(self, layer, key: torch.Tensor, value: torch.Tensor) -> None:
         order = self.config.context_forecast
-        if order and self.kind != SELECTIVE:  # every dense step is a forecast node (warm-up ones included)
+        if order and self.kind != SELECTIVE:  # a forecast node (its step is in kv_steps)
             hist = self.kv_history.setdefault(layer, [])
-            hist.append((self.step, key, value))
+            hist.append((key, value))
             del hist[:-(order + 1)]
         if self.refreshes_cache:
             self.kv[layer] = (key, value)
@@ -194,9 +216,9 @@ class Generation:
         valid = self.valid if rows_at is None else valid
         hist = self.kv_history.get(layer)
         if hist and len(hist) > 1:
-            weights = self._weights([s for s, _, _ in hist])
-            k = combine([h[1] for h in hist], weights)  # [B, L, Hkv, d]
-            v = combine([h[2] for h in hist], weights)
+            weights = self.kv_weights_tensor if torch.compiler.is_compiling() else self.kv_weights
+            k = combine([h[0] for h in hist], weights)  # [B, L, Hkv, d]
+            v = combine([h[1] for h in hist], weights)
         else:
             k, v = self.kv[layer]
         if valid is not None:
@@ -254,7 +276,7 @@ class Generation:
 
     def store_output(self, out: torch.Tensor) -> None:
         if self.refreshes_cache:
-            self.output, self.anchor_step = out, self.step
+            self.output = out  # anchor_step is set in begin_step
 
     def _weights(self, steps: list[int]) -> list[float]:
         """Extrapolation weights from these steps to the current one, in the timestep (in the step index where
@@ -265,11 +287,13 @@ class Generation:
         return extrapolation_weights(xs[:-1], xs[-1])
 
     # -- step-level reuse ---------------------------------------------------------------------
+    @torch.compiler.disable  # bookkeeping by step index: eager, outside any compiled graph
     def remember_model_output(self, sample: torch.Tensor) -> None:
         """The model's output at a step it ran (any layout): the nodes of a reuse step's forecast."""
         self.model_outputs.append((self.step, sample))
         del self.model_outputs[:-(self.config.reuse_order + 1)]
 
+    @torch.compiler.disable
     def forecast_model_output(self) -> torch.Tensor:
         """A reuse step's model output: the last computed one (order 0) or the line through the last two."""
         nodes = self.model_outputs
@@ -279,7 +303,7 @@ class Generation:
     def cache_bytes(self) -> int:
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
         kv = sum(size(k) + size(v) for k, v in self.kv.values())
-        kv += sum(size(k) + size(v) for hist in self.kv_history.values() for _, k, v in hist[:-1])
+        kv += sum(size(k) + size(v) for hist in self.kv_history.values() for k, v in hist[:-1])
         out = 0 if self.output is None else size(self.output)
         return kv + out + sum(size(t) for _, t in self.model_outputs)
 

@@ -157,6 +157,7 @@ class StepTracker:
         self.grid_of = latent_grid(grid) if isinstance(grid, int) else grid
         self.latent_arg, self.timestep_arg, self.positions = latent_arg, timestep_arg, positions or {}
 
+    @torch.compiler.disable  # step bookkeeping (step index, plan, timestep read) runs eagerly, between graphs
     def __call__(self, _model, args, kwargs):
         rt = self.runtime
         latents = _argument(args, kwargs, self.latent_arg, self.positions, 0)  # [B, ...] or B x [...]
@@ -175,8 +176,8 @@ class StepTracker:
             gen.cfg_batch = bool(cfg) and rt.cfg_pairs and batch % 2 == 0
             gen.cond_first = rt.cond_first
         forecasts = rt.config.context_forecast or rt.config.reuse_every
-        timestep = None  # the forecasts' variable; without it (or under torch.compile: no host read) the step index
-        if forecasts and not torch.compiler.is_compiling():
+        timestep = None  # the forecasts' variable; without it the step index
+        if forecasts:
             timestep = _first_timestep(_argument(args, kwargs, self.timestep_arg, self.positions))
         gen.begin_step(step, grid[0] * grid[1], grid, batch=batch, device=device, timestep=timestep)
         return None
