@@ -32,6 +32,24 @@ class SdpaSpy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def stock_vs_dense_fp(model, inputs, flash: bool = True):
+    """One forward of the stock model and one under dense-fp (on the flash kernel alone: it raises if a call needed
+    another), each under an SdpaSpy; safe-dit removed after. Returns (dense, fast, stock masks, dense-fp masks)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+
+    with SdpaSpy() as stock:
+        dense = forward(model, inputs).float()
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    try:
+        with SdpaSpy() as spy, sdpa_kernel([SDPBackend.FLASH_ATTENTION] if flash else list(SDPBackend)):
+            fast = forward(model, inputs).float()
+    finally:
+        remove_safe_dit(model)
+    return dense, fast, stock.masks, spy.masks
+
+
 # -- one seeded sampling run per backbone's tiny pipeline (embeds given, latents out) -------------------
 
 def seeded(seed: int, *shape) -> torch.Tensor:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.audit import trace_forward
 from safe_dit.cli import main
 from safe_dit.testing.lumina2 import build_lumina2, build_lumina2_pipeline, lumina2_inputs
-from helpers import RUNS, SdpaSpy, forward, processors, selective_flops
+from helpers import RUNS, SdpaSpy, forward, processors, selective_flops, stock_vs_dense_fp
 
 run = RUNS["lumina2"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -23,15 +22,10 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 def test_dense_fp_equals_dense_with_no_mask_on_the_flash_kernel(h, w, lens, dtype):
     model = build_lumina2(dtype=dtype)
     inputs = lumina2_inputs(model, h, w, batch=len(lens), text_len=8, valid_lens=lens, seed=h * 10 + w)
-    with SdpaSpy() as stock_spy:
-        dense = forward(model, inputs).float()
-    apply_safe_dit(model, SafeConfig("dense-fp"))
-    with SdpaSpy() as spy, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if a call needed another kernel
-        fast = forward(model, inputs).float()
-    remove_safe_dit(model)
+    dense, fast, stock_masks, masks = stock_vs_dense_fp(model, inputs)
     if len(set(lens)) > 1:  # the stock model masks the caption refiner and every joint block
-        assert sum(m is not None for m in stock_spy.masks) == 3
-    assert spy.masks and all(m is None for m in spy.masks)
+        assert sum(m is not None for m in stock_masks) == 3
+    assert masks and all(m is None for m in masks)
     assert (fast - dense).abs().max().item() <= TOL[dtype] * dense.abs().max().item()
 
 
