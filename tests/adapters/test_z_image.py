@@ -126,13 +126,26 @@ def test_keep_ratio_one_is_dense_fp_in_bf16():
 def test_pcsp_reads_each_samples_own_caption():
     """The partition of a sample comes from its own caption: another caption for sample 1 leaves sample 0's alone."""
     model = build_z_image()
-    a = z_image_inputs(model, 4, 6, batch=2, valid_lens=[40, 3], seed=3)
-    b = dict(a, cap_feats=[a["cap_feats"][0], torch.randn(3, model.config.cap_feat_dim)])
+    a = z_image_inputs(model, 4, 6, batch=2, valid_lens=[40, 12], seed=3)  # a chat-templated caption has >= 8
+    b = dict(a, cap_feats=[a["cap_feats"][0], torch.randn(12, model.config.cap_feat_dim)])
     index = []
     for inputs in (a, b):
         _, g, _ = _steps(model, [inputs] * 3, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=1, anchor_interval=3))
         index.append(g._gen.index.clone())
     assert torch.equal(index[0][0], index[1][0]) and not torch.equal(index[0][1], index[1][1])
+
+
+def test_pcsp_weighs_only_the_prompts_words_not_the_chat_template():
+    """ZImagePipeline's captions are Qwen3 chat turns: 3 template tokens before the prompt, 5 after, then Z-Image's own
+    padding to a multiple of 32; only the prompt's words weigh in PCSP."""
+    model = build_z_image()
+    apply_safe_dit(model, SafeConfig("safe-core"))
+    runtime = safe_dit.api.runtime_of(model)
+    valid = torch.arange(32)[None] < torch.tensor([[12], [32]])  # real caption lengths 12 and 32
+    weights = runtime.text_weights(valid, 32, "cpu")
+    remove_safe_dit(model)
+    assert weights[0].tolist() == [0.0] * 3 + [1.0] * 4 + [0.0] * 5 + [0.0] * 20
+    assert weights[1].tolist() == [0.0] * 3 + [1.0] * 24 + [0.0] * 5
 
 
 def test_selective_steps_do_a_fraction_of_the_work():

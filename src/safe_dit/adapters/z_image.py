@@ -231,6 +231,11 @@ class ZImageAdapter(Adapter):
     refused_inputs = ("controlnet_block_samples",)
     step_inputs = ("x", "t")
     cfg_pairs = True  # ZImagePipeline batches [cond; uncond] in one call
+    # ZImagePipeline wraps each prompt in Qwen3's chat template (add_generation_prompt, enable_thinking): no prompt
+    # words, so PCSP does not weigh them: "<|im_start|>", "user", "\n" before, and "<|im_end|>", "\n",
+    # "<|im_start|>", "assistant", "\n" after
+    special_leading_tokens = 3
+    special_trailing_tokens = 5
 
     def check(self, model, config) -> None:
         if config.scheduled and (type(model).forward is not ZImageTransformer2DModel.forward
