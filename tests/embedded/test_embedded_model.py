@@ -1,5 +1,5 @@
-"""The shipped, trained default model: it draws what the prompt says, and SAFE-Core's sensitivity
-map (PCSP) lands where the prompt puts the object."""
+"""The shipped, trained embedded models (64 px / 256 tokens, the default, and 128 px / 1024 tokens): each draws what
+the prompt says, and SAFE-Core's sensitivity map (PCSP) lands where the prompt puts the object."""
 
 import json
 import random
@@ -15,7 +15,7 @@ from safe_dit.embedded import grader
 from safe_dit.embedded import world
 from safe_dit.api import runtime_of
 from safe_dit.cli import main
-from safe_dit.embedded.model import WEIGHTS_DIR, load_default_pipeline
+from safe_dit.embedded.model import EMBEDDED_MODELS, load_default_pipeline
 
 # one prompt per grid cell, colours/shapes/backgrounds rotating
 PROMPTS = [
@@ -27,17 +27,25 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def pipe(embedded_pipe):
-    return embedded_pipe
+@pytest.fixture(scope="module", params=sorted(EMBEDDED_MODELS), ids=lambda s: f"{s}px")
+def pipe(request, embedded_pipe):
+    if request.param == 64:
+        return embedded_pipe
+    pipe = load_default_pipeline(size=request.param)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def test_weights_are_shipped_in_fp16_and_small():
-    files = {f.name: f.stat().st_size for f in WEIGHTS_DIR.iterdir()}
-    assert {"config.json", "diffusion_pytorch_model.safetensors", "training.json"} <= set(files)
-    assert sum(files.values()) < 40 * 2**20
-    card = json.loads((WEIGHTS_DIR / "training.json").read_text())
-    assert card["steps"] > 0 and card["train_seconds"] > 0 and card["text_encoder"] == "all-MiniLM-L6-v2"
+    total = 0
+    for size, path in EMBEDDED_MODELS.items():
+        files = {f.name: f.stat().st_size for f in path.iterdir()}
+        assert {"config.json", "diffusion_pytorch_model.safetensors", "training.json"} <= set(files), size
+        total += sum(files.values())
+        card = json.loads((path / "training.json").read_text())
+        assert card["steps"] > 0 and card["train_seconds"] > 0 and card["text_encoder"] == "all-MiniLM-L6-v2"
+        assert card.get("image_size", 64) == size and "resume.pt" not in files
+    assert total < 40 * 2**20  # all shipped weights together
 
 
 def _dense_fp_accuracy(pipe, scenes, what):
@@ -75,7 +83,7 @@ def test_sensitivity_map_lands_on_the_prompted_cell(pipe):
     apply_safe_dit(pipe, SafeConfig("safe-core"))
     rt = runtime_of(pipe)
     hits, shares = 0, []
-    side = pipe.transformer.config.sample_size // pipe.transformer.config.patch_size  # 16 tokens
+    side = pipe.default_sample_size // pipe.transformer.config.patch_size  # 16 or 32 tokens
     cell_of_token = torch.arange(side) * world.GRID // side
     for i, scene in enumerate(PROMPTS):
         pipe(world.caption(scene), num_inference_steps=6, guidance_scale=4.0, clean_caption=False,
