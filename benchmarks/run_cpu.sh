@@ -56,10 +56,6 @@ safe-dit bench e2e --model sd3 --no-progress --tokens 9216 --layers 1 --steps 28
 safe-dit bench e2e --model flux --no-progress --tokens 9216 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
   --modes safe-core --time-up-to 9216 \
   --json "$out/e2e-$tag-flux-9216.json" --plot "$out/e2e-$tag-flux-9216.png" > "$out/e2e-$tag-flux-9216.txt"
-#    Lumina-Next at 4096 tokens once more, 1 repeat, so that every backbone has a row from one machine and run.
-safe-dit bench e2e --no-progress --tokens 4096 --hidden-size 1152 --heads 16 --kv-heads 4 --layers 1 --steps 30 \
-  --repeats 1 --modes safe-core \
-  --json "$out/e2e-$tag-lumina-4096.json" --plot "$out/e2e-$tag-lumina-4096.png" > "$out/e2e-$tag-lumina-4096.txt"
 python "$(dirname "$0")/summarize_backbones.py" "$out"/e2e-$tag*.json --plot "$out/backbones-$tag.png" > "$out/backbones-$tag.md"
 # 8. Speed-quality Pareto vs diffusers' cache hooks and step reduction, with SAFE-Core ablations:
 #    30 fixed prompts x 32 settings x 30 steps on the embedded model, then latency only at 4096 tokens
