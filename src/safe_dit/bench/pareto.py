@@ -12,13 +12,14 @@ One process, same prompts, seeds, steps, guidance and dtype for every setting:
   comparison is between schedules; dense/dense-fp is its own row). A method that fails on the
   model, or attaches no hook to it, is listed as unsupported with the reason.
 
-Part 1, quality (the embedded shapes model, 64x64, 256 tokens): prompt alignment graded by the
+Part 1, quality (the embedded shapes model: 64x64, 256 tokens, or ``--size 128``, 1024 tokens): prompt alignment graded by the
 checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense (tiny
 images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
 (``--scaled-tokens``, default 4096 = a 1024² image): every setting (``--scaled-subset``: a short
 list) on a random-weight Lumina-Next with the real head dim 72, one timed call each; quality is not measured
-there (random weights), and adaptive caches (FirstBlockCache, MagCache, SeaCache) decide what to
-skip from the model's own activations, which random weights do not represent.
+there (random weights). Adaptive caches (FirstBlockCache, MagCache, SeaCache) would decide what to
+skip from random activations, which mean nothing: at scale they replay the per-step share of blocks
+they computed on the trained embedded model in part 1 (the table's 'decisions' says which was done).
 
 Writes a table, JSON (``--json``; also the last stdout line), a Pareto PNG (``--plot``: quality vs
 speedup, one point per setting, SAFE-Core highlighted, front marked) and an ablation bar chart

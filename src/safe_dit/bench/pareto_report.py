@@ -6,6 +6,11 @@ from safe_dit.bench.peers import PEERS
 from safe_dit.bench.report import pyplot
 
 
+def _tokens(settings_common: dict) -> int:
+    """Image tokens of the embedded model the quality part ran (pixel space, patch 4: (size / 4)²)."""
+    return (settings_common.get("size", 64) // 4) ** 2
+
+
 def table(result: dict) -> str:
     p1, p2 = result["quality"], result.get("scaled")
     tok = f"x@{p2['tokens']}" if p2 else ""
@@ -30,19 +35,22 @@ def table(result: dict) -> str:
     st = result["settings_common"]
     lines.append(f"{st['prompts']} prompts ({st['single']} one-object, {st['two']} two-object), {st['steps']} steps, "
                  f"guidance {st['guidance']}, seed {st['seed']}, float32; PSNR/SSIM paired vs dense-fp (identical: 100); "
-                 "'x dense' = median s/image of dense over the setting's, on the embedded model (256 tokens, noisy)")
+                 f"'x dense' = median s/image of dense over the setting's, on the embedded model ({_tokens(st)} tokens, "
+                 "noisy)")
     if p2:
         lines.append(f"x@{p2['tokens']}: latency ratio vs dense at {p2['tokens']} tokens ({p2['resolution']}²), "
                      f"Lumina-Next {p2['hidden_size']}w/{p2['layers']}L/{p2['heads']}h x {p2['head_dim']}, random weights, "
-                     "1 timed call each; adaptive caches (first-block-cache, mag-cache, sea-cache) choose what to skip "
-                     "from the activations, which random weights do not represent: their x@ values are indicative only")
-        lines.append(f"{'scaled setting':34} {'seconds':>8} {'x dense':>8} {'x dense-fp':>10} {'peak MB':>8}")
+                     "1 timed call each; adaptive caches (first-block-cache, mag-cache, sea-cache) replay the share of "
+                     "blocks per step they computed on the trained embedded model (column 'replayed')")
+        lines.append(f"{'scaled setting':34} {'seconds':>8} {'x dense':>8} {'x dense-fp':>10} {'peak MB':>8} replayed")
         for name, r in p2["rows"].items():
             if r["status"] != "ok":
                 lines.append(f"{name:34} unsupported: {r['reason']}")
                 continue
             mem = f"{r['peak_memory_mb']:8.0f}" if r.get("peak_memory_mb") is not None else f"{'-':>8}"
-            lines.append(f"{name:34} {r['seconds']:8.2f} {r['speedup']:7.2f}x {r['speedup_vs_dense_fp']:9.2f}x {mem}")
+            replay = r.get("decisions", "").partition("model: ")[2].replace(" block-steps computed", "")
+            lines.append(f"{name:34} {r['seconds']:8.2f} {r['speedup']:7.2f}x {r['speedup_vs_dense_fp']:9.2f}x {mem} "
+                         f"{replay}".rstrip())
     for key, a in result["analysis"].items():
         lines.append(f"Pareto front ({key}): " + ", ".join(a["front"]))
         for v in a["verdicts"]:
@@ -66,7 +74,7 @@ def plot_pareto(result: dict, path: str) -> None:
     q = result["quality"]["summary"]
     p2 = result.get("scaled")
     panels = [("embedded", {n: e["speedup"] for n, e in q.items()},
-               "speedup vs dense, embedded model (256 tokens, noisy)")]
+               f"speedup vs dense, embedded model ({_tokens(result['settings_common'])} tokens, noisy)")]
     if p2:
         panels.append((f"{p2['tokens']} tokens", {n: r["speedup"] for n, r in p2["rows"].items() if r["status"] == "ok"},
                        f"speedup vs dense at {p2['tokens']} tokens (random-weight Lumina-Next, latency only)"))
