@@ -45,6 +45,7 @@ VARIANTS = (
     ("safe-core quality", dict(reuse_every=0), "defaults without step reuse"),
     ("safe-core k0.15 a3", dict(keep_ratio=0.15, anchor_interval=3, anchor_growth=0.0, reuse_every=0),
      "keep 0.15, anchor every 3, context forecast"),
+    ("safe-core gaps+1", dict(anchor_growth=1.0), "the defaults with anchor gaps 2, 3, 4, ... (more anchors)"),
     ("safe-core fast", dict(keep_ratio=0.1), "the defaults at keep 0.10"),
 )
 
