@@ -10,6 +10,14 @@ if [ "${1:-}" = "pareto" ]; then  # only step 8 (e.g. after the embedded model's
   exec safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
     --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
 fi
+if [ "${1:-}" = "pareto-128" ]; then  # the same on the 1024-token model: 20 prompts, no ablations, 2 threads (~45 min)
+  exec safe-dit pareto --size 128 --single 12 --two 8 --families safe-dit peer steps --threads 2 --no-progress \
+    --json "$out/pareto-$tag-128.json" --plot "$out/pareto-$tag-128.png" > "$out/pareto-$tag-128.txt"
+fi
+if [ "${1:-}" = "pareto-safe-dit" ]; then  # only the safe-dit settings of step 8 (dense, dense-fp, the safe-core sweep)
+  exec safe-dit pareto --threads 1 --no-progress --families safe-dit --json "$out/pareto-$tag-safe-dit.json" \
+    --plot "$out/pareto-$tag-safe-dit.png" > "$out/pareto-$tag-safe-dit.txt"
+fi
 if [ "${1:-}" = "pareto-quality" ]; then  # step 8's quality part only, keeping its random-weight timings
   [ -f "$out/pareto-timed-$tag.json" ] || cp "$out/pareto-$tag.json" "$out/pareto-timed-$tag.json"
   exec safe-dit pareto --threads 1 --no-progress --scaled-from "$out/pareto-timed-$tag.json" \
