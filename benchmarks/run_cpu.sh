@@ -54,7 +54,7 @@ safe-dit bench e2e --model sd3 --no-progress --tokens 4096 --layers 1 --steps 28
 safe-dit bench e2e --model pixart --no-progress --tokens 4096 --layers 1 --steps 20 --repeats 2 --guidance 4.5 \
   --json "$out/e2e-$tag-pixart.json" --plot "$out/e2e-$tag-pixart.png" > "$out/e2e-$tag-pixart.txt"
 safe-dit bench e2e --model pixart --no-progress --tokens 9216 --layers 1 --steps 20 --repeats 1 --guidance 4.5 \
-  --json "$out/e2e-$tag-pixart-9216.json" --plot "$out/e2e-$tag-pixart-9216.png" > "$out/e2e-$tag-pixart-9216.txt"
+  --modes safe-core --time-up-to 9216 --json "$out/e2e-$tag-pixart-9216.json" --plot "$out/e2e-$tag-pixart-9216.png" > "$out/e2e-$tag-pixart-9216.txt"
 safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 28 --repeats 1 --guidance 3.5 \
   --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
 #    SD3 and FLUX again at 9216 tokens (1536^2), safe-sw skipped (same cost as safe-core; ~17 / ~13 min alone).
