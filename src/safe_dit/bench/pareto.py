@@ -19,7 +19,8 @@ images: these latency ratios are noisy), peak memory of one call. Part 2, latenc
 list) on a random-weight Lumina-Next with the real head dim 72, one timed call each; quality is not measured
 there (random weights). Adaptive caches (FirstBlockCache, MagCache, SeaCache) would decide what to
 skip from random activations, which mean nothing: at scale they replay the per-step share of blocks
-they computed on the trained embedded model in part 1 (the table's 'decisions' says which was done).
+they computed on the trained embedded model in part 1 (each scaled row's JSON field ``decisions``, the
+table's 'replayed' column, says which was done).
 
 Writes a table, JSON (``--json``; also the last stdout line), a Pareto PNG (``--plot``: quality vs
 speedup, one point per setting, SAFE-Core highlighted, front marked) and an ablation bar chart
