@@ -3,7 +3,7 @@
 One process, same prompts, seeds, steps, guidance and dtype for every setting:
 
 * safe-dit: dense, dense-fp, safe-core (a keep_ratio / anchor_interval sweep), safe-sw;
-* ablations of safe-core (keep 0.25, anchor 5): without the fast path, without SRSU (every step
+* ablations of safe-core (each switches one part of the defaults off): without the fast path, without SRSU (every step
   dense), without CAR (no refresh after warm-up), PCSP replaced by a uniform or a random partition
   of the same size; safe-sw with a flat map (its mean guidance everywhere);
 * peers: diffusers' own cache hooks on the same transformer (FirstBlockCache, TaylorSeer,
