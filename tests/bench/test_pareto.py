@@ -164,3 +164,25 @@ def test_threads_option_does_not_leak_into_the_process(monkeypatch):
     monkeypatch.setattr(pareto, "_run", lambda args: torch.get_num_threads())
     assert main(["pareto", "--quick", "--threads", "1", "--no-progress"]) == 1  # ran with 1 thread
     assert torch.get_num_threads() == before
+
+
+def test_pareto_peers_filter_and_scaled_repeats(micro_dir, tmp_path, capsys):
+    js = tmp_path / "p.json"
+    assert main(["pareto", "--quick", "--model", str(micro_dir), "--no-progress", "--no-memory", "--threads", "1",
+                 "--families", "safe-dit", "peer", "--peers", "sea-cache", "--scaled-repeats", "2",
+                 "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(js.read_text())
+    peers = {s["peer"] for s in result["settings"] if s["family"] == "peer"}
+    assert peers == {"sea-cache"}  # only the named hook, at every one of its settings
+    assert len([s for s in result["settings"] if s["family"] == "peer"]) == len(
+        [p for p in default_settings() if p.peer is not None and p.peer.method == "sea-cache"])
+    scaled = result["scaled"]
+    assert scaled["repeats"] == 2 and "median of 2 timed calls each" in out
+    for row in scaled["rows"].values():
+        if row["status"] == "ok":
+            assert len(row["timings"]) == 2 and row["seconds"] == pytest.approx(sum(row["timings"]) / 2)
+    assert main(["pareto", "--quick", "--scaled-repeats", "0", "--no-progress"]) == 2
+    assert "--scaled-repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an unknown hook name is refused by the parser, before anything runs
+        main(["pareto", "--quick", "--peers", "no-such-cache"])

@@ -16,7 +16,8 @@ Part 1, quality (the embedded shapes model: 64x64, 256 tokens, or ``--size 128``
 checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense (tiny
 images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
 (``--scaled-tokens``, default 4096 = a 1024² image): every setting (``--scaled-subset``: a short
-list) on a random-weight Lumina-Next with the real head dim 72, one timed call each; quality is not measured
+list) on a random-weight Lumina-Next with the real head dim 72, one timed call each (``--scaled-repeats``: the median
+of several); quality is not measured
 there (random weights). Adaptive caches (FirstBlockCache, MagCache, SeaCache) would decide what to
 skip from random activations, which mean nothing: at scale they replay the per-step share of blocks
 they computed on the trained embedded model in part 1 (each scaled row's JSON field ``decisions``, the
@@ -37,7 +38,7 @@ import torch
 from safe_dit.config import SafeDitError
 from safe_dit.environment import environment
 from safe_dit.bench.quality import REFERENCE, prompt_set
-from safe_dit.bench.peers import available_hooks
+from safe_dit.bench.peers import PEERS, available_hooks
 from safe_dit.bench.report import add_output_arguments, emit
 # the parts, re-exported: settings and analysis, the two runs, the outputs
 from safe_dit.bench.pareto_settings import CORE, FAMILIES, Setting, analyse, default_settings, pareto_front, verdicts
@@ -59,11 +60,17 @@ def configure_parser(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                    help="which groups of settings to run (dense and dense-fp always run)")
+    p.add_argument("--peers", nargs="+", metavar="METHOD", choices=[f.method for f in PEERS], default=None,
+                   help="with the peer family, only these diffusers hooks, every setting of each (default: all of "
+                        f"them: {', '.join(f.method for f in PEERS)})")
     p.add_argument("--scaled-tokens", type=int, default=4096,
                    help="image tokens of the latency-only run on a random-weight model (0 = skip; default 4096)")
     p.add_argument("--scaled-subset", action="store_true",
                    help="time only a subset at scale (dense, dense-fp, safe-core, no-fast-path, one setting per peer, "
                         "steps x0.5) instead of every setting")
+    p.add_argument("--scaled-repeats", type=int, default=1,
+                   help="timed calls per setting at scale, the median reported (default 1; single calls vary 5-20%% "
+                        "on a 2-core VM)")
     p.add_argument("--scaled-layers", type=int, default=2, help="blocks (default 2: FirstBlockCache needs a second)")
     p.add_argument("--scaled-hidden", type=int, default=288, help="width (default 288 = 4 heads x 72)")
     p.add_argument("--scaled-heads", type=int, default=4)
@@ -101,6 +108,8 @@ def run(args) -> int:
         raise SafeDitError("--steps must be >= 1")
     if args.scaled_tokens < 0:
         raise SafeDitError("--scaled-tokens must be >= 0")
+    if args.scaled_repeats < 1:
+        raise SafeDitError("--scaled-repeats must be >= 1")
     if args.threads < 0:
         raise SafeDitError("--threads must be >= 0")
     previous = torch.get_num_threads()
@@ -115,7 +124,8 @@ def run(args) -> int:
 def _run(args) -> int:
     from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
-    settings = [s for s in default_settings() if s.family in args.families or s.name in ("dense", REFERENCE)]
+    settings = [s for s in default_settings() if (s.family in args.families or s.name in ("dense", REFERENCE))
+                and (s.peer is None or args.peers is None or s.peer.method in args.peers)]
     torch.manual_seed(args.seed)
     pipe = load_default_pipeline(args.model, size=args.size)
     pipe.set_progress_bar_config(disable=True)

@@ -6,6 +6,11 @@ from safe_dit.bench.peers import PEERS
 from safe_dit.bench.report import pyplot
 
 
+def _timed_calls(p2: dict) -> str:
+    n = p2.get("repeats", 1)
+    return "1 timed call each" if n == 1 else f"median of {n} timed calls each"
+
+
 def _tokens(settings_common: dict) -> int:
     """Image tokens of the embedded model the quality part ran (pixel space, patch 4: (size / 4)²)."""
     return (settings_common.get("size", 64) // 4) ** 2
@@ -40,7 +45,7 @@ def table(result: dict) -> str:
     if p2:
         lines.append(f"x@{p2['tokens']}: latency ratio vs dense at {p2['tokens']} tokens ({p2['resolution']}²), "
                      f"Lumina-Next {p2['hidden_size']}w/{p2['layers']}L/{p2['heads']}h x {p2['head_dim']}, random weights, "
-                     "1 timed call each; adaptive caches (first-block-cache, mag-cache, sea-cache) replay the share of "
+                     f"{_timed_calls(p2)}; adaptive caches (first-block-cache, mag-cache, sea-cache) replay the share of "
                      "blocks per step they computed on the trained embedded model (column 'replayed')")
         lines.append(f"{'scaled setting':34} {'seconds':>8} {'x dense':>8} {'x dense-fp':>10} {'peak MB':>8} replayed")
         for name, r in p2["rows"].items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import sys
 import time
 
@@ -143,6 +144,7 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
                     guidance_scale=args.guidance, generator=torch.Generator().manual_seed(seed),
                     output_type="latent").images
 
+    repeats = getattr(args, "scaled_repeats", 1)
     h = _Harness(pipe, args.steps, lambda n: call(n, seed=1))
     short = min(args.steps, 6)
     rows = {}
@@ -165,15 +167,18 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
         else:
             undo = h.setup(s)(pipe)
         try:
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                call(s.steps(args.steps))
-            seconds = time.perf_counter() - t0
+            timings = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    call(s.steps(args.steps))
+                timings.append(time.perf_counter() - t0)
+            seconds = statistics.median(timings)
             rt = runtime_of(pipe)
             rep = rt.last_report if rt is not None and rt.config.scheduled else None
         finally:
             undo()
-        rows[s.name] = dict(status="ok", seconds=seconds, peak_memory_mb=None if math.isnan(mb) else mb,
+        rows[s.name] = dict(status="ok", seconds=seconds, timings=timings, peak_memory_mb=None if math.isnan(mb) else mb,
                             token_fraction=rep["token_fraction"] if rep else 1.0,
                             decisions=("replayed from the embedded model: "
                                        f"{replayed['computed']} of {replayed['of']} block-steps computed")
@@ -188,7 +193,7 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
     cfg = transformer.config
     return dict(tokens=n_tokens, resolution=side * 16, layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                 heads=cfg.num_attention_heads, kv_heads=cfg.num_kv_heads, head_dim=transformer.head_dim,
-                weights="random (latency only)", repeats=1, memory_measured_on=f"a {short}-step call",
+                weights="random (latency only)", repeats=repeats, memory_measured_on=f"a {short}-step call",
                 rows=rows, mag_ratios=h.mag_ratios)
 
 
