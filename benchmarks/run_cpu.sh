@@ -14,6 +14,11 @@ if [ "${1:-}" = "pareto-128" ]; then  # the same on the 1024-token model: 20 pro
   exec safe-dit pareto --size 128 --single 12 --two 8 --families safe-dit peer steps --threads 2 --no-progress \
     --json "$out/pareto-$tag-128.json" --plot "$out/pareto-$tag-128.png" > "$out/pareto-$tag-128.txt"
 fi
+if [ "${1:-}" = "pareto-128-safe-dit" ]; then  # the 1024-token model: safe-dit settings and SeaCache only, 2 timed calls each
+  exec safe-dit pareto --size 128 --single 12 --two 8 --families safe-dit peer --peers sea-cache --scaled-repeats 2 \
+    --threads 2 --no-progress --json "$out/pareto-$tag-128-safe-dit.json" --plot "$out/pareto-$tag-128-safe-dit.png" \
+    > "$out/pareto-$tag-128-safe-dit.txt"
+fi
 if [ "${1:-}" = "pareto-safe-dit" ]; then  # only the safe-dit settings of step 8 (dense, dense-fp, the safe-core sweep)
   exec safe-dit pareto --threads 1 --no-progress --families safe-dit --json "$out/pareto-$tag-safe-dit.json" \
     --plot "$out/pareto-$tag-safe-dit.png" > "$out/pareto-$tag-safe-dit.txt"
@@ -57,11 +62,12 @@ safe-dit bench e2e --model pixart --no-progress --tokens 9216 --layers 1 --steps
   --modes safe-core --time-up-to 9216 --json "$out/e2e-$tag-pixart-9216.json" --plot "$out/e2e-$tag-pixart-9216.png" > "$out/e2e-$tag-pixart-9216.txt"
 safe-dit bench e2e --model flux --no-progress --tokens 4096 --layers 1 --heads 12 --steps 28 --repeats 1 --guidance 3.5 \
   --json "$out/e2e-$tag-flux.json" --plot "$out/e2e-$tag-flux.png" > "$out/e2e-$tag-flux.txt"
-#    SD3 and FLUX again at 9216 tokens (1536^2), safe-sw skipped (same cost as safe-core; ~17 / ~13 min alone).
+#    SD3 and FLUX again at 9216 tokens (1536^2), the same steps as at 4096, safe-sw skipped (same cost as
+#    safe-core; ~20 / ~20 min alone on an AMD EPYC VM).
 safe-dit bench e2e --model sd3 --no-progress --tokens 9216 --layers 1 --steps 28 --repeats 1 --guidance 7.0 \
   --modes safe-core --time-up-to 9216 \
   --json "$out/e2e-$tag-sd3-9216.json" --plot "$out/e2e-$tag-sd3-9216.png" > "$out/e2e-$tag-sd3-9216.txt"
-safe-dit bench e2e --model flux --no-progress --tokens 9216 --layers 1 --heads 12 --steps 20 --repeats 1 --guidance 3.5 \
+safe-dit bench e2e --model flux --no-progress --tokens 9216 --layers 1 --heads 12 --steps 28 --repeats 1 --guidance 3.5 \
   --modes safe-core --time-up-to 9216 \
   --json "$out/e2e-$tag-flux-9216.json" --plot "$out/e2e-$tag-flux-9216.png" > "$out/e2e-$tag-flux-9216.txt"
 python "$(dirname "$0")/summarize_backbones.py" "$out"/e2e-$tag*.json --plot "$out/backbones-$tag.png" > "$out/backbones-$tag.md"
