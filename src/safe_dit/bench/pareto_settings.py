@@ -46,6 +46,9 @@ VARIANTS = (
     ("safe-core k0.15 a3", dict(keep_ratio=0.15, anchor_interval=3, anchor_growth=0.0, reuse_every=0),
      "keep 0.15, anchor every 3, context forecast"),
     ("safe-core gaps+1", dict(anchor_growth=1.0), "the defaults with anchor gaps 2, 3, 4, ... (more anchors)"),
+    # the next two were chosen on the held-out seed-23 prompts (benchmarks/results/schedule-probe-cpu-128.*)
+    ("safe-core gaps+0.5", dict(anchor_growth=0.5), "the defaults with anchor gaps growing by 0.5 (more anchors still)"),
+    ("safe-core gaps+1 k0.25", dict(anchor_growth=1.0, keep_ratio=0.25), "gaps+1 at keep 0.25"),
     ("safe-core fast", dict(keep_ratio=0.1), "the defaults at keep 0.10"),
 )
 
