@@ -19,8 +19,9 @@ if [ "${1:-}" = "pareto-128-safe-dit" ]; then  # the 1024-token model: safe-dit 
     --threads 2 --no-progress --json "$out/pareto-$tag-128-safe-dit.json" --plot "$out/pareto-$tag-128-safe-dit.png" \
     > "$out/pareto-$tag-128-safe-dit.txt"
 fi
-if [ "${1:-}" = "pareto-safe-dit" ]; then  # only the safe-dit settings of step 8 (dense, dense-fp, the safe-core sweep)
-  exec safe-dit pareto --threads 1 --no-progress --families safe-dit --json "$out/pareto-$tag-safe-dit.json" \
+if [ "${1:-}" = "pareto-safe-dit" ]; then  # the safe-dit settings of step 8 (dense, dense-fp, the safe-core sweep) and SeaCache, 2 timed calls each
+  exec safe-dit pareto --threads 1 --no-progress --families safe-dit peer --peers sea-cache --scaled-repeats 2 \
+    --json "$out/pareto-$tag-safe-dit.json" \
     --plot "$out/pareto-$tag-safe-dit.png" > "$out/pareto-$tag-safe-dit.txt"
 fi
 if [ "${1:-}" = "pareto-quality" ]; then  # step 8's quality part only, keeping its random-weight timings
