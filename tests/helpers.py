@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -130,3 +133,12 @@ def selective_flops(model, inputs, keep_ratios=(1.0, 0.25)) -> dict:
         flops[keep] = counter.get_total_flops()
     remove_safe_dit(model)
     return flops
+
+
+def load_benchmark_script(name: str):
+    """Import ``benchmarks/<name>.py`` (a script, not a package module) so a test can call its functions."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,10 +1,10 @@
 """benchmarks/summarize_backbones.py reports exactly the ratios stored in the e2e results it reads."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark_script
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -12,10 +12,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 @pytest.fixture(scope="module")
 def summarize():
-    spec = importlib.util.spec_from_file_location("summarize_backbones", ROOT / "benchmarks" / "summarize_backbones.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("summarize_backbones")
 
 
 def _fake_e2e(path, label, gains, env=None):

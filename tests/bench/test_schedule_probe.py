@@ -1,11 +1,11 @@
 """benchmarks/schedule_probe.py: candidates parse (bad ones refused in one line) and the per-step-kind cost fit
 recovers the costs of fabricated Pareto timings exactly."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark_script
 
 from safe_dit import SafeConfig, SafeDitError
 from safe_dit.bench.pareto_settings import CORE, SCHEDULE_FIELDS
@@ -15,10 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("schedule_probe", ROOT / "benchmarks" / "schedule_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("schedule_probe")
 
 
 def test_candidates_parse_and_bad_ones_are_refused(probe):
