@@ -87,6 +87,8 @@ def plot_pareto(result: dict, path: str) -> None:
                ("accuracy", "prompt alignment: all attributes right (embedded model)"))
     fig, axes = plt.subplots(len(metrics), len(panels), figsize=(7.5 * len(panels), 10), squeeze=False)
     settings = {s["name"]: s for s in result["settings"]}
+    # name the peers' points too when there are few enough to stay readable (a short run beside a peer or two)
+    name_peers = sum(s["family"] in ("peer", "steps") for s in result["settings"]) <= 8
     for j, (where, sp, xlabel) in enumerate(panels):
         for i, (metric, ylabel) in enumerate(metrics):
             ax = axes[i][j]
@@ -110,6 +112,8 @@ def plot_pareto(result: dict, path: str) -> None:
                 seen.add(label)
                 if core or n in front or s["family"] == "ablation" or n in ("dense", "dense-fp"):
                     ax.annotate(n, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                elif name_peers and metric == "psnr_vs_dense_fp":
+                    ax.annotate(n, (x, y), fontsize=6, xytext=(3, -8), textcoords="offset points", color=_color(s))
             ax.axvline(1.0, color="gray", lw=0.6)
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_ylabel(ylabel, fontsize=8)
