@@ -2,7 +2,6 @@
 recovers the costs of fabricated Pareto timings exactly."""
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import load_benchmark_script
@@ -10,7 +9,6 @@ from helpers import load_benchmark_script
 from safe_dit import SafeConfig, SafeDitError
 from safe_dit.bench.pareto_settings import CORE, SCHEDULE_FIELDS
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
