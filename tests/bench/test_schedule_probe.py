@@ -10,7 +10,6 @@ from safe_dit import SafeConfig, SafeDitError
 from safe_dit.bench.pareto_settings import CORE, SCHEDULE_FIELDS
 
 
-
 @pytest.fixture(scope="module")
 def probe():
     return load_benchmark_script("schedule_probe")
