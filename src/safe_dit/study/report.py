@@ -104,7 +104,8 @@ def analyse(study: Study, votes: list[dict], margin: float, confidence: float) -
         guidance=m.get("guidance"), speedup_b_vs_a=m.get("speedup_b_vs_a"),
         votes=n, raters=len({v["rater"] for v in votes}), pairs=len(study.pairs), confidence=confidence,
         preference=rates, test=non_inferiority(votes, margin, round(1 - confidence, 12)),
-        per_rater={r: dict(Counter(v["choice"] for v in votes if v["rater"] == r)) for r in sorted({v["rater"] for v in votes})},
+        per_rater={r: dict(Counter(v["choice"] for v in votes if v["rater"] == r))
+                   for r in sorted({v["rater"] for v in votes})},
         shown_left=dict(a=sides.get("a", 0), b=sides.get("b", 0)), keys=dict(keys), per_prompt=per_pair,
     )
 
@@ -151,7 +152,9 @@ def plot(r: dict):
         rate = e["rate"] or 0.0
         ax.bar(i, rate, color=colours[k])
         ax.errorbar(i, rate, yerr=[[rate - e["ci"][0]], [e["ci"][1] - rate]], color="k", capsize=4)
-        ax.annotate(f"{e['count']}", (i, rate), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=8)
+        top = e["ci"][1]  # the count sits above the interval, clear of its cap
+        ax.annotate(f"{e['count']}", (i, top), xytext=(0, 4), textcoords="offset points", ha="center", fontsize=8,
+                    bbox=dict(fc="white", ec="none", pad=0.5))
     t = r["test"]
     if t["win_rate"] is not None:
         ax.axhline(t["win_rate"], color="tab:green", lw=1.2, label=f"win rate of B {t['win_rate']:.2f} "
@@ -165,7 +168,8 @@ def plot(r: dict):
     short = ("no votes yet" if t["non_inferior"] is None else
              f"B non-inferior at margin {t['margin']:g}: {'yes' if t['non_inferior'] else 'not shown'} "
              f"(p = {t['p_value']:.3g})")
-    ax.set_title(f"{_n(r['votes'], 'vote')}, {_n(r['raters'], 'rater')}, {_n(r['pairs'], 'pair')}\n{short}", fontsize=8)
+    counts = f"{_n(r['votes'], 'vote')}, {_n(r['raters'], 'rater')}, {_n(r['pairs'], 'pair')}"
+    ax.set_title(f"{counts}\n{short}", fontsize=8)
     names = [f"{p['pair']} {p['prompt'] if len(p['prompt']) <= 70 else p['prompt'][:67] + '...'}" for p in rows]
     left = [0.0] * len(rows)
     for k in ("a", "same", "b"):
@@ -176,8 +180,8 @@ def plot(r: dict):
     bx.xaxis.get_major_locator().set_params(integer=True)
     bx.invert_yaxis()
     bx.set_xlabel("votes")
-    bx.set_title("per prompt", fontsize=9)
-    bx.legend(fontsize=7, loc="lower right")
+    bx.set_title("per prompt", fontsize=9, pad=20)
+    bx.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)  # above the bars
     fig.suptitle(f"blinded study: A = {a} vs B = {b}  ({r['size'][0]}x{r['size'][1]}, {r['model']})", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
