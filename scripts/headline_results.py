@@ -3,7 +3,8 @@
 Every number comes from ``benchmarks/results/e2e-*.json``: the gains from each file's ``summary``, the machine
 and the torch/diffusers versions from its ``environment``, the safe-core defaults from the recorded config
 (named by the package version that made them the defaults, see CHANGELOG.md), and the date from git: the
-oldest commit of the file whose measured rows equal the committed ones (edits to prose fields do not move it).
+author date of the oldest commit of the file whose measured rows equal the committed ones (edits to prose fields
+do not move it; a rebase keeps it).
 ``tests/docs/test_readme_links.py`` checks that README.md holds exactly this table.
 
     python3 scripts/headline_results.py        # the Markdown table
@@ -38,10 +39,14 @@ def measured_on(path: Path) -> str:
     """The date of the oldest commit whose ``rows`` equal the file's current ones (YYYY-MM-DD), or '?'."""
     rel = path.relative_to(ROOT).as_posix()
     try:
-        log = subprocess.run(["git", "log", "--format=%H %cs", "--", rel], cwd=ROOT, capture_output=True,
+        shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        log = subprocess.run(["git", "log", "--format=%H %as", "--", rel], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.split("\n")
     except (OSError, subprocess.CalledProcessError):
         return "?"
+    if shallow == "true":
+        return "?"  # a shallow clone lacks the commits that measured the file
     rows, date = json.loads(path.read_text())["rows"], "?"
     for line in filter(None, log):
         commit, day = line.split()
