@@ -3,6 +3,8 @@
 * The committed result files under ``benchmarks/results`` (plots, JSON, text tables) are served at
   ``benchmarks/results/`` inside the site, so the pages show them without a copy in ``docs/``.
 * ``CHANGELOG.md`` at the repository root is the ``changelog.md`` page.
+* ``docs/results/index.md`` gets the table of every end-to-end result file at its marker
+  (``scripts/headline_results.py``, the same table as the README's).
 * ``docs/configuration.md`` gets the ``SafeConfig`` reference at its marker, rendered from the dataclass
   (``dataclasses.fields``: name, type, default) and its docstring (one entry per field), so the page cannot
   drift from the code. A field without an entry fails the build.
@@ -20,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RESULT_SUFFIXES = (".png", ".json", ".txt")
 MARKER = "<!-- safe-config-reference -->"
+RESULTS_MARKER = "<!-- e2e-results-table -->"
 
 _ENTRY = re.compile(r"^([a-z_][a-z0-9_]*(?: / [a-z_][a-z0-9_]*)*):\s*$")
 
@@ -141,7 +144,19 @@ def on_files(files, config):
     return files
 
 
+def e2e_results_table() -> str:
+    """The README's headline table (``scripts/headline_results.py``), rendered from the committed result files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headline_results", ROOT / "scripts" / "headline_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.table()
+
+
 def on_page_markdown(markdown, page, config, files):
     if MARKER in markdown:
-        return markdown.replace(MARKER, config_reference())
+        markdown = markdown.replace(MARKER, config_reference())
+    if RESULTS_MARKER in markdown:
+        markdown = markdown.replace(RESULTS_MARKER, e2e_results_table())
     return markdown

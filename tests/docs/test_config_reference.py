@@ -76,3 +76,12 @@ def test_a_field_named_in_another_entry_points_there():
 
     page = _hooks().config_reference(Shared)
     assert "See [`kind`](#kind)" in _section(page, "seed")
+
+
+def test_the_results_page_renders_every_e2e_file():
+    hooks = _hooks()
+    page = (ROOT / "docs" / "results" / "index.md").read_text()
+    assert page.count(hooks.RESULTS_MARKER) == 1
+    rendered = hooks.on_page_markdown(page, None, None, None)
+    rows = [line for line in rendered.splitlines() if line.startswith("| ") and "×" in line]
+    assert len(rows) >= 8 and any("NVIDIA" in r for r in rows) and any("cores" in r for r in rows)
