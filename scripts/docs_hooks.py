@@ -95,10 +95,10 @@ def config_reference(cls=None) -> str:
     stray = sorted(set(by_name) - known)
     if stray:
         raise UndocumentedField(f"{cls.__name__}'s docstring documents fields it does not have: {', '.join(stray)}")
-    sections: dict[str, list[str]] = {}
+    parts: list[tuple[str, str]] = []
     for f in fields:
         if f.name in by_name:
-            group, names, body = by_name[f.name]
+            _, names, body = by_name[f.name]
             text = _body_markdown(body)
             if len(names) > 1:
                 text = "Documented together with " + ", ".join(f"`{n}`" for n in names if n != f.name) + ". " + text
@@ -106,20 +106,18 @@ def config_reference(cls=None) -> str:
             owner = next((e for e in entries if f"``{f.name}``" in " ".join(e[2])), None)
             if owner is None:
                 raise UndocumentedField(f"{cls.__name__}.{f.name} has no entry in the class docstring")
-            group = owner[0]
             text = f"See [`{owner[1][0]}`](#{owner[1][0]}): " + _body_markdown(owner[2])
         default = "required" if f.default is dataclasses.MISSING else f"`{f.default!r}`"
         kind = str(f.type).replace("|", "&#124;")
-        sections.setdefault(group, []).append(
+        parts.append(
             (f"| [`{f.name}`](#{f.name}) | `{kind}` | {default} |",
              f"### `{f.name}` {{#{f.name}}}\n\n`{f.type}`, default {default}.\n\n{text}\n")
         )
-    out = [f"{len(fields)} fields, in the order of the dataclass.\n"]
-    for group, parts in sections.items():
-        out.append(f"## {group}\n\n| field | type | default |\n|---|---|---|")
-        out.extend(row for row, _ in parts)
-        out.append("")
-        out.extend(detail for _, detail in parts)
+    out = [f"{len(fields)} fields, in the order of the dataclass.\n",
+           "## Fields\n\n| field | type | default |\n|---|---|---|"]
+    out.extend(row for row, _ in parts)
+    out.append("")
+    out.extend(detail for _, detail in parts)
     return "\n".join(out)
 
 
