@@ -95,3 +95,18 @@ def test_the_version_is_the_changelogs_latest_release():
 
     released = re.findall(r"^## \[(\d+\.\d+\.\d+)\]", (ROOT / "CHANGELOG.md").read_text(), flags=re.M)
     assert released and released[0] == _current_version() == safe_dit.__version__
+
+
+def _table_after(text: str, heading: str) -> str:
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    return "\n".join(line for line in section.splitlines() if line.startswith("|"))
+
+
+def test_every_registered_backbone_has_a_row_in_the_readme_and_the_backbones_page():
+    from safe_dit.adapters import supported_classes
+
+    readme = _table_after(README.read_text(), "## Supported models")
+    backbones = (ROOT / "docs" / "backbones.md").read_text()
+    for name in supported_classes():
+        assert f"`{name}`" in readme, f"README's supported-models table has no row for {name}"
+        assert f"`{name}`" in backbones, f"docs/backbones.md has no row for {name}"
