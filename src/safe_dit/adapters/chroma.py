@@ -20,6 +20,11 @@ place, outputs scattered after ``proj_out``); the extra channel follows the rows
 step's query rows, the cached keys carry theirs). PCSP reads the image-query x caption-key block of the biased
 softmax (the extra channel included), weighting only real caption words (``</s>`` and the kept pad token are not).
 
+Context parallelism: FLUX's split points (image tokens after ``x_embedder``, caption after ``context_embedder``,
+the RoPE table into each part's rows). Each block's [B, T + N] mask is decided on the whole mask and split the same
+way, so the extra q/k channel carries every pair's m_i m_j through the sequence-parallel call; a kept (bool/integer)
+mask is refused there.
+
 Refused: ``safe-sw`` and, in the scheduled modes, guidance > 1 (``ChromaPipeline`` makes separate conditional
 and unconditional calls per step), a bool / integer mask, the mask-keeping ablations, ControlNet residuals.
 """

@@ -24,6 +24,13 @@ the stock forward: scheduled modes refuse a model whose forward or rope embedder
 PCSP reads each sample's image-query x caption-key block of the joint softmax (normalised over all of
 the sample's keys, as the model attends), warm-up only.
 
+Context parallelism: the rope embedder's patches are split over the ranks with their RoPE rows; each rank's joint
+sequence is [caption_i; its image shard; padding] (the joint RoPE rows and sequence lengths follow), the caption
+refiner runs locally in full, and in the joint blocks every rank holds the whole caption: its keys are attended
+locally (their padding rewritten exactly, as above) and the image keys of all ranks through the sequence-parallel
+call, the two parts merged by log-sum-exp. ``norm_out``'s image rows are gathered. Proportional attention
+(``base_sequence_length``) uses the global length. Needs the stock forward and rope embedder.
+
 Refused: ``safe-sw`` (``Lumina2Pipeline`` makes separate conditional and unconditional calls and
 renormalises the guided prediction; there is no batched pair to weight), and in the scheduled modes
 two transformer calls per step, which is what ``Lumina2Pipeline`` does with ``guidance_scale > 1``.
@@ -105,8 +112,6 @@ class SafeLumina2AttnProcessor(SafeProcessor):
         gen = self.runtime.generation
         mask = attention_mask
         parallel = self.runtime.parallel is not None and self.stack != "context_refiner"
-        if parallel and base_sequence_length is not None:  # proportional attention follows the whole sequence
-            seq_len += self.runtime.state.global_tokens - self.runtime.state.layout["lumina2"][2]
         if gen is not None and self.stack == "noise_refiner":
             if gen.kind == SELECTIVE:  # SRSU: sensitive image rows against fresh + cached context K/V
                 key, value = gen.merged_kv(self.name, key, value)  # [B, N, Hkv, d]
@@ -124,6 +129,8 @@ class SafeLumina2AttnProcessor(SafeProcessor):
                 self._collect(gen, query, key, caps)
 
         scale = attn.scale
+        if parallel and base_sequence_length is not None:  # proportional attention follows the whole sequence
+            seq_len = key.shape[1] + self.runtime.state.global_tokens - self.runtime.state.layout["lumina2"][2]
         if base_sequence_length is not None:  # proportional attention, as the stock processor (full length)
             scale = math.sqrt(math.log(seq_len, base_sequence_length)) * attn.scale
 
@@ -288,7 +295,7 @@ class Lumina2Adapter(Adapter):
                 state = runtime.state
                 state.global_tokens = n
                 state.layout["lumina2"] = (caps, None if len(set(caps)) == 1 else weights, stop - start, weights)
-            if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows enter, each with its own RoPE rows
+            if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows, each with its own RoPE rows
                 x, img_rope = gen.gather(x), gen.gather(img_rope)
                 rope = gather_rows(rope, _selective_rows(gen, caps))  # [B, max(cap) + K, d]
                 seqs = [c + gen.index.shape[1] for c in caps]

@@ -14,6 +14,11 @@ them with their own rows of the image RoPE table (gathered once per generation) 
 always-computed text rows, into the anchor's joint K/V in place. PCSP reads the image-query x caption-key
 block of the joint softmax (normalised over each sample's valid keys, padding ignored), warm-up only.
 
+Context parallelism: the image tokens are split after ``img_in`` with their rows of the image RoPE table; every
+rank holds the whole caption. Each joint attention attends the caption keys locally (padding rewritten exactly as
+above) and the image keys of every rank through the sequence-parallel call, merging the two by log-sum-exp; PCSP
+normalises by that joint log-sum-exp. Editing / layered configurations are refused under it.
+
 Refused: ``safe-sw`` (``QwenImagePipeline`` makes separate conditional and unconditional calls for
 ``true_cfg_scale``; no batched pair to weight), two transformer calls per step in the scheduled modes, and
 in the scheduled modes edit-style inputs (several images per sample in ``img_shapes``, ``zero_cond_t``,

@@ -22,6 +22,13 @@ conditional outputs are rewritten c' = u + gamma_i / (1 + g) (c - u), which its 
 u + gamma_i (c - u), gamma_i = cfg_context + (cfg_sensitive - cfg_context) s_i in the usual u + gamma (c - u) form
 (its guidance_scale 4 is gamma 5). Refused with ``cfg_normalization`` (it rescales by the norm of c).
 
+Context parallelism: at the first noise-refiner block the N grid rows and the P image pad rows are each split over
+the ranks (this rank's rows: its grid shard, then its pad shard), with their RoPE rows in every refiner and unified
+block; the caption refiner runs locally in full, and in the unified blocks every rank holds each whole caption: the
+caption keys are attended locally (their batch padding rewritten exactly) and the image keys of every rank through
+the sequence-parallel call, merged by log-sum-exp. The final layer's grid rows are gathered. Omni inputs and
+images of different sizes in one batch are refused under it.
+
 Refused in the scheduled modes the omni inputs (several images, SigLIP features), ControlNet residuals, images of different
 sizes in one batch, a batch or caption change inside a generation (``cfg_truncation`` < 1 drops the
 unconditional half), and a model whose forward is not the stock one.
@@ -287,7 +294,8 @@ class ZImageAdapter(Adapter):
         def on_forward(_model, args, kwargs):  # the global facts of this forward: grid rows and caption lengths
             x = kwargs.get("x", args[0] if args else None)
             caps = kwargs.get("cap_feats", args[2] if len(args) > 2 else None)
-            if not isinstance(x, (list, tuple)) or isinstance(x[0], (list, tuple)) or isinstance(caps[0], (list, tuple)):
+            nested = isinstance(x[0], (list, tuple)) or isinstance(caps[0], (list, tuple))
+            if not isinstance(x, (list, tuple)) or nested:
                 raise SafeDitError(CP_ONLY.format(what="omni inputs (nested x / cap_feats)"))
             if kwargs.get("siglip_feats") is not None:
                 raise SafeDitError(CP_ONLY.format(what="siglip_feats"))

@@ -7,7 +7,11 @@ templated Ulysses/ring attention; it does not use ``enable_parallelism``'s input
 global picture) and gathers after the last per-token layer, in its own hooks. An adapter declares where.
 
 What stays global: every length-dependent quantity (Lumina's proportional scale, PCSP's top-K) is computed
-from the global lengths; caption cross-attention runs locally (every rank holds all caption tokens).
+from the global lengths; caption cross-attention runs locally (every rank holds all caption tokens). Joint
+attention either splits the caption with the image tokens (no caption mask: SD3, FLUX, Chroma) or keeps the whole
+caption on every rank, attends its keys locally (their padding rewritten exactly) and merges that part with the
+sequence-parallel image part by log-sum-exp (``engine.joint.replicated_text_attention``: Lumina-Image-2.0,
+Qwen-Image, Z-Image).
 
 CPU/gloo workarounds, used only where the tensors are on the CPU (never on a GPU path):
 * diffusers computes ``rank % torch.accelerator.device_count()`` for the device, which divides by zero on a
@@ -22,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
-from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from safe_dit.config import SafeDitError
 
