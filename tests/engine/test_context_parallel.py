@@ -111,15 +111,15 @@ def _padded_batch_cases(out: dict) -> None:
         kit = kit_for(name)
         model = kit.build().to(DEVICE)
         x = kit.inputs(model, 4, 4, batch=2, text_len=TEXT, valid_lens=VALID, device=DEVICE)
-        outs = []
-        for cp in (None, _cp("ulysses:2")):
-            apply_safe_dit(model, SafeConfig("safe-core", **knobs, context_parallel=cp))
+        outs = {}
+        for spec in (None, "ulysses:2", "ring:2"):
+            apply_safe_dit(model, SafeConfig("safe-core", **knobs, context_parallel=spec and _cp(spec)))
             with safe_dit.generation(model, num_steps=4):
-                outs.append(torch.stack([_forward(model, x) for _ in range(4)]))
-            steps = model._safe_dit_handle.runtime.last_report["steps"]
+                outs[spec] = torch.stack([_forward(model, x) for _ in range(4)])
+            out[f"kinds-padded/{name}/{spec}"] = sorted(set(model._safe_dit_handle.runtime.last_report["steps"]))
             remove_safe_dit(model)
-        out[f"safe-core-padded/{name}/ulysses:2"] = _delta(*outs)
-        out[f"kinds-padded/{name}"] = sorted(set(steps))
+        for spec in ("ulysses:2", "ring:2"):
+            out[f"safe-core-padded/{name}/{spec}"] = _delta(outs[spec], outs[None])
 
 
 def _refusal_cases(out: dict) -> None:
@@ -214,9 +214,10 @@ def test_safe_core_under_context_parallelism_equals_one_process(results):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_safe_core_with_captions_of_different_lengths_equals_one_process(results, name):
-    assert results[f"safe-core-padded/{name}/ulysses:2"] <= TOL
-    assert {"warmup", "anchor", "selective"} <= set(results[f"kinds-padded/{name}"])
+@pytest.mark.parametrize("spec", ["ulysses:2", "ring:2"])
+def test_safe_core_with_captions_of_different_lengths_equals_one_process(results, name, spec):
+    assert results[f"safe-core-padded/{name}/{spec}"] <= TOL
+    assert {"warmup", "anchor", "selective"} <= set(results[f"kinds-padded/{name}/{spec}"])
 
 
 def test_diffusers_parallelism_on_a_patched_model_is_refused_in_both_orders(results):
