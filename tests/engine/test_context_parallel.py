@@ -283,3 +283,18 @@ def test_no_context_parallel_costs_nothing():
     assert len(model.proj_out._forward_hooks) == 1 and len(model.x_embedder._forward_hooks) == 1  # SRSU's own only
     assert len(model.context_embedder._forward_hooks) == 0 and len(model.pos_embed._forward_hooks) == 0
     remove_safe_dit(model)
+
+
+def test_processors_left_stock_are_refused_under_the_split():
+    """FLUX's IP-Adapter processors stay stock under dense-fp; under the split they would attend one rank's shard."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
+
+    model = kit_for("flux").build()
+    cfg = model.config
+    names = [n for n, m in model.named_modules() if hasattr(m, "set_processor")]
+    ip = FluxIPAdapterAttnProcessor(cfg.num_attention_heads * cfg.attention_head_dim, cfg.joint_attention_dim)
+    model.set_attn_processor({f"{n}.processor": ip if n.startswith("transformer_blocks") else FluxAttnProcessor()
+                              for n in names})
+    with pytest.raises(SafeDitError, match="FluxIPAdapterAttnProcessor.*only this rank's tokens"):
+        apply_safe_dit(model, SafeConfig("dense-fp", context_parallel=_cp("ulysses:2")))
+    assert not hasattr(model, "_safe_dit_handle")

@@ -100,6 +100,11 @@ class Adapter:
                 supported = ", ".join(context_parallel_adapters()) or "none"
                 raise SafeDitError(f"context_parallel is not supported for {self.name} yet (its split points are not "
                                    f"declared); supported: {supported}. Run it on one device")
+            for name, module in model.named_modules():  # a processor left stock would attend its local shard only
+                if self.passthrough and isinstance(getattr(module, "processor", None), self.passthrough):
+                    raise SafeDitError(f"context_parallel: {name} uses {type(module.processor).__name__}, which "
+                                       "safe-dit leaves stock and which would attend only this rank's tokens: run it "
+                                       "on one device, or restore the default processors first")
             runtime.parallel = SequenceParallel(config.context_parallel)
             check_heads(model, runtime.parallel)
         keep = () if config.scheduled else self.passthrough  # scheduled modes need every block's rows

@@ -190,6 +190,8 @@ def attention_with_lse(query, key, value, scale=None) -> tuple[torch.Tensor, tor
 def _lse_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
     """diffusers' forward-op contract on :func:`attention_with_lse` (mask-free calls, any device)."""
+    if attn_mask is not None or is_causal or dropout_p:
+        raise SafeDitError("safe-dit's log-sum-exp attention takes mask-free, non-causal calls only")
     out, lse = attention_with_lse(query, key, value, scale)
     return (out, lse) if return_lse else out
 
