@@ -90,7 +90,8 @@ class SafeConfig:
         average guidance, without the spatial weighting.
     context_parallel:
         A diffusers ``ContextParallelConfig`` (ulysses, ring, or their ``*_anything`` variants) to split the image
-        (and, in joint-attention models, text) tokens over the ranks of an initialised process group (torchrun).
+        (and, in SD3/FLUX/Chroma, text) tokens over the ranks of an initialised process group (torchrun); models
+        with caption padding in joint attention keep the whole caption on every rank.
         safe-dit splits after the token embedders and gathers after the last per-token layer in its own hooks;
         sequence attention goes through diffusers' dispatcher with the parallel config, caption cross-attention
         stays local, and lengths (proportional scale, PCSP top-K) are global. ``None``: one device.

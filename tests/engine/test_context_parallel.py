@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.testing.kits import kit_for
+from safe_dit.adapters.contract import _REGISTRY, Adapter, context_parallel_adapters
+from safe_dit.testing.kits import KITS, kit_for
 
 TOL = 1e-5
 DEVICE = os.environ.get("SAFE_DIT_CP_DEVICE", "cpu")  # the cases on CUDA/NCCL: benchmarks/run_cp_gpu.sh
-BACKBONES = ("lumina-next", "pixart", "sd3", "flux")
+BACKBONES = tuple(name for name in context_parallel_adapters() if name in KITS)  # every adapter with a kit
+# Captions of different lengths in one batch: 40 tokens with 38 and 3 valid (different even after Z-Image's
+# padding to multiples of 32), so that every backbone with caption key padding gets its mask
+TEXT, VALID = 40, [38, 3]
 
 
 def _cp(spec: str):
@@ -45,7 +50,8 @@ def _refused(fn) -> str | None:
 
 def _forward(model, x):
     with torch.no_grad():
-        return model(**x)[0]
+        out = model(**x)[0]
+    return torch.stack(out) if isinstance(out, list) else out  # Z-Image: one tensor per sample
 
 
 def _dense_fp_cases(out: dict) -> None:
@@ -55,14 +61,17 @@ def _dense_fp_cases(out: dict) -> None:
         kit = kit_for(name)
         model = kit.build().to(DEVICE)
         for spec, (h, w) in shapes.items():
-            text = 8 if spec in ("ulysses:2", "ring:2") else 7
-            x = kit.inputs(model, h, w, batch=2, text_len=text, valid_lens=[text - 2, 3], device=DEVICE)
+            text, valid = (TEXT, VALID) if spec in ("ulysses:2", "ring:2") else (7, [5, 3])
+            x = kit.inputs(model, h, w, batch=2, text_len=text, valid_lens=valid, device=DEVICE)
             if name == "lumina-next":  # proportional attention, as LuminaPipeline calls it: its scale needs global N
                 x["cross_attention_kwargs"] = {"base_sequence_length": 4}
             apply_safe_dit(model, SafeConfig("dense-fp"))
             one = _forward(model, x)
             apply_safe_dit(model, SafeConfig("dense-fp", context_parallel=_cp(spec)))
+            runtime = model._safe_dit_handle.runtime
+            runtime.trace = []  # each attention call's mask verdict: the path that ran
             out[f"dense-fp/{name}/{spec}"] = _delta(_forward(model, x), one)
+            out[f"verdicts/{name}/{spec}"] = sorted({verdict for _, verdict in runtime.trace})
             remove_safe_dit(model)
 
 
@@ -92,6 +101,25 @@ def _safe_core_cases(out: dict) -> None:
         tag = "".join(f"/{k}={v}" for k, v in knobs.items()) + ("/odd-grid" if size else "")
         out[f"safe-core/{name}/{spec}{tag}"] = _delta(sharded, one)
         out[f"kinds/{name}/{spec}{tag}"] = sorted(set(report["steps"]))
+
+
+def _padded_batch_cases(out: dict) -> None:
+    """safe-core on the bare transformer, a batch of two captions of different lengths (their padding rewritten
+    exactly under the split), 4 steps inside safe_dit.generation (warm-up, anchors, selective steps) vs one process."""
+    knobs = dict(keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0)
+    for name in BACKBONES:
+        kit = kit_for(name)
+        model = kit.build().to(DEVICE)
+        x = kit.inputs(model, 4, 4, batch=2, text_len=TEXT, valid_lens=VALID, device=DEVICE)
+        outs = {}
+        for spec in (None, "ulysses:2", "ring:2"):
+            apply_safe_dit(model, SafeConfig("safe-core", **knobs, context_parallel=spec and _cp(spec)))
+            with safe_dit.generation(model, num_steps=4):
+                outs[spec] = torch.stack([_forward(model, x) for _ in range(4)])
+            out[f"kinds-padded/{name}/{spec}"] = sorted(set(model._safe_dit_handle.runtime.last_report["steps"]))
+            remove_safe_dit(model)
+        for spec in ("ulysses:2", "ring:2"):
+            out[f"safe-core-padded/{name}/{spec}"] = _delta(outs[spec], outs[None])
 
 
 def _refusal_cases(out: dict) -> None:
@@ -150,6 +178,7 @@ def cases(rank: int, world: int) -> dict:
         raise RuntimeError("the cases are written for 2 ranks (ulysses:2, ring:2, ...)")
     _dense_fp_cases(out)
     _safe_core_cases(out)
+    _padded_batch_cases(out)
     _refusal_cases(out)
     return out
 
@@ -167,11 +196,28 @@ def test_dense_fp_under_context_parallelism_equals_one_process(results, name, sp
     assert results[f"dense-fp/{name}/{spec}"] <= TOL
 
 
+@pytest.mark.parametrize("spec", ["ulysses:2", "ring:2"])
+def test_no_mask_is_kept_and_caption_padding_is_rewritten_under_the_split(results, spec):
+    verdicts = {name: results[f"verdicts/{name}/{spec}"] for name in BACKBONES}
+    assert all(not v.startswith("kept") for vs in verdicts.values() for v in vs), verdicts
+    for name in ("lumina2", "qwen-image", "z-image"):  # caption key padding in the joint blocks, captions replicated
+        if name in verdicts:
+            assert "rewritten: split-batch (exact) (captions replicated, image keys sequence-parallel)" in \
+                verdicts[name], verdicts[name]
+
+
 def test_safe_core_under_context_parallelism_equals_one_process(results):
     core = {k: v for k, v in results.items() if k.startswith("safe-core/")}
-    assert len(core) == 9 and all(v <= TOL for v in core.values()), core
+    assert len(core) == len(BACKBONES) + 5 and all(v <= TOL for v in core.values()), core
     kinds = {k: v for k, v in results.items() if k.startswith("kinds/")}
     assert all({"warmup", "anchor", "selective"} <= set(v) for v in kinds.values()), kinds
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("spec", ["ulysses:2", "ring:2"])
+def test_safe_core_with_captions_of_different_lengths_equals_one_process(results, name, spec):
+    assert results[f"safe-core-padded/{name}/{spec}"] <= TOL
+    assert {"warmup", "anchor", "selective"} <= set(results[f"kinds-padded/{name}/{spec}"])
 
 
 def test_diffusers_parallelism_on_a_patched_model_is_refused_in_both_orders(results):
@@ -212,13 +258,19 @@ def test_config_refusals():
         SafeConfig("dense-fp", context_parallel="ulysses:2")
 
 
-def test_backbones_without_split_points_are_refused():
-    from safe_dit.testing.kits import KITS
+@pytest.mark.parametrize("adapter", _REGISTRY, ids=lambda a: a.name)
+def test_every_adapter_declares_its_split_points(adapter):
+    assert adapter.context_parallel, f"{adapter.name} refuses context_parallel (no split points declared)"
+    assert adapter.name in KITS, f"{adapter.name} has no kit, so the 2-process cases above do not cover it"
 
-    for name in ("lumina2", "qwen-image", "z-image"):
-        if name in KITS:
-            with pytest.raises(SafeDitError, match="not supported"):
-                apply_safe_dit(KITS[name].build(), SafeConfig("dense-fp", context_parallel=_cp("ulysses:2")))
+
+def test_an_adapter_without_split_points_is_refused_naming_those_that_have_them():
+    class Undeclared(Adapter):  # not registered
+        name = "undeclared"
+
+    with pytest.raises(SafeDitError, match="not supported for undeclared") as err:
+        Undeclared().attach(torch.nn.Linear(2, 2), SafeConfig("dense-fp", context_parallel=_cp("ulysses:2")))
+    assert all(name in str(err.value) for name in context_parallel_adapters())
 
 
 def test_no_context_parallel_costs_nothing():
@@ -231,3 +283,18 @@ def test_no_context_parallel_costs_nothing():
     assert len(model.proj_out._forward_hooks) == 1 and len(model.x_embedder._forward_hooks) == 1  # SRSU's own only
     assert len(model.context_embedder._forward_hooks) == 0 and len(model.pos_embed._forward_hooks) == 0
     remove_safe_dit(model)
+
+
+def test_processors_left_stock_are_refused_under_the_split():
+    """FLUX's IP-Adapter processors stay stock under dense-fp; under the split they would attend one rank's shard."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
+
+    model = kit_for("flux").build()
+    cfg = model.config
+    names = [n for n, m in model.named_modules() if hasattr(m, "set_processor")]
+    ip = FluxIPAdapterAttnProcessor(cfg.num_attention_heads * cfg.attention_head_dim, cfg.joint_attention_dim)
+    model.set_attn_processor({f"{n}.processor": ip if n.startswith("transformer_blocks") else FluxAttnProcessor()
+                              for n in names})
+    with pytest.raises(SafeDitError, match="FluxIPAdapterAttnProcessor.*only this rank's tokens"):
+        apply_safe_dit(model, SafeConfig("dense-fp", context_parallel=_cp("ulysses:2")))
+    assert not hasattr(model, "_safe_dit_handle")

@@ -20,6 +20,11 @@ place, outputs scattered after ``proj_out``); the extra channel follows the rows
 step's query rows, the cached keys carry theirs). PCSP reads the image-query x caption-key block of the biased
 softmax (the extra channel included), weighting only real caption words (``</s>`` and the kept pad token are not).
 
+Context parallelism: FLUX's split points (image tokens after ``x_embedder``, caption after ``context_embedder``,
+the RoPE table into each part's rows). Each block's [B, T + N] mask is decided on the whole mask and split the same
+way, so the extra q/k channel carries every pair's m_i m_j through the sequence-parallel call; a kept (bool/integer)
+mask is refused there.
+
 Refused: ``safe-sw`` and, in the scheduled modes, guidance > 1 (``ChromaPipeline`` makes separate conditional
 and unconditional calls per step), a bool / integer mask, the mask-keeping ablations, ControlNet residuals.
 """
@@ -31,7 +36,7 @@ from diffusers.models.transformers.transformer_chroma import ChromaSingleTransfo
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
 from safe_dit.adapters.contract import Adapter, register
-from safe_dit.adapters.flux import SafeFluxAttnProcessor, _token_grid
+from safe_dit.adapters.flux import FluxAdapter, SafeFluxAttnProcessor, _token_grid
 from safe_dit.config import SafeDitError
 from safe_dit.engine.generation import gather_rows
 from safe_dit.engine.joint import joint_attention
@@ -66,6 +71,18 @@ class MaskPlan:
 
     def reset(self) -> None:
         self.decided = []
+        self.sharded: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def shard(self, m: torch.Tensor, parallel, n_image: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under context parallelism: this rank's rows of the [B, T + N] mask, [caption shard; image shard] as the
+        joint sequence is split, and the caption's valid words [B, T] of the whole caption (for PCSP)."""
+        for known, parts in self.sharded:
+            if known is m:
+                return parts
+        text, image = m[:, :m.shape[1] - n_image], m[:, m.shape[1] - n_image:]
+        local = torch.cat([parallel.shard(text, 1, "caption tokens"), parallel.shard(image, 1, "image tokens")], 1)
+        self.sharded.append((m, (local, text > 0)))
+        return local, text > 0
 
     def stand_in(self, m: torch.Tensor) -> torch.Tensor:
         """A [B, 1] tensor handed to the blocks in place of m (its outer product is never used)."""
@@ -111,6 +128,7 @@ class SafeChromaAttnProcessor(SafeFluxAttnProcessor):
     stock = FluxAttnProcessor
     compact_mask: torch.Tensor | None = None
     mask_kind: str | None = None
+    text_valid: torch.Tensor | None = None  # under context parallelism: the whole caption's valid words [B, T]
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v, n_text, double = self._joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
@@ -123,7 +141,7 @@ class SafeChromaAttnProcessor(SafeFluxAttnProcessor):
             out = joint_attention(self, q, k, v, n_text, text_first=True, mask=attention_mask,
                                   stock_mask=lambda: attention_mask, compact=lambda _m: None)
         else:
-            valid = m[:, :n_text] > 0 if n_text else None  # PCSP: caption words only
+            valid = self.text_valid if self.text_valid is not None else m[:, :n_text] > 0 if n_text else None
             if kind == ELIDED:
                 out = joint_attention(self, q, k, v, n_text, text_first=True, text_valid=valid)
                 self.runtime.record(self.name, "elided: a constant mask, row-constant bias m_i m_j")
@@ -152,6 +170,11 @@ class ChromaAdapter(Adapter):
     refused_inputs = ("controlnet_block_samples", "controlnet_single_block_samples")
     special_trailing_tokens = 2  # T5's </s> and the one padding token ChromaPipeline keeps valid
     cfg_pairs = False  # ChromaPipeline never batches [cond; uncond]: two calls per step with guidance > 1
+    context_parallel = True  # FLUX's split points; each block's [B, T + N] mask split with the tokens (its bias
+    # rides in the extra q/k channel through the sequence-parallel call, decided on the whole mask)
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        return FluxAdapter.parallel_hooks(self, model, runtime, parallel)
 
     def check(self, model, config) -> None:
         if config.mode == "safe-sw":
@@ -181,6 +204,8 @@ class ChromaAdapter(Adapter):
             proc.compact_mask, proc.mask_kind = m, plan.kind(m)
             if proc.mask_kind == KEPT:
                 return None
+            if runtime.parallel is not None:  # this rank's rows of m (its outer product is never built)
+                proc.compact_mask, proc.text_valid = plan.shard(m, runtime.parallel, runtime.state.global_tokens)
             stand_in = plan.stand_in(m)  # [B, 1]: the block's outer product is [B, 1, 1, 1], never [B, 1, L, L]
             if by_name:
                 return args, dict(kwargs, attention_mask=stand_in)
@@ -189,7 +214,7 @@ class ChromaAdapter(Adapter):
         def after(block, *_):
             proc = block.attn.processor
             if isinstance(proc, SafeChromaAttnProcessor):
-                proc.compact_mask, proc.mask_kind = None, None
+                proc.compact_mask, proc.mask_kind, proc.text_valid = None, None, None
 
         hooks = [model.register_forward_pre_hook(on_forward)]
         for block in [*model.transformer_blocks, *model.single_transformer_blocks]:

@@ -97,8 +97,14 @@ class Adapter:
             raise SafeDitError(PARALLEL_REFUSED)
         if config.context_parallel is not None:
             if not self.context_parallel:
+                supported = ", ".join(context_parallel_adapters()) or "none"
                 raise SafeDitError(f"context_parallel is not supported for {self.name} yet (its split points are not "
-                                   "declared); supported: lumina-next, pixart, sd3, flux. Run it on one device")
+                                   f"declared); supported: {supported}. Run it on one device")
+            for name, module in model.named_modules():  # a processor left stock would attend its local shard only
+                if self.passthrough and isinstance(getattr(module, "processor", None), self.passthrough):
+                    raise SafeDitError(f"context_parallel: {name} uses {type(module.processor).__name__}, which "
+                                       "safe-dit leaves stock and which would attend only this rank's tokens: run it "
+                                       "on one device, or restore the default processors first")
             runtime.parallel = SequenceParallel(config.context_parallel)
             check_heads(model, runtime.parallel)
         keep = () if config.scheduled else self.passthrough  # scheduled modes need every block's rows
@@ -158,3 +164,8 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 
 def supported_classes() -> list[str]:
     return [c.__name__ for a in _REGISTRY for c in a.model_classes]
+
+
+def context_parallel_adapters() -> list[str]:
+    """The adapters that declare their context-parallel split points (in registry order)."""
+    return [a.name for a in _REGISTRY if a.context_parallel]

@@ -24,6 +24,13 @@ the stock forward: scheduled modes refuse a model whose forward or rope embedder
 PCSP reads each sample's image-query x caption-key block of the joint softmax (normalised over all of
 the sample's keys, as the model attends), warm-up only.
 
+Context parallelism: the rope embedder's patches are split over the ranks with their RoPE rows; each rank's joint
+sequence is [caption_i; its image shard; padding] (the joint RoPE rows and sequence lengths follow), the caption
+refiner runs locally in full, and in the joint blocks every rank holds the whole caption: its keys are attended
+locally (their padding rewritten exactly, as above) and the image keys of all ranks through the sequence-parallel
+call, the two parts merged by log-sum-exp. ``norm_out``'s image rows are gathered. Proportional attention
+(``base_sequence_length``) uses the global length. Needs the stock forward and rope embedder.
+
 Refused: ``safe-sw`` (``Lumina2Pipeline`` makes separate conditional and unconditional calls and
 renormalises the guided prediction; there is no batched pair to weight), and in the scheduled modes
 two transformer calls per step, which is what ``Lumina2Pipeline`` does with ``guidance_scale > 1``.
@@ -43,6 +50,7 @@ from safe_dit.config import SafeDitError
 from safe_dit.engine.attend import attend
 from safe_dit.engine.generation import gather_rows
 from safe_dit.engine.hooks import caption_mask_check, layer_of
+from safe_dit.engine.joint import collect_replicated_text_probs, replicated_text_attention
 from safe_dit.engine.partition import joint_image_to_text_probs
 from safe_dit.engine.schedule import SELECTIVE
 
@@ -103,6 +111,7 @@ class SafeLumina2AttnProcessor(SafeProcessor):
 
         gen = self.runtime.generation
         mask = attention_mask
+        parallel = self.runtime.parallel is not None and self.stack != "context_refiner"
         if gen is not None and self.stack == "noise_refiner":
             if gen.kind == SELECTIVE:  # SRSU: sensitive image rows against fresh + cached context K/V
                 key, value = gen.merged_kv(self.name, key, value)  # [B, N, Hkv, d]
@@ -116,18 +125,38 @@ class SafeLumina2AttnProcessor(SafeProcessor):
                 mask = None if attention_mask is None else _full_mask(gen, caps, key.device)
             elif gen.refreshes_cache:
                 gen.store_kv(self.name, key, value)
-            if gen.wants_probs(self.layer):
+            if gen.wants_probs(self.layer) and not parallel:
                 self._collect(gen, query, key, caps)
 
         scale = attn.scale
+        if parallel and base_sequence_length is not None:  # proportional attention follows the whole sequence
+            seq_len = key.shape[1] + self.runtime.state.global_tokens - self.runtime.state.layout["lumina2"][2]
         if base_sequence_length is not None:  # proportional attention, as the stock processor (full length)
             scale = math.sqrt(math.log(seq_len, base_sequence_length)) * attn.scale
+
+        if parallel and self.stack == "layers":  # the caption on every rank, the image tokens sharded
+            caps, text_valid, n_local, weights = self.runtime.state.layout["lumina2"]
+            rows = gen.index.shape[1] if gen is not None and gen.kind == SELECTIVE else n_local
+            out, lse = replicated_text_attention(self, query, key, value, text=slice(0, max(caps)),
+                                                 image=_image_rows(caps, n_local, key.device), text_mask=text_valid,
+                                                 scale=scale)
+            if gen is not None and gen.wants_probs(self.layer):
+                at = _image_rows(caps, rows, key.device)
+
+                def take(t):
+                    return t[:, at] if isinstance(at, slice) else gather_rows(t, at)
+
+                collect_replicated_text_probs(self.runtime, gen, take(query), key[:, :max(caps)], take(lse),
+                                              text_valid, weights, scale)
+            out = out.flatten(2, 3).to(dtype)
+            return attn.to_out[1](attn.to_out[0](out))
 
         def stock_mask():  # as the stock processor passes it
             return mask.bool().view(batch, 1, 1, -1)
 
         out = attend(self.runtime, self.name, query, key, value, mask, scale, rewrite=self.rewrite_padding,
-                     stock_mask=stock_mask, compact=_compact, processor=self)  # [B, L, H, d]
+                     stock_mask=stock_mask, compact=_compact, processor=self,
+                     sequence=self.stack != "context_refiner")  # [B, L, H, d]
         out = out.flatten(2, 3).to(dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -159,12 +188,27 @@ def _missing():
                        "through safe-dit's hook); call the model through its stock forward")
 
 
+def _image_rows(caps, n: int, device) -> torch.Tensor | slice:
+    """Where the n image rows of each sample's [caption_i; image; padding] sit: a slice when all captions are alike."""
+    if len(set(caps)) == 1:
+        return slice(caps[0], caps[0] + n)
+    return torch.tensor(caps, device=device)[:, None] + torch.arange(n, device=device)  # [B, n]
+
+
+def _local_rows(caps, start: int, stop: int, n: int, device) -> torch.Tensor:
+    """[B, max(cap) + n_local]: this rank's joint RoPE rows in the full [caption_i; image; padding] table: the
+    caption, the image rows [start, stop), the padding rows."""
+    rows = [torch.cat([torch.arange(c), c + torch.arange(start, stop), torch.arange(c + n, max(caps) + n)])
+            for c in caps]
+    return torch.stack(rows).to(device)
+
+
 def _selective_rows(gen, caps) -> torch.Tensor:
     """[B, max(cap) + K]: where the rows of a selective step's joint sequence sit in the full one. Sample i:
     caption 0..cap_i-1, sensitive rows at cap_i + index, its padding rows on the full sequence's padding."""
     def make():
         idx = gen.index  # [B, K]
-        n, t = gen.grid[0] * gen.grid[1], max(caps)
+        n, t = gen.local_tokens, max(caps)
         rows = []
         for i, c in enumerate(caps):
             dev = idx.device
@@ -176,7 +220,7 @@ def _selective_rows(gen, caps) -> torch.Tensor:
 
 def _full_mask(gen, caps, device) -> torch.Tensor:
     """[B, max(cap) + N] bool: sample i attends to its first cap_i + N keys (the stock joint mask of a dense step)."""
-    n = gen.grid[0] * gen.grid[1]
+    n = gen.local_tokens
     return gen.remember(("lumina2", "mask", caps), lambda: torch.arange(max(caps) + n, device=device)[None]
                         < (torch.tensor(caps, device=device)[:, None] + n))
 
@@ -192,19 +236,23 @@ class Lumina2Adapter(Adapter):
     tokens_out = "norm_out"
     special_leading_tokens = 1  # Gemma's <bos>
     cfg_pairs = True  # a [cond; uncond] batch under safe_dit.generation(..., cfg_batch=True)
+    context_parallel = True  # the image patches split at the rope embedder (their RoPE rows and the joint RoPE rows
+    # with them); the caption refiner local, the caption on every rank in the joint blocks; gathered after norm_out
 
     def check(self, model, config) -> None:
         if config.mode == "safe-sw":
             raise SafeDitError(NO_SW_CFG)
-        if config.scheduled and not (type(model).forward is Lumina2Transformer2DModel.forward
-                                     and type(model.rope_embedder).forward is Lumina2RotaryPosEmbed.forward):
+        stock = (type(model).forward is Lumina2Transformer2DModel.forward
+                 and type(model.rope_embedder).forward is Lumina2RotaryPosEmbed.forward)
+        if (config.scheduled or config.context_parallel is not None) and not stock:
             raise SafeDitError(NOT_STOCK.format(cls=type(model).__name__))
 
     def hooks(self, model, runtime, handle) -> list:
         names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
         hooks = [model.register_forward_pre_hook(
             caption_mask_check("encoder_attention_mask", "encoder_hidden_states", names), with_kwargs=True)]
-        if not runtime.config.scheduled:
+        scheduled, parallel = runtime.config.scheduled, runtime.parallel
+        if not scheduled and parallel is None:
             return hooks
         current: dict = {}  # this forward's caption and sequence length lists (the stock forward's own)
 
@@ -224,36 +272,52 @@ class Lumina2Adapter(Adapter):
 
         def on_rope(_module, _inputs, out):
             x, cap_rope, img_rope, rope, caps, seqs = out  # [B, N, p*p*C], [B, T, d], [B, N, d], [B, L, d], lists
-            gen = runtime.generation
-            if gen is None:
+            gen = runtime.generation if scheduled else None
+            if gen is None and parallel is None:
                 return None
             caps = tuple(int(c) for c in caps)
-            first = current.setdefault("generation", (gen, caps))
-            if first[0] is not gen:
-                first = current["generation"] = (gen, caps)
-            if first[1] != caps or gen.remember(("lumina2", "caps"), lambda: caps) != caps:
-                runtime.generation = None
-                raise SafeDitError(CAPTIONS_CHANGED if runtime.explicit_generation else TWO_CALLS)
+            if gen is not None:
+                first = current.setdefault("generation", (gen, caps))
+                if first[0] is not gen:
+                    first = current["generation"] = (gen, caps)
+                if first[1] != caps or gen.remember(("lumina2", "caps"), lambda: caps) != caps:
+                    runtime.generation = None
+                    raise SafeDitError(CAPTIONS_CHANGED if runtime.explicit_generation else TWO_CALLS)
             enc, seqs = list(caps), list(seqs)
-            if gen.kind == SELECTIVE:  # SRSU: only sensitive rows enter, each with its own RoPE rows
+            n = x.shape[1]
+            if parallel is not None:  # this rank's patches, their RoPE rows and joint rows [caption_i; shard; pad]
+                start, stop = parallel.local(n, "image tokens")
+                x, img_rope = parallel.shard(x, 1, "image tokens"), parallel.shard(img_rope, 1, "image tokens")
+                rope = gather_rows(rope, _local_rows(caps, start, stop, n, rope.device))
+                seqs = [c + stop - start for c in caps]
+                dev, t = x.device, max(caps)
+                weights = torch.arange(t, device=dev)[None] < torch.tensor(caps, device=dev)[:, None]  # [B, T]
+                state = runtime.state
+                state.global_tokens = n
+                state.layout["lumina2"] = (caps, None if len(set(caps)) == 1 else weights, stop - start, weights)
+            if gen is not None and gen.kind == SELECTIVE:  # SRSU: only sensitive rows, each with its own RoPE rows
                 x, img_rope = gen.gather(x), gen.gather(img_rope)
                 rope = gather_rows(rope, _selective_rows(gen, caps))  # [B, max(cap) + K, d]
                 seqs = [c + gen.index.shape[1] for c in caps]
-            current.update(caps=caps, enc=enc, seqs=seqs)
+            current.update(caps=caps, enc=enc, seqs=seqs, n=n)
             return x, cap_rope, img_rope, rope, enc, seqs
 
         def on_norm_out(_module, _inputs, out):  # [B, L, C] joint -> [B, n, C] image rows, before the scatter
-            gen = runtime.generation
-            if gen is None:
+            gen = runtime.generation if scheduled else None
+            if "caps" not in current:
                 return None
-            caps, enc, seqs = current.pop("caps"), current.pop("enc"), current.pop("seqs")
-            rows = gen.index.shape[1] if gen.kind == SELECTIVE else gen.grid[0] * gen.grid[1]
+            caps, enc, seqs, n = current.pop("caps"), current.pop("enc"), current.pop("seqs"), current.pop("n")
+            if gen is not None and gen.kind == SELECTIVE:
+                rows = gen.index.shape[1]
+            else:
+                rows = n if parallel is None else parallel.local(n)[1] - parallel.local(n)[0]
             at = torch.tensor(caps, device=out.device)[:, None] + torch.arange(rows, device=out.device)  # [B, n]
-            n = gen.grid[0] * gen.grid[1]
-            for i in range(len(enc)):  # the stock unpatchify now reads rows [0, N) of the scattered output
+            for i in range(len(enc)):  # the stock unpatchify now reads rows [0, N) of the scattered/gathered output
                 enc[i], seqs[i] = 0, n
             return gather_rows(out, at)
 
-        return hooks + [model.register_forward_pre_hook(guard, with_kwargs=True),
-                        model.rope_embedder.register_forward_hook(on_rope),
-                        model.norm_out.register_forward_hook(on_norm_out, prepend=True)]
+        hooks.append(model.rope_embedder.register_forward_hook(on_rope))
+        hooks.append(model.norm_out.register_forward_hook(on_norm_out, prepend=True))
+        if scheduled:
+            hooks.append(model.register_forward_pre_hook(guard, with_kwargs=True))
+        return hooks

@@ -14,6 +14,11 @@ them with their own rows of the image RoPE table (gathered once per generation) 
 always-computed text rows, into the anchor's joint K/V in place. PCSP reads the image-query x caption-key
 block of the joint softmax (normalised over each sample's valid keys, padding ignored), warm-up only.
 
+Context parallelism: the image tokens are split after ``img_in`` with their rows of the image RoPE table; every
+rank holds the whole caption. Each joint attention attends the caption keys locally (padding rewritten exactly as
+above) and the image keys of every rank through the sequence-parallel call, merging the two by log-sum-exp; PCSP
+normalises by that joint log-sum-exp. Editing / layered configurations are refused under it.
+
 Refused: ``safe-sw`` (``QwenImagePipeline`` makes separate conditional and unconditional calls for
 ``true_cfg_scale``; no batched pair to weight), two transformer calls per step in the scheduled modes, and
 in the scheduled modes edit-style inputs (several images per sample in ``img_shapes``, ``zero_cond_t``,
@@ -31,6 +36,8 @@ from safe_dit.config import SafeDitError
 from safe_dit.engine.attend import attend
 from safe_dit.engine.generation import gather_rows
 from safe_dit.engine.hooks import layer_of
+from safe_dit.engine.joint import collect_replicated_text_probs, replicated_text_attention
+from safe_dit.engine.parallel import split_tokens
 from safe_dit.engine.partition import joint_image_to_text_probs
 from safe_dit.engine.schedule import SELECTIVE
 
@@ -96,17 +103,25 @@ class SafeQwenAttnProcessor(SafeProcessor):
         if gen is not None:
             if gen.kind == SELECTIVE:  # SRSU: fresh text + sensitive rows over the anchor's joint K/V, in place
                 cached = gen.kv[self.name][0].shape[1]
-                if cached != n_text + gen.grid[0] * gen.grid[1]:
+                if cached != n_text + gen.local_tokens:
                     self.runtime.generation = None
                     raise SafeDitError(TWO_CALLS)
                 key, value = gen.merged_kv(self.name, key, value, gen.joint_rows(n_text, True))  # [B, T + N, H, d]
             elif gen.refreshes_cache:
                 gen.store_kv(self.name, key, value)
-            if gen.wants_probs(self.layer):
+            if gen.wants_probs(self.layer) and self.runtime.parallel is None:
                 self._collect(gen, query, key, n_text, encoder_hidden_states_mask)
 
         text_mask = encoder_hidden_states_mask  # [B, T] bool (the model normalises it), the same object in every block
         n_image = key.shape[1] - n_text
+        if self.runtime.parallel is not None:  # the caption on every rank, the image tokens sharded
+            out, lse = replicated_text_attention(self, query, key, value, text=slice(0, n_text),
+                                                 image=slice(n_text, None), text_mask=text_mask)
+            if gen is not None and gen.wants_probs(self.layer):
+                valid = None if text_mask is None else text_mask.bool()
+                collect_replicated_text_probs(self.runtime, gen, query[:, n_text:], key[:, :n_text], lse[:, n_text:],
+                                              valid)
+            return self._out(attn, out, n_text, query.dtype)
 
         def joint_valid(m):  # [B, T + N]: the caption mask, then the all-valid image keys (provenance: the stock code)
             return torch.cat([m.bool(), m.new_ones(m.shape[0], n_image, dtype=torch.bool)], dim=1)
@@ -117,7 +132,12 @@ class SafeQwenAttnProcessor(SafeProcessor):
         out = attend(self.runtime, self.name, query, key, value, text_mask, None, rewrite=self.rewrite_padding,
                      stock_mask=stock_mask, compact=lambda m: joint_valid(m) if m.dim() == 2 else None,
                      processor=self)  # [B, T + n, H, d]
-        out = out.flatten(2, 3).to(query.dtype)
+        return self._out(attn, out, n_text, query.dtype)
+
+    @staticmethod
+    def _out(attn, out, n_text, dtype):
+        """[B, T + n, H, d] joint attention output -> (image, text) through the output projections, as stock."""
+        out = out.flatten(2, 3).to(dtype)
         txt, img = out[:, :n_text], out[:, n_text:]
         img = attn.to_out[0](img.contiguous())
         if len(attn.to_out) > 1:
@@ -179,10 +199,24 @@ class QwenImageAdapter(Adapter):
     grid = staticmethod(_token_grid)
     refused_inputs = ("controlnet_block_samples", "additional_t_cond")
     cfg_pairs = False  # QwenImagePipeline never batches [cond; uncond] (true CFG is two calls)
+    context_parallel = True  # image tokens split after img_in and the image RoPE table with them; the caption on
+    # every rank (its padding rewritten exactly on the caption keys); gathered after proj_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        def split_rope(_module, _inputs, rope):  # (image [N, d/2], caption [T, d/2]) -> (image [N_local, d/2], same)
+            img, txt = rope
+            return parallel.shard(img, 0, "image tokens"), txt
+
+        return [model.img_in.register_forward_hook(split_tokens(runtime, parallel)),
+                model.pos_embed.register_forward_hook(split_rope)]
 
     def check(self, model, config) -> None:
         if config.mode == "safe-sw":
             raise SafeDitError(NO_SW_CFG)
+        if config.context_parallel is not None and (model.config.zero_cond_t or model.config.use_layer3d_rope):
+            raise SafeDitError("context_parallel on Qwen-Image supports text-to-image only (zero_cond_t / "
+                               "use_layer3d_rope mix reference-image tokens into the sequence): run editing / layered "
+                               "models on one device")
         if config.scheduled and (model.config.zero_cond_t or model.config.use_layer3d_rope
                                  or model.config.use_additional_t_cond):
             raise SafeDitError(EDIT_INPUTS.format(what="this model is configured for editing or layered images "

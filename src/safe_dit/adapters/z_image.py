@@ -22,6 +22,13 @@ conditional outputs are rewritten c' = u + gamma_i / (1 + g) (c - u), which its 
 u + gamma_i (c - u), gamma_i = cfg_context + (cfg_sensitive - cfg_context) s_i in the usual u + gamma (c - u) form
 (its guidance_scale 4 is gamma 5). Refused with ``cfg_normalization`` (it rescales by the norm of c).
 
+Context parallelism: at the first noise-refiner block the N grid rows and the P image pad rows are each split over
+the ranks (this rank's rows: its grid shard, then its pad shard), with their RoPE rows in every refiner and unified
+block; the caption refiner runs locally in full, and in the unified blocks every rank holds each whole caption: the
+caption keys are attended locally (their batch padding rewritten exactly) and the image keys of every rank through
+the sequence-parallel call, merged by log-sum-exp. The final layer's grid rows are gathered. Omni inputs and
+images of different sizes in one batch are refused under it.
+
 Refused in the scheduled modes the omni inputs (several images, SigLIP features), ControlNet residuals, images of different
 sizes in one batch, a batch or caption change inside a generation (``cfg_truncation`` < 1 drops the
 unconditional half), and a model whose forward is not the stock one.
@@ -41,6 +48,7 @@ from safe_dit.engine.attend import attend
 from safe_dit.engine.generation import gather_rows
 from safe_dit.engine.guidance import pixel_gamma
 from safe_dit.engine.hooks import layer_of
+from safe_dit.engine.joint import collect_replicated_text_probs, replicated_text_attention
 from safe_dit.engine.partition import joint_image_to_text_probs
 from safe_dit.engine.schedule import SELECTIVE
 
@@ -60,6 +68,8 @@ OMNI = ("safe-core on Z-Image supports text-to-image only: {what}. Use dense-fp 
 BATCH_CHANGED = ("the batch changed inside one safe-core generation (ZImagePipeline with cfg_truncation < 1 drops the "
                  "unconditional half for the last steps): the cached rows no longer match. Use cfg_truncation=1 or "
                  "dense-fp")
+
+CP_ONLY = "context_parallel on Z-Image supports text-to-image only: {what}. Run it on one device"
 
 CAPTIONS_CHANGED = ("the caption lengths changed inside one safe-core generation (the cached rows are laid out for "
                     "the first ones): use the same captions at every step")
@@ -105,6 +115,7 @@ class SafeZImageAttnProcessor(SafeProcessor):
         mask = attention_mask
 
         gen = self.runtime.generation
+        parallel = self.runtime.parallel is not None
         if gen is not None and self.stack in ("noise_refiner", "layers"):
             layout = _layout(gen)
             if gen.kind == SELECTIVE:  # SRSU: fresh rows written over the anchor's K/V, in place
@@ -112,14 +123,29 @@ class SafeZImageAttnProcessor(SafeProcessor):
                 key, value = gen.merged_kv(self.name, key, value, rows)  # [B, L_full, H, d]
             elif gen.refreshes_cache:
                 gen.store_kv(self.name, key, value)
-            if self.stack == "layers" and gen.wants_probs(self.layer):
+            if self.stack == "layers" and gen.wants_probs(self.layer) and not parallel:
                 self._collect(gen, query, key, layout)
+
+        if parallel and self.stack == "layers":  # the caption on every rank, the image tokens sharded
+            local = self.runtime.state.layout["z-image"]
+            nx, t = local.nx, max(local.caps)
+            out, lse = replicated_text_attention(self, query, key, value, text=slice(nx, nx + t), image=slice(0, nx),
+                                                 text_mask=local.text_mask)
+            if gen is not None and gen.wants_probs(self.layer):
+                collect_replicated_text_probs(self.runtime, gen, query[:, :local.n], key[:, nx:nx + t],
+                                              lse[:, :local.n], local.text_mask, local.weights)
+            return self._out(attn, out, dtype)
 
         def stock_mask():  # as the stock processor passes it
             return mask[:, None, None, :] if mask.ndim == 2 else mask
 
         out = attend(self.runtime, self.name, query, key, value, mask, None, rewrite=self.rewrite_padding,
-                     stock_mask=stock_mask, compact=lambda m: m.bool() if m.dim() == 2 else None, processor=self)
+                     stock_mask=stock_mask, compact=lambda m: m.bool() if m.dim() == 2 else None, processor=self,
+                     sequence=self.stack != "context_refiner")
+        return self._out(attn, out, dtype)
+
+    @staticmethod
+    def _out(attn, out, dtype):
         out = out.flatten(2, 3).to(dtype)
         output = attn.to_out[0](out)
         if len(attn.to_out) > 1:
@@ -139,6 +165,22 @@ class SafeZImageAttnProcessor(SafeProcessor):
                 probs[i, :, :c] = joint_image_to_text_probs(q[i:i + 1], k[i:i + 1, :, :nx + c], slice(nx, nx + c))[0]
         valid = torch.arange(t, device=probs.device)[None] < torch.tensor(layout.real, device=probs.device)[:, None]
         gen.collect(probs, self.runtime.text_weights(valid, t, probs.device))
+
+
+@dataclass(frozen=True)
+class LocalLayout:
+    """Under context parallelism, this rank's rows of one forward: ``n`` image grid rows then ``nx - n`` image pad
+    rows (shards of the N grid rows and of the pad rows, of ``full_nx`` image rows in all), each caption padded to
+    ``caps``; ``rows`` [nx] where they sit among the image rows; ``text_mask`` [B, T] the captions' valid keys (None
+    when alike), ``weights`` the real caption words [B, T] PCSP weighs."""
+
+    n: int
+    nx: int
+    full_nx: int
+    caps: tuple[int, ...]
+    rows: torch.Tensor
+    text_mask: torch.Tensor | None
+    weights: torch.Tensor
 
 
 def _rotate(x, freqs):
@@ -231,6 +273,9 @@ class ZImageAdapter(Adapter):
     refused_inputs = ("controlnet_block_samples",)
     step_inputs = ("x", "t")
     cfg_pairs = True  # ZImagePipeline batches [cond; uncond] in one call
+    context_parallel = True  # the image rows (grid and pad rows, each split) at the first noise-refiner block with
+    # their RoPE rows; the caption refiner local, the caption on every rank in the unified blocks; the grid rows
+    # gathered after the final layer
     # ZImagePipeline wraps each prompt in Qwen3's chat template (add_generation_prompt, enable_thinking): no prompt
     # words, so PCSP does not weigh them: "<|im_start|>", "user", "\n" before, and "<|im_end|>", "\n",
     # "<|im_start|>", "assistant", "\n" after
@@ -238,9 +283,65 @@ class ZImageAdapter(Adapter):
     special_trailing_tokens = 5
 
     def check(self, model, config) -> None:
-        if config.scheduled and (type(model).forward is not ZImageTransformer2DModel.forward
-                                 or len(model.noise_refiner) == 0 or len(model.all_final_layer) != 1):
+        if (config.scheduled or config.context_parallel is not None) and (
+                type(model).forward is not ZImageTransformer2DModel.forward or len(model.noise_refiner) == 0
+                or len(model.all_final_layer) != 1):
             raise SafeDitError(NOT_STOCK.format(cls=type(model).__name__))
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        scheduled = runtime.config.scheduled
+
+        def on_forward(_model, args, kwargs):  # the global facts of this forward: grid rows and caption lengths
+            x = kwargs.get("x", args[0] if args else None)
+            caps = kwargs.get("cap_feats", args[2] if len(args) > 2 else None)
+            nested = isinstance(x[0], (list, tuple)) or isinstance(caps[0], (list, tuple))
+            if not isinstance(x, (list, tuple)) or nested:
+                raise SafeDitError(CP_ONLY.format(what="omni inputs (nested x / cap_feats)"))
+            if kwargs.get("siglip_feats") is not None:
+                raise SafeDitError(CP_ONLY.format(what="siglip_feats"))
+            p, fp = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
+            sizes = {tuple(xi.shape[1:]) for xi in x}
+            if len(sizes) != 1:
+                raise SafeDitError(CP_ONLY.format(what=f"images of different sizes {sorted(sizes)} in one batch"))
+            f, h, w = sizes.pop()
+            runtime.state.layout["z-image-global"] = ((f // fp) * (h // p) * (w // p), tuple(len(c) for c in caps))
+
+        def on_refiner(index):
+            def hook(_block, args):  # (x [B, Nx, D], mask, freqs [B, Nx, d/2], adaln, ...) -> this rank's rows
+                state = runtime.state
+                if index == 0:
+                    n, real = state.layout["z-image-global"]
+                    nx = args[0].shape[1]
+                    grid = parallel.local(n, "image tokens")
+                    pad = parallel.local(nx - n, "image pad tokens") if nx > n else (0, 0)
+                    rows = torch.cat([torch.arange(*grid), n + torch.arange(*pad)]).to(args[0].device)
+                    caps = tuple(_padded(r) for r in real)
+                    t, dev = max(caps), args[0].device
+                    valid = torch.arange(t, device=dev)[None] < torch.tensor(caps, device=dev)[:, None]
+                    weights = torch.arange(t, device=dev)[None] < torch.tensor(real, device=dev)[:, None]
+                    state.global_tokens = n
+                    state.layout["z-image"] = LocalLayout(grid[1] - grid[0], len(rows), nx, caps, rows,
+                                                          None if len(set(caps)) == 1 else valid, weights)
+                local = state.layout["z-image"]
+                freqs = args[2][:, local.rows]  # [B, nx_local, d/2]
+                x = args[0][:, local.rows] if index == 0 else args[0]
+                return (x, args[1], freqs, *args[3:])
+            return hook
+
+        def on_block(_block, args):  # (unified [B, L, D], mask, freqs [B, Nx + T, d/2], ...) -> this rank's rows
+            local = runtime.state.layout["z-image"]
+            at = torch.cat([local.rows, local.full_nx + torch.arange(max(local.caps), device=local.rows.device)])
+            return (args[0], None, args[2][:, at], *args[3:])  # the mask: this rank's layout is local.text_mask
+
+        def on_final(_module, _inputs, out):  # [B, L_local, C] -> this rank's grid rows, before the gather
+            if scheduled and runtime.generation is not None:
+                return None  # the scheduled modes' own hook cut the rows
+            return out[:, :runtime.state.layout["z-image"].n]
+
+        hooks = [model.register_forward_pre_hook(on_forward, with_kwargs=True)]
+        hooks += [b.register_forward_pre_hook(on_refiner(i)) for i, b in enumerate(model.noise_refiner)]
+        hooks += [b.register_forward_pre_hook(on_block) for b in model.layers]
+        return hooks + [_final_layer(model).register_forward_hook(on_final, prepend=True)]
 
     def guidance(self, model, runtime, handle):
         return _sw_cfg
@@ -289,9 +390,9 @@ class ZImageAdapter(Adapter):
             real = current.pop("real", None)
             if real is None:
                 _missing()
-            n = gen.grid[0] * gen.grid[1]
+            n = gen.local_tokens
             layout = Layout(n, x.shape[1], tuple(_padded(r) for r in real), real)
-            if _padded(n) != layout.nx:
+            if runtime.parallel is None and _padded(n) != layout.nx:
                 raise SafeDitError(NOT_STOCK.format(cls=type(model).__name__))
             first = current.get("generation")
             if first is None or first[0] is not gen:

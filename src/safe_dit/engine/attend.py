@@ -41,6 +41,7 @@ class ForwardState:
     decisions: list[tuple[torch.Tensor, MaskDecision]] = field(default_factory=list)
     spread_checks: list = field(default_factory=list)  # device bools: a bias rewrite's assumption failed in a call
     global_tokens: int | None = None  # under context parallelism: the image tokens of all ranks (global lengths)
+    layout: dict = field(default_factory=dict)  # an adapter's facts about this forward's sequence layout
 
     def certify(self, mask: torch.Tensor, why: str) -> None:
         """Record that ``mask`` (this very tensor object) is all-valid by construction."""

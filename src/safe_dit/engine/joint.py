@@ -14,7 +14,11 @@ from typing import Callable
 
 import torch
 
-from safe_dit.engine.attend import _is_native, attend
+from safe_dit.config import SafeDitError
+from safe_dit.engine.attend import ForwardState, _is_native, attend
+from safe_dit.engine.generation import gather_rows
+from safe_dit.engine.masks import _take_keys
+from safe_dit.engine.parallel import MASK_UNDER_CP, attention_with_lse, sequence_attention_with_lse
 from safe_dit.engine.partition import joint_image_to_text_probs, joint_text_probs_from_lse
 from safe_dit.engine.schedule import SELECTIVE
 
@@ -87,3 +91,75 @@ def _global_keys(parallel, key: torch.Tensor, n_text: int, text_first: bool) -> 
         key = torch.cat([text, image] if text_first else [image, text], dim=1)
         n_text, n_img = text.shape[1], image.shape[1]
     return key, (slice(0, n_text) if text_first else slice(n_img, n_img + n_text))
+
+
+# -- captions replicated, image tokens sharded (context parallelism) ------------------------------------------
+
+def replicated_text_attention(proc, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, text: slice,
+                              image: slice | torch.Tensor, text_mask: torch.Tensor | None = None,
+                              compact: Callable | None = None, scale: float | None = None):
+    """Joint attention under context parallelism when every rank holds all caption tokens and its own shard of
+    the image tokens: q [B, L, H, d] (this rank's rows, any layout), k/v [B, L, Hkv, d] -> (out [B, L, H, d],
+    lse [B, L, H]), equal to one device's joint softmax over all caption keys and every rank's image keys.
+
+    The caption keys (rows ``text`` of k/v) are attended locally, the image keys (rows ``image``: a slice, or
+    [B, n] per-sample rows) through the sequence-parallel call; the two partial softmaxes are merged by their
+    log-sum-exp (as ring attention merges its chunks). A caption key-padding mask ``text_mask`` (its [B, T]
+    valid-key form ``compact(text_mask)``, default ``text_mask.bool()``) is decided once per forward and rewritten
+    exactly on the caption part: each group of samples with the same valid keys attends only to those. A kept
+    mask (rewrite_padding=False, or a sample with no valid caption key) is refused: it cannot be sharded."""
+    runtime = proc.runtime
+    parallel = runtime.parallel
+    n_rep = query.shape[2] // key.shape[2]
+    if n_rep > 1:  # GQA: diffusers' templated CP attention has none
+        key, value = (t.repeat_interleave(n_rep, dim=2) for t in (key, value))
+
+    def rows(t):
+        return t[:, image] if isinstance(image, slice) else gather_rows(t, image)
+
+    out_i, lse_i = sequence_attention_with_lse(parallel, query, rows(key), rows(value), scale,
+                                               getattr(proc, "_attention_backend", None))  # [B, L, H, d], [B, L, H]
+    k_t, v_t = key[:, text], value[:, text]  # [B, T, H, d]
+    verdict = "no mask"
+    if text_mask is None:
+        out_t, lse_t = attention_with_lse(query, k_t, v_t, scale)
+    else:
+        state = runtime.state if runtime.state is not None else ForwardState()
+        decision = state.key_padding_decision(text_mask, proc.rewrite_padding,
+                                              compact or (lambda m: m.bool() if m.dim() == 2 else None))
+        if decision.keep:
+            raise SafeDitError(MASK_UNDER_CP.format(where=f"{proc.name}, {decision.verdict}"))
+        verdict = decision.verdict
+        plan = decision.plan
+        if plan.elide or len(plan.groups) == 1:
+            keys = slice(None) if plan.elide else plan.groups[0].keys
+            out_t, lse_t = attention_with_lse(query, _take_keys(k_t, keys, 1), _take_keys(v_t, keys, 1), scale)
+        else:
+            out_t, lse_t = torch.empty_like(out_i), torch.empty_like(lse_i)
+            for g in plan.groups:
+                o, lse = attention_with_lse(query.index_select(0, g.samples),
+                                            _take_keys(k_t.index_select(0, g.samples), g.keys, 1),
+                                            _take_keys(v_t.index_select(0, g.samples), g.keys, 1), scale)
+                out_t.index_copy_(0, g.samples, o.to(out_t.dtype))
+                lse_t.index_copy_(0, g.samples, lse.to(lse_t.dtype))
+    runtime.record(proc.name, f"{verdict} (captions replicated, image keys sequence-parallel)")
+    lse_t, lse_i = lse_t.float(), lse_i.float()
+    weight = torch.sigmoid(lse_i - lse_t)[..., None]  # the image part's share of each query's softmax mass
+    out = out_t.float() - weight * (out_t.float() - out_i.float())
+    return out.to(query.dtype), lse_t - torch.nn.functional.logsigmoid(lse_t - lse_i)
+
+
+def collect_replicated_text_probs(runtime, gen, query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor,
+                                  text_valid: torch.Tensor | None, weights_mask: torch.Tensor | None = None,
+                                  scale: float | None = None) -> None:
+    """PCSP under context parallelism with replicated captions: this rank's image queries [B, n, H, d] x the
+    caption keys [B, T, Hkv, d], normalised by the joint log-sum-exp [B, n, H] of
+    :func:`replicated_text_attention` (every rank's keys), as on one device; keys outside ``text_valid`` [B, T]
+    weigh 0. ``weights_mask`` (default ``text_valid``) is the caption mask PCSP's text weights are read from."""
+    k = key.repeat_interleave(query.shape[2] // key.shape[2], dim=2)
+    probs = joint_text_probs_from_lse(query.transpose(1, 2), k.transpose(1, 2), slice(None), lse.transpose(1, 2),
+                                      scale)  # [B, n, T]
+    if text_valid is not None:
+        probs = probs * text_valid[:, None].to(probs.dtype)
+    mask = text_valid if weights_mask is None else weights_mask
+    gen.collect(probs, runtime.text_weights(mask, probs.shape[-1], probs.device))

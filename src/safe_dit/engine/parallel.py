@@ -7,7 +7,11 @@ templated Ulysses/ring attention; it does not use ``enable_parallelism``'s input
 global picture) and gathers after the last per-token layer, in its own hooks. An adapter declares where.
 
 What stays global: every length-dependent quantity (Lumina's proportional scale, PCSP's top-K) is computed
-from the global lengths; caption cross-attention runs locally (every rank holds all caption tokens).
+from the global lengths; caption cross-attention runs locally (every rank holds all caption tokens). Joint
+attention either splits the caption with the image tokens (no caption mask: SD3, FLUX, Chroma) or keeps the whole
+caption on every rank, attends its keys locally (their padding rewritten exactly) and merges that part with the
+sequence-parallel image part by log-sum-exp (``engine.joint.replicated_text_attention``: Lumina-Image-2.0,
+Qwen-Image, Z-Image).
 
 CPU/gloo workarounds, used only where the tensors are on the CPU (never on a GPU path):
 * diffusers computes ``rank % torch.accelerator.device_count()`` for the device, which divides by zero on a
@@ -23,6 +27,7 @@ import torch
 import torch.distributed as dist
 from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnythingSharder
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from safe_dit.config import SafeDitError
 
@@ -163,6 +168,50 @@ def _cpu_lse_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, i
                                                                           attn_mask=attn_mask, scale=scale)
     out = out.permute(0, 2, 1, 3)
     return (out, lse.transpose(1, 2).contiguous()) if return_lse else out
+
+
+def attention_with_lse(query, key, value, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One local mask-free attention call that also returns each query's log-sum-exp: q [B, Lq, H, d], k/v
+    [B, Lk, H, d] -> (out [B, Lq, H, d], lse [B, Lq, H] float32). torch's CPU flash kernel on the CPU, its
+    memory-efficient kernel on CUDA, else the plain softmax."""
+    if query.device.type == "cpu":
+        return _cpu_lse_forward_op(None, query, key, value, scale=scale, return_lse=True)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
+    if query.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[:2]
+        return out.transpose(1, 2), lse[..., :q.shape[2]].transpose(1, 2).float()  # lse may be padded along Lq
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = torch.einsum("bhqd,bhkd->bhqk", q.float(), k.float()) * s  # [B, H, Lq, Lk]
+    lse = logits.logsumexp(-1)
+    out = torch.einsum("bhqk,bhkd->bhqd", (logits - lse[..., None]).exp(), v.float()).to(query.dtype)
+    return out.transpose(1, 2), lse.transpose(1, 2)
+
+
+def _lse_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+    """diffusers' forward-op contract on :func:`attention_with_lse` (mask-free calls, any device)."""
+    if attn_mask is not None or is_causal or dropout_p:
+        raise SafeDitError("safe-dit's log-sum-exp attention takes mask-free, non-causal calls only")
+    out, lse = attention_with_lse(query, key, value, scale)
+    return (out, lse) if return_lse else out
+
+
+def sequence_attention_with_lse(parallel: SequenceParallel, query, key, value, scale=None, backend=None):
+    """A sequence-parallel mask-free attention call (diffusers' templated Ulysses/ring attention) that also returns
+    the log-sum-exp of each of this rank's queries over the keys of every rank: (out [B, Lq, H, d], lse [B, Lq, H]).
+    Queries and keys may differ in length (e.g. replicated caption queries over the sharded image keys). The
+    native backend (the default) goes through :func:`attention_with_lse`; another backend is asked for its own."""
+    from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
+
+    name = _AttentionBackendRegistry.get_active_backend()[0] if backend is None else AttentionBackendName(backend)
+    if name == AttentionBackendName.NATIVE:
+        out, lse = _templated_context_parallel_attention(query, key, value, None, 0.0, False, scale, False, True,
+                                                         forward_op=_lse_forward_op, backward_op=_no_backward,
+                                                         _parallel_config=parallel.config)
+    else:
+        out, lse = dispatch_attention_fn(query, key, value, scale=scale, return_lse=True, backend=backend,
+                                         parallel_config=parallel.config)
+    return out, (lse.squeeze(-1) if lse.dim() == 4 else lse).float()
 
 
 def _no_backward(*_args, **_kwargs):
