@@ -28,8 +28,4 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-case " $* " in
-  *" --dry-run "*|*" --plan "*|*" --table "*) ;;
-  *) nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true ;;
-esac
 exec python3 -m safe_dit.bench.gpu_suite "$@"

@@ -73,9 +73,31 @@ class Step:
     flat_tokens: int | None = None  # video where bench e2e drives one square grid: all frames' tokens in one grid
     dry_tokens: int = 64  # the dry run's grid
     preset: str | None = None  # None: the kit's real preset
+    timed: bool = True  # False: warm-up and peak-memory calls only (does it run, at what peak)
+    optional: bool = False  # run only where the budget leaves room (a test holds every other step to the budget)
+
+
+@dataclass(frozen=True)
+class MidtStep:
+    """The MIDT sweep (``safe-dit midt``): one SDPA call with and without each redundant mask, the kernels seen."""
+
+    name: str = "midt"
+    what: str = "MIDT: one SDPA call, batch 2, 32 heads, with / without each mask"
+    seq_lens: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    head_dims: tuple[int, ...] = (72, 128)  # Lumina-Next, FLUX / Qwen-Image / Wan
+    heads: int = 32
+    batch: int = 2
+    repeats: int = 10
+    warmup: int = 3
+    ref: str = "midt-gpu.json"
+    model: str | None = None
+    optional: bool = False
+    steps: int = 0
+    timed: bool = True
 
 
 STEPS = (
+    MidtStep(),
     Step("lumina-next-1024", "lumina-next", "Lumina-Next-2B, 24 blocks, 1024², CFG batch 2", 4096, 30, 2, 4.0,
          refs=(("e2e-gpu.json", 4096),)),
     Step("lumina-next-2048", "lumina-next", "Lumina-Next-2B, 24 blocks, 2048², CFG batch 2", 16384, 20, 2, 4.0,
@@ -91,6 +113,8 @@ STEPS = (
     # --frames, else one 184 x 184 grid (33,856): the same attention and weight work within 3%
     Step("wan-480p", "wan", "Wan, full depth, the token count of 480p x 81 frames, CFG batch 2", 1600, 10, 1, 5.0,
          refs=(("e2e-gpu-flux.json", 16384),), frames=FRAMES_480P, flat_tokens=33856),
+    Step("lumina-next-2560-memory", "lumina-next", "Lumina-Next-2B, 24 blocks, 2560², CFG batch 2: peak memory only",
+         25600, 30, 1, 4.0, refs=(("e2e-gpu-16384.json", 16384),), timed=False, optional=True),
 )
 
 
@@ -209,10 +233,34 @@ def short_steps(step_count: int) -> int:
 
 
 def setup_s(step: Step) -> float:
-    """Model build on the device, pipeline, first-call kernel selection: 5 s + 1.5 s per billion weights."""
+    """Model build on the device, pipeline, first-call kernel selection: 5 s + 1.5 s per billion weights; the
+    profiled sampling step of dense and dense-fp: 3 s each on top of its compute."""
     kit = KITS[step.model]
     shape = _shape(step.model, step.preset or kit.real_preset, _overrides(kit, step.layers))
-    return 5.0 + 1.5 * shape.per_token / 1e9
+    return 5.0 + 1.5 * shape.per_token / 1e9 + 2 * 3.0
+
+
+MIDT_CASE_S = 0.7  # per MIDT case: inputs made on the host, the checked call, two peak-memory calls, two profiled
+
+
+def estimate_midt(step: MidtStep, results: Path = RESULTS, tag: str = "gpu") -> dict:
+    """Each case's mask-free + masked milliseconds in a committed (or this step's own earlier) MIDT run, times the
+    calls the sweep makes (warm-up, repeats, the checked and the memory call), plus ``MIDT_CASE_S`` per case."""
+    own = results / f"midt-{tag}.json"
+    ref = own if own.is_file() else RESULTS / step.ref
+    cases = {(c["head_dim"], c["seq_len"], c["mask"]): c for c in json.loads(ref.read_text())["cases"]}
+    masks = sorted({m for _, _, m in cases})
+    calls = step.warmup + step.repeats + 2
+    total = 3.0
+    for d in step.head_dims:
+        for n in step.seq_lens:
+            for m in masks:
+                c = cases.get((d, n, m))
+                if c is None:
+                    raise SafeDitError(f"{step.name}: no case d={d} N={n} {m} in {ref.name}")
+                total += (c["maskless_ms"] + c["masked_ms"]) * calls * (step.heads * step.batch) / (
+                    c["heads"] * c["batch"]) / 1e3 + MIDT_CASE_S
+    return {"seconds": total, "per_mode": None, "refs": [ref.name]}
 
 
 def estimate(step: Step, results: Path = RESULTS, tag: str = "gpu") -> dict:
@@ -233,7 +281,7 @@ def estimate(step: Step, results: Path = RESULTS, tag: str = "gpu") -> dict:
         rates = [r[mode][0] / r[mode][1] for r in per_ref if mode in r]
         if not rates:
             raise SafeDitError(f"{step.name}: no {mode} timing in {', '.join(str(p.name) for p, _ in refs)}")
-        sampling_steps = step.repeats * step.steps + 2 * short + (1 if mode != "safe-core" else 0)
+        sampling_steps = step.repeats * step.steps * step.timed + 2 * short + (1 if mode != "safe-core" else 0)
         per_mode[mode] = max(rates) * flops * sampling_steps  # the slowest reference: an upper estimate
     if dense_ref is not None:  # dense masks where the references did not: their dense-fp times a masked run's tax
         per_mode["dense"] = per_mode["dense-fp"] * dense_ref["dense"][0] / dense_ref["dense-fp"][0]
@@ -250,7 +298,7 @@ def _e2e_args(step: Step, dry: bool, device: str) -> argparse.Namespace:
     args = _e2e_defaults()
     tokens, frames = run_shape(step, dry)
     args.model, args.guidance, args.prompts, args.modes = step.model, step.guidance, step.prompts, list(MODES)
-    args.tokens, args.time_up_to, args.layers, args.kernels = [tokens], tokens, step.layers, True
+    args.tokens, args.time_up_to, args.layers, args.kernels = [tokens], tokens if step.timed else 0, step.layers, True
     args.preset, args.dtype, args.device = ("tiny", "float32", device) if dry else (step.preset, "bfloat16", device)
     args.steps, args.repeats = (4, 1) if dry else (step.steps, step.repeats)
     if hasattr(args, "frames"):  # a video backbone's latent frames, where bench e2e takes them
@@ -260,22 +308,24 @@ def _e2e_args(step: Step, dry: bool, device: str) -> argparse.Namespace:
 
 def skip_reason(step: Step) -> str | None:
     """Why a step cannot run with this checkout, or None."""
-    if step.model not in KITS:
+    if step.model is not None and step.model not in KITS:
         return f"no `{step.model}` kit in safe_dit.testing.kits.KITS (its adapter has not landed)"
     return None
 
 
-def plan(steps, results: Path, tag: str) -> list[dict]:
-    """Each step's H200 estimate (or why it cannot run)."""
-    out = []
+def plan(steps, results: Path, tag: str, budget: float = BUDGET_S) -> list[dict]:
+    """Each step's H200 estimate (or why it cannot run), and whether it fits the budget after the steps before it."""
+    out, total = [], PROCESS_S
     for step in steps:
-        tokens, frames = run_shape(step)
+        tokens, frames = run_shape(step) if isinstance(step, Step) else (max(step.seq_lens), 1)
         row = {"step": step.name, "what": step.what, "tokens": tokens * frames, "steps": step.steps,
-               "repeats": step.repeats}
+               "repeats": step.repeats if step.timed else 0, "optional": step.optional, "admitted": False}
         reason = skip_reason(step)
         if reason is None:
-            est = estimate(step, results, tag)
+            est = estimate(step, results, tag) if isinstance(step, Step) else estimate_midt(step, results, tag)
             row.update(estimate_s=est["seconds"], per_mode_s=est["per_mode"], refs=est["refs"])
+            row["admitted"] = total + est["seconds"] <= budget
+            total += est["seconds"] if row["admitted"] else 0.0
         else:
             row.update(estimate_s=None, skip=reason)
         out.append(row)
@@ -285,25 +335,27 @@ def plan(steps, results: Path, tag: str) -> list[dict]:
 def format_plan(rows: list[dict], budget: float) -> str:
     lines = [f"GPU suite budget for one H200 (bf16, full depth; each step's estimate scales committed H200 timings "
              f"by FLOPs), budget {budget:.0f} s:",
-             f"  {'step':<20} {'tokens':>6} {'steps x rep':>11} {'dense':>6} {'fp':>6} {'core':>6} {'est s':>6}"
+             f"  {'step':<24} {'tokens':>6} {'steps x rep':>11} {'dense':>6} {'fp':>6} {'core':>6} {'est s':>6}"
              "  scaled from"]
-    total = PROCESS_S
     for r in rows:
+        head = f"  {r['step']:<24} {r['tokens']:>6} {r['steps']:>6} x {r['repeats']:<2}"
         if r["estimate_s"] is None:
-            lines.append(f"  {r['step']:<20} {r['tokens']:>6} {r['steps']:>6} x {r['repeats']:<2}  "
-                         f"skipped: {r['skip']}")
+            lines.append(f"{head}  skipped: {r['skip']}")
             continue
-        pm = r["per_mode_s"]
-        total += r["estimate_s"]
-        lines.append(f"  {r['step']:<20} {r['tokens']:>6} {r['steps']:>6} x {r['repeats']:<2} {pm['dense']:>6.0f} "
-                     f"{pm['dense-fp']:>6.0f} {pm['safe-core']:>6.0f} {r['estimate_s']:>6.0f}  {', '.join(r['refs'])}")
+        pm = r["per_mode_s"] or {}
+        modes = " ".join(_fmt(pm.get(m), ">6.0f") if m in pm else f"{'-':>6}" for m in MODES)
+        lines.append(f"{head} {modes} {r['estimate_s']:>6.0f}  {', '.join(r['refs'])}"
+                     + ("" if r["admitted"] else "  [over the budget here: runs only if the steps before it end "
+                                                 "early]"))
+    total = plan_total(rows)
     lines.append(f"  total estimate {total:.0f} s ({total / 60:.1f} min) incl. {PROCESS_S:.0f} s process start-up; "
                  f"budget {budget:.0f} s ({budget / 60:.1f} min)")
     return "\n".join(lines)
 
 
 def plan_total(rows: list[dict]) -> float:
-    return PROCESS_S + sum(r["estimate_s"] or 0.0 for r in rows)
+    """The estimate of the steps the plan fits into the budget, with the process start-up."""
+    return PROCESS_S + sum(r["estimate_s"] for r in rows if r["admitted"])
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -318,8 +370,9 @@ def _write_step(result: dict, out: Path, stem: str) -> list[str]:
 
 
 def _free(device: str) -> None:
-    gc.collect()
+    """The last step's model and caches off the device before the next step builds its own."""
     if device.startswith("cuda"):
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -328,20 +381,24 @@ def run_suite(steps, out: Path, tag: str, budget: float | None, dry: bool, devic
     by the wall clock; a dry run: by the estimates of the steps run before it, and only with a budget given); write
     each step's files and the summary as it goes."""
     t_start = time.perf_counter()
-    real_plan = plan(steps, RESULTS if dry else out, tag)
+    real_plan = plan(steps, RESULTS if dry else out, tag, budget or BUDGET_S)
     log(format_plan(real_plan, budget or BUDGET_S))
+    env = environment(device)
+    cuda = f", CUDA {env['cuda']}" if env.get("cuda") else ""
+    log(f"on {env.get('gpu') or env['processor']} ({device}{cuda}), torch {env['torch']}, diffusers "
+        f"{env['diffusers']}, Python {env['python']}, {env['machine']}")
     if dry:
         log(f"dry run: every step at tiny shapes on {device} (float32, 4 sampling steps, 1 repeat), into {out}")
-    suite = {"benchmark": "gpu-suite", "environment": environment(device), "tag": tag, "dry_run": dry,
+    suite = {"benchmark": "gpu-suite", "environment": env, "tag": tag, "dry_run": dry,
              "budget_s": budget or BUDGET_S, "dtype": "float32" if dry else "bfloat16", "plan_h200": real_plan,
              "steps": []}
     est = {r["step"]: r["estimate_s"] for r in real_plan}
-    spent = PROCESS_S  # the dry run's clock: the H200 estimates of what ran
+    spent = PROCESS_S  # the dry run's clock: the H200 estimates of what ran (the real run's: PROCESS_S + wall)
     for step in steps:
         row = {"step": step.name, "what": step.what, "model": step.model, "estimate_s": est.get(step.name)}
         reason = skip_reason(step)
         left = None if budget is None and dry else (budget or BUDGET_S) - (
-            spent if dry else time.perf_counter() - t_start)
+            spent if dry else PROCESS_S + time.perf_counter() - t_start)
         if reason is None and left is not None and est[step.name] > left:
             reason = f"its estimate {est[step.name]:.0f} s exceeds the {max(left, 0):.0f} s left of the budget"
         if reason is not None:
@@ -349,7 +406,7 @@ def run_suite(steps, out: Path, tag: str, budget: float | None, dry: bool, devic
             log(f"== {step.name}: skipped: {reason}")
         else:
             spent += est[step.name]
-            _run_step(step, row, out, tag, dry, device, log)
+            (_run_step if isinstance(step, Step) else _run_midt)(step, row, out, tag, dry, device, log)
             _free(device)
         suite["steps"].append(row)
         suite["wall_s"] = time.perf_counter() - t_start
@@ -366,7 +423,7 @@ def _run_step(step: Step, row: dict, out: Path, tag: str, dry: bool, device: str
     t0 = time.perf_counter()
     try:
         result = e2e.run_e2e(args, progress=False)
-    except (SafeDitError, RuntimeError, ValueError, TypeError) as err:  # one broken step loses only itself
+    except Exception as err:  # one broken step loses only itself (a test fails on it in the dry run)
         row.update(status="failed", reason=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}",
                    wall_s=time.perf_counter() - t0)
         log(f"== {step.name}: failed: {row['reason']}")
@@ -377,6 +434,36 @@ def _run_step(step: Step, row: dict, out: Path, tag: str, dry: bool, device: str
                rows=result["rows"], summary=result["summary"])
     log(_check_line(result))
     log(e2e.format_table(result))
+    log(f"== {step.name}: {row['wall_s']:.0f} s (H200 estimate {row['estimate_s']:.0f} s)")
+
+
+def _run_midt(step: MidtStep, row: dict, out: Path, tag: str, dry: bool, device: str, log) -> None:
+    from safe_dit.bench import midt
+
+    seq_lens, head_dims, heads, repeats, warmup = ((64, 128), step.head_dims, 2, 1, 0) if dry else (
+        step.seq_lens, step.head_dims, step.heads, step.repeats, step.warmup)
+    log(f"== {step.name}: {step.what} (N {', '.join(map(str, seq_lens))}; head dims "
+        f"{', '.join(map(str, head_dims))}; {repeats} repeats after {warmup} warm-up; H200 estimate "
+        f"{row['estimate_s']:.0f} s)")
+    t0 = time.perf_counter()
+    try:  # each case checks masked against mask-free before timing it (midt.run_case)
+        result = midt.run_midt(list(seq_lens), list(head_dims), ["float32" if dry else "bfloat16"], [device], heads,
+                               step.batch, list(midt.MASKS), repeats, warmup, progress=False)
+    except Exception as err:
+        row.update(status="failed", reason=f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}",
+                   wall_s=time.perf_counter() - t0)
+        log(f"== {step.name}: failed: {row['reason']}")
+        return
+    stem = f"midt-{tag}"
+    table = midt.format_table(result)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.txt").write_text(table + "\n" + json.dumps(result) + "\n")
+    midt.plot(result, str(out / f"{stem}.png"))
+    row.update(status="ok", wall_s=time.perf_counter() - t0, files=[f"{stem}.json", f"{stem}.txt", f"{stem}.png"],
+               cases=result["cases"], summary=result["summary"], settings=result["settings"])
+    worst = max(c["max_abs_err"] for c in result["cases"])
+    log(f"check masked vs mask-free (before timing, every case): max |Δ| {worst:.3g}")
+    log(table)
     log(f"== {step.name}: {row['wall_s']:.0f} s (H200 estimate {row['estimate_s']:.0f} s)")
 
 
@@ -422,7 +509,7 @@ def markdown_table(suite: dict) -> str:
              "| fast path | scheduling | total | peak MiB dense / fp / core | max abs Δ fp vs dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in suite["steps"]:
-        if s["status"] != "ok":
+        if s["status"] != "ok" or "cases" in s:
             continue
         st = s["settings"]
         for summ in s["summary"]:
@@ -439,10 +526,31 @@ def markdown_table(suite: dict) -> str:
                          f"| {_fmt(summ.get('fast_path_gain'), '.2f', 'x')} "
                          f"| {_fmt(summ.get('scheduling_gain'), '.2f', 'x')} "
                          f"| {_fmt(summ.get('total_gain'), '.2f', 'x')} | {mem} | {err} |")
+    for s in suite["steps"]:
+        if s["status"] == "ok" and "cases" in s:
+            lines += ["", midt_table(s)]
     skipped = [s for s in suite["steps"] if s["status"] != "ok"]
     if skipped:
         lines.append("")
         lines += [f"* {s['step']}: {s['status']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
+
+
+def midt_table(step_row: dict) -> str:
+    """MIDT: masked / mask-free time of one SDPA call per mask, head dim and N (the tax), and the masked kernel."""
+    cases = step_row["cases"]
+    masks = list(dict.fromkeys(c["mask"] for c in cases))
+    st = step_row["settings"]
+    lines = [f"MIDT (one SDPA call, batch {st['batch']}, {st['heads']} heads, {', '.join(st['dtypes'])}, median of "
+             f"{st['repeats']}): masked / mask-free time", "",
+             "| head dim | N | " + " | ".join(masks) + " | masked kernel (bool-full) |",
+             "|---|---|" + "---|" * len(masks) + "---|"]
+    for d in dict.fromkeys(c["head_dim"] for c in cases):
+        for n in dict.fromkeys(c["seq_len"] for c in cases):
+            by = {c["mask"]: c for c in cases if c["head_dim"] == d and c["seq_len"] == n}
+            kern = (by.get("bool-full") or {}).get("masked_kernels") or ["-"]
+            lines.append(f"| {d} | {n} | " + " | ".join(_fmt(by.get(m, {}).get("tax"), ".2f", "x") for m in masks)
+                         + f" | {kern[-1][:60]} |")
     return "\n".join(lines)
 
 
@@ -460,7 +568,7 @@ def summary_markdown(suite: dict) -> str:
              "allocated beyond the loaded model during a short call of each mode.", "",
              "## Attention kernels (one sampling step under the profiler)", ""]
     for s in suite["steps"]:
-        if s["status"] != "ok":
+        if s["status"] != "ok" or "rows" not in s:
             continue
         for r in s["rows"]:
             if r.get("attention_kernels"):
@@ -479,7 +587,7 @@ def plot_suite(suite: dict, path: str) -> None:
     from safe_dit.bench.report import pyplot
 
     plt = pyplot()
-    ok = [s for s in suite["steps"] if s["status"] == "ok"]
+    ok = [s for s in suite["steps"] if s["status"] == "ok" and "rows" in s]
     labels, gains, mems = [], {k: [] for k, _ in e2e.GAINS}, {m: [] for m in MODES}
     for s in ok:
         for summ in s["summary"]:
@@ -535,7 +643,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help=f"seconds for all steps (default {BUDGET_S}; the dry run skips by the H200 estimates only "
                         "when given)")
-    p.add_argument("--only", nargs="+", metavar="STEP", choices=[s.name for s in STEPS], help="a subset of the steps")
+    p.add_argument("--only", nargs="+", metavar="STEP", choices=[s.name for s in STEPS],
+                   help=f"a subset of the steps: {', '.join(s.name for s in STEPS)}")
     p.add_argument("--device", default=None, help="default cuda (dry run: cpu)")
     p.add_argument("--plan", action="store_true", help="print the H200 budget and exit")
     p.add_argument("--table", metavar="SUITE_JSON", help="print the markdown GPU table of a suite JSON and exit")
@@ -545,9 +654,9 @@ def main(argv=None) -> int:
         return 0
     steps = [s for s in STEPS if args.only is None or s.name in args.only]
     if args.plan:
-        rows = plan(steps, args.out or RESULTS, args.tag)
+        rows = plan(steps, args.out or RESULTS, args.tag, args.budget or BUDGET_S)
         print(format_plan(rows, args.budget or BUDGET_S))
-        return 0 if plan_total(rows) <= (args.budget or BUDGET_S) else 1
+        return 0 if all(r["admitted"] or r["optional"] or r["estimate_s"] is None for r in rows) else 1
     device = args.device or ("cpu" if args.dry_run else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available: run on the GPU machine, or use --dry-run")
