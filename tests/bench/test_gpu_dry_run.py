@@ -114,16 +114,16 @@ def _ref_seconds(name, tokens):
     return result["settings"]["steps"], {r["mode"]: r["seconds"] for r in result["rows"] if r["tokens"] == tokens}
 
 
-def test_estimate_scales_the_committed_run_by_flops():
+def test_estimate_scales_the_committed_run_by_flops(tmp_path):
     step = next(s for s in gpu_suite.STEPS if s.name == "lumina-next-1024")  # the reference's own shape: ratio 1
-    est = gpu_suite.estimate(step)
+    est = gpu_suite.estimate(step, tmp_path)  # no earlier suite result there: the committed references
     ref_steps, sec = _ref_seconds("e2e-gpu.json", 4096)
     short = gpu_suite.short_steps(step.steps)
     for mode in MODES:
         calls = step.repeats * step.steps + 2 * short + (mode != "safe-core")
         assert est["per_mode"][mode] == pytest.approx(sec[mode] / ref_steps * calls, rel=1e-9)
     flux = next(s for s in gpu_suite.STEPS if s.name == "flux-1024")  # 4 + 4 blocks scaled to 19 + 38
-    est = gpu_suite.estimate(flux)
+    est = gpu_suite.estimate(flux, tmp_path)
     ref_steps, sec = _ref_seconds("e2e-gpu-flux.json", 4096)
     full = gpu_suite.forward_flops("flux", "flux-dev", {}, 4096, 512, 1)
     small = gpu_suite.forward_flops("flux", "flux-dev", {"num_layers": 4, "num_single_layers": 4}, 4096, 512, 1)
@@ -154,6 +154,19 @@ def test_flop_model_agrees_with_torch_counts(model, monkeypatch):
     total = gpu_suite.forward_flops(model, "tiny", {}, 256, 8, 2)
     assert weights == pytest.approx(counter.get_total_flops(), rel=0.1)  # CPU SDPA is not in torch's counter
     assert total - weights == pytest.approx(sum(attention), rel=0.1)
+
+
+def test_an_earlier_result_of_the_step_is_its_own_reference(tmp_path):
+    step = next(s for s in gpu_suite.STEPS if s.name == "lumina-next-1024")
+    committed = gpu_suite.estimate(step, tmp_path)
+    earlier = json.loads((gpu_suite.RESULTS / "e2e-gpu.json").read_text())
+    for row in earlier["rows"]:  # the same shape, twice as slow
+        row["seconds"] = row["seconds"] * 2 if row["seconds"] else None
+    (tmp_path / "e2e-gpu-lumina-next-1024.json").write_text(json.dumps(earlier))
+    own = gpu_suite.estimate(step, tmp_path)
+    assert own["refs"] == ["e2e-gpu-lumina-next-1024.json"]
+    for mode in MODES:
+        assert own["per_mode"][mode] == pytest.approx(2 * committed["per_mode"][mode], rel=1e-9)
 
 
 if __name__ == "__main__":
