@@ -27,7 +27,12 @@ def _short(processor: str | None) -> str:
 
 
 def _blocks(row: dict) -> str:
-    """'24 blk'; FLUX's --layers counts double and single blocks alike: '4+4 blk'."""
+    """'24 blk'; FLUX's --layers counts double and single blocks alike: '4+4 blk'; the depth as built where the file
+    records it ('19+38 blk')."""
+    built = row.get("blocks") or {}
+    if "num_layers" in built:
+        single = built.get("num_single_layers")
+        return f"{built['num_layers']}+{single} blk" if single is not None else f"{built['num_layers']} blk"
     n = row.get("layers")
     return "? blk" if n is None else f"{n}+{n} blk" if row["backbone"] == "FLUX" else f"{n} blk"
 
@@ -46,6 +51,7 @@ def rows_of(path: str) -> list[dict]:
         out.append({"backbone": label, "tokens": s["tokens"], "steps": settings["steps"],
                     "repeats": settings["repeats"], "width": settings.get("hidden_size"),
                     "heads": settings.get("heads"), "layers": settings.get("layers"),
+                    "blocks": settings.get("blocks"),
                     "processor": env.get("gpu") or env.get("processor"),  # the GPU's name for CUDA runs
                     "device": env.get("device"), "file": Path(path).name,
                     **{k: s[k] for k, _ in GAINS}})
