@@ -1,0 +1,176 @@
+"""Wan adapter (diffusers ``WanTransformer3DModel``, text-to-video ``WanPipeline``; Wan 2.1 and 2.2).
+
+Masks in the stock model: none. ``WanPipeline`` zero-pads every caption to ``max_sequence_length`` and the model
+attends to all of it (the padding rows are part of the model's computation), so every self- and
+cross-attention call is already mask-free: ``dense-fp`` is the stock computation through safe-dit's processor.
+The gain is scheduling.
+
+safe-core: the token grid is the video's (latent frames, height, width) after the (t, h, w) patch, so PCSP
+smooths in space and time. Sensitive rows enter where the patch embedder's tokens enter the first block, each
+with its own rows of the 3-D rotary table (the ``rope`` module's per-token cos/sin, gathered once per
+generation); self-attention runs their queries against every key (fresh sensitive rows written over the
+anchor's K/V); cross-attention and the MLP run on those rows only; ``proj_out``'s rows are scattered over the
+anchor's output before the stock unpatchify. PCSP reads the cross-attention (``attn2``) image->caption softmax,
+its padding rows (exactly zero in the caption states the pipeline builds) and the closing ``</s>`` weighted 0.
+
+``WanPipeline`` with ``transformer_2`` and ``boundary_ratio`` (Wan 2.2 A14B) switches transformers at a boundary
+timestep: ``apply_safe_dit(pipe, config)`` patches both; the trajectory has one step plan; the partition found
+during warm-up is kept across the switch; each transformer keeps its own caches (the outgoing one's are released
+at the switch), so the first step of the incoming one is dense.
+
+Refused: ``safe-sw`` and, in the scheduled modes, CFG as ``WanPipeline`` runs it (``guidance_scale > 1``: a
+conditional and an unconditional call per step; no batched pair); image-to-video models
+(``WanImageToVideoPipeline``: ``image_dim``/``added_kv_proj_dim``, ``encoder_hidden_states_image``) in every
+fast-path mode; per-token timesteps (Wan 2.2 TI2V, ``expand_timesteps=True``) in the scheduled modes. VACE
+(``WanVACETransformer3DModel``) and Animate are other model classes, which safe-dit has no adapter for.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
+                                                           _get_qkv_projections)
+
+from safe_dit.adapters.contract import Adapter, SafeProcessor, register
+from safe_dit.config import SafeDitError
+from safe_dit.engine.attend import attend, collect_text_probs
+from safe_dit.engine.generation import gather_rows
+from safe_dit.engine.hooks import layer_of
+from safe_dit.engine.schedule import SELECTIVE
+
+NOTES = ("Wan: no attention mask anywhere (captions are zero-padded to max_sequence_length and attended as they "
+         "are): dense-fp is the stock computation; the gain is space-time scheduling.")
+
+NO_SW_CFG = ("safe-sw is not available for Wan: WanPipeline computes CFG with separate conditional and unconditional "
+             "transformer calls, so there is no batched (eps_c - eps_u) whose weight SW-CFG could vary per token. "
+             "Use mode='safe-core' or 'dense-fp'.")
+
+TWO_CALLS = ("safe-core on Wan needs one transformer call per sampling step, but WanPipeline calls it twice per step "
+             "(conditional, then unconditional) when guidance_scale > 1: each call would overwrite the other's caches. "
+             "Use dense-fp with guidance, guidance_scale=1 with safe-core, or call the transformer with a "
+             "[cond; uncond] batch inside safe_dit.generation(transformer, num_steps=..., cfg_batch=True)")
+
+IMAGE_TO_VIDEO = ("safe-dit supports text-to-video Wan (WanPipeline) only: {what} is image-to-video conditioning "
+                  "(WanImageToVideoPipeline). Run it stock (mode='dense'), or use a text-to-video Wan model")
+
+PER_TOKEN_TIMESTEPS = ("safe-core on Wan needs one timestep per sample: this call has per-token timesteps "
+                       "(Wan 2.2 TI2V, WanPipeline(expand_timesteps=True)), whose per-token modulation would not follow "
+                       "the sensitive rows. Use dense-fp for this model")
+
+
+class SafeWanAttnProcessor(SafeProcessor):
+    """Drop-in for diffusers' ``WanAttnProcessor`` (text-to-video): same projections (fused or not), RMS norms across
+    heads, 3-D RoPE and attention through diffusers' dispatcher; plus the SRSU K/V cache and the PCSP tap."""
+
+    stock = WanAttnProcessor
+
+    def setup(self, model) -> None:
+        self.layer = layer_of(self.name, "blocks")
+        self.is_self = self.name.split(".")[-1] == "attn1"
+        self.captions: dict = {}  # this forward's raw caption states (set by the adapter's hooks), for PCSP
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb=None) -> torch.Tensor:
+        if attn.add_k_proj is not None:
+            raise SafeDitError(IMAGE_TO_VIDEO.format(what="a cross-attention with image keys (added_kv_proj_dim)"))
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)  # [B, L, H*d]
+        query, key = attn.norm_q(query), attn.norm_k(key)  # RMS norm across heads, per row
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # [B, L, H, d]
+        if rotary_emb is not None:  # cos, sin [1 or B, n, 1, d]: at selective steps the sensitive rows' own
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+
+        gen = self.runtime.generation
+        if gen is not None and self.is_self:
+            if gen.kind == SELECTIVE:  # SRSU: sensitive rows attend to fresh + cached context K/V
+                key, value = gen.merged_kv(self.layer, key, value)  # [B, N, H, d]
+            elif gen.refreshes_cache:
+                gen.store_kv(self.layer, key, value)
+        elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
+            raw = self.captions.get("states")  # [B, T, Dtext] as the pipeline gave them: padding rows are zero
+            valid = None if raw is None or raw.shape[1] != key.shape[1] else raw.abs().amax(-1) > 0  # [B, T]
+            collect_text_probs(self.runtime, gen, query, key, valid)
+
+        out = attend(self.runtime, self.name, query, key, value, attention_mask, None, rewrite=self.rewrite_padding,
+                     stock_mask=lambda: attention_mask, processor=self, sequence=self.is_self)  # [B, Lq, H, d]
+        out = out.flatten(2, 3).type_as(query)  # [B, Lq, H*d]
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's real-valued RoPE on x [B, L, H, d] (interleaved pairs), as the stock processor applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _argument(args, kwargs, name: str, position: int):
+    return kwargs.get(name, args[position] if len(args) > position else None)
+
+
+@register
+class WanAdapter(Adapter):
+    name = "wan"
+    model_classes = (WanTransformer3DModel,)
+    notes = NOTES
+    processor = SafeWanAttnProcessor
+    replaces = (WanAttnProcessor,)
+    tokens_in = None  # the first block's pre-hook gathers the sensitive rows, the rope hook their RoPE rows
+    tokens_out = "proj_out"  # before the unpatchify
+    grid = None  # the config's (t, h, w) patch: the token grid is (latent frames, height, width) / patch
+    special_trailing_tokens = 1  # UMT5 ends every caption with </s>
+    cfg_pairs = True  # a [cond; uncond] batch under safe_dit.generation(..., cfg_batch=True)
+
+    def check(self, model, config) -> None:
+        if config.mode == "safe-sw":
+            raise SafeDitError(NO_SW_CFG)
+        if config.fast_path and (model.config.image_dim is not None or model.config.added_kv_proj_dim is not None):
+            raise SafeDitError(IMAGE_TO_VIDEO.format(what=f"this {type(model).__name__} (image_dim / added_kv_proj_dim)"))
+
+    def hooks(self, model, runtime, handle) -> list:
+        captions: dict = {}
+        for _, proc in runtime.installed:
+            proc.captions = captions
+
+        def check(_model, args, kwargs):
+            captions["states"] = _argument(args, kwargs, "encoder_hidden_states", 2)  # [B, T, Dtext]
+            if _argument(args, kwargs, "encoder_hidden_states_image", 3) is not None:
+                raise SafeDitError(IMAGE_TO_VIDEO.format(what="encoder_hidden_states_image"))
+            if not runtime.config.scheduled:
+                return None
+            timestep = _argument(args, kwargs, "timestep", 1)
+            if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
+                raise SafeDitError(PER_TOKEN_TIMESTEPS)
+            gen, scheduler = runtime.generation, getattr(runtime.pipe, "scheduler", None)
+            if gen is not None and not runtime.explicit_generation and scheduler is not None \
+                    and scheduler.step_index is not None and scheduler.step_index == gen.step:
+                runtime.generation = None
+                raise SafeDitError(TWO_CALLS)
+            return None
+
+        def release(_model, _inputs, _output):
+            captions.clear()  # no caption states kept past the forward
+
+        hooks = [model.register_forward_pre_hook(check, with_kwargs=True),
+                 model.register_forward_hook(release, always_call=True)]
+        if not runtime.config.scheduled:
+            return hooks
+
+        def on_rope(_module, _inputs, out):  # (cos, sin) [1, N, 1, d]: the sensitive rows' own at selective steps
+            gen = runtime.generation
+            if gen is None or gen.kind != SELECTIVE:
+                return None
+            return gen.remember(("wan-rope", tuple(out[0].shape)), lambda: tuple(gather_rows(t, gen.index) for t in out))
+
+        def into_blocks(_module, args, kwargs):  # the first block's input: the patch embedder's tokens [B, N, D]
+            gen = runtime.generation
+            if gen is None or gen.kind != SELECTIVE:
+                return None
+            if "hidden_states" in kwargs:
+                return args, dict(kwargs, hidden_states=gen.gather(kwargs["hidden_states"]))
+            return (gen.gather(args[0]), *args[1:]), kwargs  # [B, K, D]
+
+        return hooks + [model.rope.register_forward_hook(on_rope),
+                        model.blocks[0].register_forward_pre_hook(into_blocks, with_kwargs=True)]
