@@ -18,44 +18,41 @@ timestep: ``apply_safe_dit(pipe, config)`` patches both; the trajectory has one 
 during warm-up is kept across the switch; each transformer keeps its own caches (the outgoing one's are released
 at the switch), so the first step of the incoming one is dense.
 
-Refused: ``safe-sw`` and, in the scheduled modes, CFG as ``WanPipeline`` runs it (``guidance_scale > 1``: a
-conditional and an unconditional call per step; no batched pair); image-to-video models
-(``WanImageToVideoPipeline``: ``image_dim``/``added_kv_proj_dim``, ``encoder_hidden_states_image``) in every
-fast-path mode; per-token timesteps (Wan 2.2 TI2V, ``expand_timesteps=True``) in the scheduled modes. VACE
-(``WanVACETransformer3DModel``) and Animate are other model classes, which safe-dit has no adapter for.
+CFG: ``WanPipeline`` makes a conditional and then an unconditional call per step (``guidance_scale > 1``). Under
+safe-core both calls follow one step plan and the prompt's partition (PCSP reads the conditional call), each with
+its own caches; safe-sw hands the pipeline an unconditional prediction u' = (u (1 - gamma_i) + c (gamma_i - g)) /
+(1 - g), so that its own u' + g (c - u') is the per-token guidance u + gamma_i (c - u).
+
+Refused: image-to-video models (``WanImageToVideoPipeline``: ``image_dim``/``added_kv_proj_dim``,
+``encoder_hidden_states_image``) in every fast-path mode; per-token timesteps (Wan 2.2 TI2V,
+``expand_timesteps=True``) in the scheduled modes. VACE (``WanVACETransformer3DModel``) and Animate are other
+model classes, which safe-dit has no adapter for.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers.models.transformers.transformer_wan import (WanAttnProcessor, WanTransformer3DModel,
-                                                           _get_qkv_projections)
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, WanTransformer3DModel, _get_qkv_projections
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
 from safe_dit.engine.attend import attend, collect_text_probs
 from safe_dit.engine.generation import gather_rows
+from safe_dit.engine.guidance import SeparateCallGuidance, sensitivity_weighted
 from safe_dit.engine.hooks import layer_of
 from safe_dit.engine.schedule import SELECTIVE
 
+HANDLE = "_safe_dit_handle"  # where safe_dit.api keeps a patched model's undo log
+
 NOTES = ("Wan: no attention mask anywhere (captions are zero-padded to max_sequence_length and attended as they "
          "are): dense-fp is the stock computation; the gain is space-time scheduling.")
-
-NO_SW_CFG = ("safe-sw is not available for Wan: WanPipeline computes CFG with separate conditional and unconditional "
-             "transformer calls, so there is no batched (eps_c - eps_u) whose weight SW-CFG could vary per token. "
-             "Use mode='safe-core' or 'dense-fp'.")
-
-TWO_CALLS = ("safe-core on Wan needs one transformer call per sampling step, but WanPipeline calls it twice per step "
-             "(conditional, then unconditional) when guidance_scale > 1: each call would overwrite the other's caches. "
-             "Use dense-fp with guidance, guidance_scale=1 with safe-core, or call the transformer with a "
-             "[cond; uncond] batch inside safe_dit.generation(transformer, num_steps=..., cfg_batch=True)")
 
 IMAGE_TO_VIDEO = ("safe-dit supports text-to-video Wan (WanPipeline) only: {what} is image-to-video conditioning "
                   "(WanImageToVideoPipeline). Run it stock (mode='dense'), or use a text-to-video Wan model")
 
 PER_TOKEN_TIMESTEPS = ("safe-core on Wan needs one timestep per sample: this call has per-token timesteps "
-                       "(Wan 2.2 TI2V, WanPipeline(expand_timesteps=True)), whose per-token modulation would not follow "
-                       "the sensitive rows. Use dense-fp for this model")
+                       "(Wan 2.2 TI2V, WanPipeline(expand_timesteps=True)), whose per-token modulation would not "
+                       "follow the sensitive rows. Use dense-fp for this model")
 
 
 class SafeWanAttnProcessor(SafeProcessor):
@@ -124,15 +121,58 @@ class WanAdapter(Adapter):
     cfg_pairs = True  # a [cond; uncond] batch under safe_dit.generation(..., cfg_batch=True)
 
     def check(self, model, config) -> None:
-        if config.mode == "safe-sw":
-            raise SafeDitError(NO_SW_CFG)
         if config.fast_path and (model.config.image_dim is not None or model.config.added_kv_proj_dim is not None):
-            raise SafeDitError(IMAGE_TO_VIDEO.format(what=f"this {type(model).__name__} (image_dim / added_kv_proj_dim)"))
+            what = f"this {type(model).__name__} (image_dim / added_kv_proj_dim)"
+            raise SafeDitError(IMAGE_TO_VIDEO.format(what=what))
+
+    def attach(self, model, config, pipe=None):
+        """Patch the pipeline's ``transformer`` and, where it has one (Wan 2.2), its ``transformer_2``: one trajectory,
+        handed from one to the other at the boundary (see the module's docstring)."""
+        second = getattr(pipe, "transformer_2", None) if pipe is not None else None
+        if second is not None and second is not model and getattr(second, HANDLE, None) is not None:
+            raise SafeDitError("pipe.transformer_2 is patched on its own: remove_safe_dit(pipe.transformer_2), then "
+                               "apply_safe_dit(pipe, config) patches both transformers")
+        handle = super().attach(model, config, pipe)
+        if second is None or second is model:
+            return handle
+        try:
+            second_handle = super().attach(second, config, pipe)
+        except BaseException:
+            handle.remove()
+            raise
+        handle.on_remove(second_handle.remove)
+        vars(second)[HANDLE] = second_handle  # runtime_of / is_safe_dit_applied see it; remove_safe_dit(pipe) undoes both
+        handle.on_remove(lambda: vars(second).pop(HANDLE, None))
+        if config.scheduled:
+            first, other = handle.runtime, second_handle.runtime
+            handle.remove_hooks([model.register_forward_pre_hook(_take_over(first, other), prepend=True,
+                                                                   with_kwargs=True),
+                                 second.register_forward_pre_hook(_take_over(other, first), prepend=True,
+                                                                    with_kwargs=True),
+                                 model.register_forward_hook(_share_report(first, other)),
+                                 second.register_forward_hook(_share_report(other, first))])
+        return handle
+
+    def guidance(self, model, runtime, handle):
+        pipe = runtime.pipe
+
+        def scale():  # the g WanPipeline applies to this transformer's steps
+            if getattr(pipe, "transformer_2", None) is model and getattr(pipe.config, "boundary_ratio", None):
+                return getattr(pipe, "_guidance_scale_2", None)  # WanPipeline keeps guidance_scale_2 there
+            return getattr(pipe, "guidance_scale", None)
+
+        separate = SeparateCallGuidance(scale)
+
+        def guide(rt, gen, output):  # a [cond; uncond] batch (safe_dit.generation(..., cfg_batch=True)) or two calls
+            return sensitivity_weighted(rt, gen, output) if gen.cfg_batch else separate(rt, gen, output)
+
+        return guide
 
     def hooks(self, model, runtime, handle) -> list:
         captions: dict = {}
         for _, proc in runtime.installed:
             proc.captions = captions
+        runtime.cfg_calls = True  # WanPipeline: a conditional, then an unconditional call per step
 
         def check(_model, args, kwargs):
             captions["states"] = _argument(args, kwargs, "encoder_hidden_states", 2)  # [B, T, Dtext]
@@ -143,11 +183,6 @@ class WanAdapter(Adapter):
             timestep = _argument(args, kwargs, "timestep", 1)
             if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
                 raise SafeDitError(PER_TOKEN_TIMESTEPS)
-            gen, scheduler = runtime.generation, getattr(runtime.pipe, "scheduler", None)
-            if gen is not None and not runtime.explicit_generation and scheduler is not None \
-                    and scheduler.step_index is not None and scheduler.step_index == gen.step:
-                runtime.generation = None
-                raise SafeDitError(TWO_CALLS)
             return None
 
         def release(_model, _inputs, _output):
@@ -162,7 +197,8 @@ class WanAdapter(Adapter):
             gen = runtime.generation
             if gen is None or gen.kind != SELECTIVE:
                 return None
-            return gen.remember(("wan-rope", tuple(out[0].shape)), lambda: tuple(gather_rows(t, gen.index) for t in out))
+            return gen.remember(("wan-rope", tuple(out[0].shape)),
+                                lambda: tuple(gather_rows(t, gen.index) for t in out))  # [B, K, 1, d] each
 
         def into_blocks(_module, args, kwargs):  # the first block's input: the patch embedder's tokens [B, N, D]
             gen = runtime.generation
@@ -174,3 +210,34 @@ class WanAdapter(Adapter):
 
         return hooks + [model.rope.register_forward_hook(on_rope),
                         model.blocks[0].register_forward_pre_hook(into_blocks, with_kwargs=True)]
+
+
+def _take_over(mine, other):
+    """Pre-hook (before the step tracker) on one of two transformers sharing a trajectory: at its first call after
+    the other ran the previous step, it continues the other's generation (plan, position, partition; no caches) and
+    the other's caches are released."""
+
+    def hook(_model, _args, _kwargs):
+        gen, scheduler = other.generation, getattr(mine.pipe, "scheduler", None)
+        index = None if scheduler is None else scheduler.step_index
+        if mine.explicit_generation or gen is None or index is None or gen.step != index - 1 \
+                or gen.call + 1 < gen.calls_per_step:
+            return None
+        mine.generation = gen.continued()
+        other.finish_generation()
+        return None
+
+    return hook
+
+
+def _share_report(mine, other):
+    """Post-hook (after the generation's release): the trajectory's report and partition on both transformers."""
+    seen: dict = {}
+
+    def hook(_model, _inputs, _output):
+        if mine.generation is None and mine.last_report is not None and seen.get("report") is not mine.last_report:
+            seen["report"] = mine.last_report
+            other.last_report, other.last_sensitivity = mine.last_report, mine.last_sensitivity
+            other.last_index, other.last_grid = mine.last_index, mine.last_grid
+
+    return hook
