@@ -141,7 +141,7 @@ class WanAdapter(Adapter):
             handle.remove()
             raise
         handle.on_remove(second_handle.remove)
-        vars(second)[HANDLE] = second_handle  # runtime_of / is_safe_dit_applied see it; remove_safe_dit(pipe) undoes both
+        vars(second)[HANDLE] = second_handle  # runtime_of / is_safe_dit_applied see it; remove_safe_dit(pipe): both
         handle.on_remove(lambda: vars(second).pop(HANDLE, None))
         if config.scheduled:
             first, other = handle.runtime, second_handle.runtime
