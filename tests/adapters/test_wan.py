@@ -313,3 +313,24 @@ def test_a_third_call_in_one_step_is_refused(pipe):
         _pipe_run(pipe)
     handle.remove()
     remove_safe_dit(pipe)
+
+
+# -- bench e2e on video ------------------------------------------------------------------------------------
+
+def test_bench_e2e_runs_a_video_grid_through_wan_pipeline(capsys):
+    import json
+
+    from safe_dit.cli import main
+
+    assert main(["bench", "e2e", "--model", "wan", "--preset", "tiny", "--layers", "1", "--frames", "4", "--tokens",
+                 "256", "--steps", "6", "--repeats", "1", "--no-memory", "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    settings = result["settings"]
+    assert settings["latent_frames"] == 4 and settings["batch"] == "1, two calls per step (CFG)"
+    assert {r["mode"] for r in result["rows"]} == {"dense", "dense-fp", "safe-core", "safe-sw"}
+    assert all(r["rel_err_vs_dense_short_call"] <= 1e-5 for r in result["rows"] if r["mode"] == "dense-fp")
+    core = next(r for r in result["rows"] if r["mode"] == "safe-core")
+    assert core["tokens_per_step"][0] == 4 * 8 * 8 and core["token_fraction"] < 1
+    assert main(["bench", "e2e", "--model", "wan", "--preset", "tiny", "--frames", "4", "--tokens", "200",
+                 "--no-progress"]) != 0
+    assert "use 4 frames of square grids" in capsys.readouterr().err

@@ -148,4 +148,5 @@ def wan_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None
 KIT = Kit(rank=8, name="wan", label="Wan", tiny_name="tiny-random-wan", build=build_wan, inputs=wan_inputs,
           pipeline=build_wan_pipeline, text_pipeline=build_wan_text_pipeline, prompt_kwargs=wan_prompt_kwargs,
           tiny_run=TinyRun(64, 96, grid=(3, 4, 6), guidance=4.0, frames=9), real_preset="wan2.1-t2v-1.3b",
-          bench_text_len=512, bench_overrides=wan_bench_overrides, latent_patch=2)
+          bench_text_len=512, bench_overrides=wan_bench_overrides, latent_patch=2, bench_frames=16,
+          frame_kwargs=wan_frame_kwargs, cfg_calls=True)
