@@ -25,8 +25,8 @@ its own caches; safe-sw hands the pipeline an unconditional prediction u' = (u (
 
 Refused: image-to-video models (``WanImageToVideoPipeline``: ``image_dim``/``added_kv_proj_dim``,
 ``encoder_hidden_states_image``) in every fast-path mode; per-token timesteps (Wan 2.2 TI2V,
-``expand_timesteps=True``) in the scheduled modes. VACE (``WanVACETransformer3DModel``) and Animate are other
-model classes, which safe-dit has no adapter for.
+``expand_timesteps=True``) in the scheduled modes and under context parallelism. VACE
+(``WanVACETransformer3DModel``) and Animate are other model classes, which safe-dit has no adapter for.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ NOTES = ("Wan: no attention mask anywhere (captions are zero-padded to max_seque
 IMAGE_TO_VIDEO = ("safe-dit supports text-to-video Wan (WanPipeline) only: {what} is image-to-video conditioning "
                   "(WanImageToVideoPipeline). Run it stock (mode='dense'), or use a text-to-video Wan model")
 
-PER_TOKEN_TIMESTEPS = ("safe-core on Wan needs one timestep per sample: this call has per-token timesteps "
-                       "(Wan 2.2 TI2V, WanPipeline(expand_timesteps=True)), whose per-token modulation would not "
-                       "follow the sensitive rows. Use dense-fp for this model")
+PER_TOKEN_TIMESTEPS = ("safe-core and context_parallel on Wan need one timestep per sample: this call has per-token "
+                       "timesteps (Wan 2.2 TI2V, WanPipeline(expand_timesteps=True)), whose per-token modulation "
+                       "would not follow the sensitive or sharded rows. Use dense-fp on one device for this model")
 
 
 class SafeWanAttnProcessor(SafeProcessor):
@@ -119,6 +119,21 @@ class WanAdapter(Adapter):
     grid = None  # the config's (t, h, w) patch: the token grid is (latent frames, height, width) / patch
     special_trailing_tokens = 1  # UMT5 ends every caption with </s>
     cfg_pairs = True  # a [cond; uncond] batch under safe_dit.generation(..., cfg_batch=True)
+    context_parallel = True  # the first block's tokens and the rope rows split, gathered after proj_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        def split_rope(_module, _inputs, out):  # (cos, sin) [1, N, 1, d] -> this rank's rows [1, N_local, 1, d]
+            return tuple(parallel.shard(t, 1, "image tokens") for t in out)
+
+        def split_tokens(_module, args, kwargs):  # the patch embedder's tokens [B, N, D] -> [B, N_local, D]
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if runtime.state is not None:
+                runtime.state.global_tokens = x.shape[1]
+            x = parallel.shard(x, 1, "image tokens")
+            return (args, dict(kwargs, hidden_states=x)) if "hidden_states" in kwargs else ((x, *args[1:]), kwargs)
+
+        return [model.rope.register_forward_hook(split_rope),
+                model.blocks[0].register_forward_pre_hook(split_tokens, with_kwargs=True)]
 
     def check(self, model, config) -> None:
         if config.fast_path and (model.config.image_dim is not None or model.config.added_kv_proj_dim is not None):
@@ -178,10 +193,9 @@ class WanAdapter(Adapter):
             captions["states"] = _argument(args, kwargs, "encoder_hidden_states", 2)  # [B, T, Dtext]
             if _argument(args, kwargs, "encoder_hidden_states_image", 3) is not None:
                 raise SafeDitError(IMAGE_TO_VIDEO.format(what="encoder_hidden_states_image"))
-            if not runtime.config.scheduled:
-                return None
             timestep = _argument(args, kwargs, "timestep", 1)
-            if isinstance(timestep, torch.Tensor) and timestep.ndim == 2:
+            per_token = isinstance(timestep, torch.Tensor) and timestep.ndim == 2
+            if per_token and (runtime.config.scheduled or runtime.parallel is not None):
                 raise SafeDitError(PER_TOKEN_TIMESTEPS)
             return None
 
