@@ -101,6 +101,22 @@ def test_removal_restores_processors_and_hooks_exactly():
         assert dict(m._forward_pre_hooks) == pre and dict(m._forward_hooks) == post
 
 
+def test_a_processor_swap_on_transformer_2_is_seen_and_repaired_by_apply():
+    pipe = build_wan22_pipeline()
+    config = SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2)
+    apply_safe_dit(pipe, config)
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    pipe.transformer_2.set_attn_processor(WanAttnProcessor())  # the stock processors back on transformer_2
+    assert not is_safe_dit_applied(pipe)
+    with pytest.raises(SafeDitError, match="apply_safe_dit"):
+        _pipe_run(pipe)
+    apply_safe_dit(pipe, config)  # the same config re-patches both instead of doing nothing
+    assert is_safe_dit_applied(pipe) and is_safe_dit_applied(pipe.transformer_2)
+    assert torch.isfinite(_pipe_run(pipe)).all()
+    remove_safe_dit(pipe)
+
+
 # -- safe-core on the space-time grid ----------------------------------------------------------------------
 
 def test_sensitive_rows_carry_their_own_3d_rope_rows(monkeypatch):

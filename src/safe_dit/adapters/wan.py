@@ -158,6 +158,9 @@ class WanAdapter(Adapter):
         handle.on_remove(second_handle.remove)
         vars(second)[HANDLE] = second_handle  # runtime_of / is_safe_dit_applied see it; remove_safe_dit(pipe): both
         handle.on_remove(lambda: vars(second).pop(HANDLE, None))
+        # the pipeline's patch is intact only while both transformers' processors are: a swap on transformer_2 makes
+        # is_safe_dit_applied(pipe) false and apply_safe_dit(pipe, config) re-patch both
+        handle.runtime.installed = handle.runtime.installed + second_handle.runtime.installed
         if config.scheduled:
             first, other = handle.runtime, second_handle.runtime
             handle.remove_hooks([model.register_forward_pre_hook(_take_over(first, other), prepend=True,
