@@ -94,13 +94,11 @@ class SafeWanAttnProcessor(SafeProcessor):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's real-valued RoPE on x [B, L, H, d] (interleaved pairs), as the stock processor applies it."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
+    """Wan's real-valued RoPE on x [B, L, H, d]: each interleaved pair (x1, x2) of channels turned by its angle
+    (``cos``/``sin`` [., L, 1, d] hold every angle twice, as the rope module makes them)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, L, H, d/2] each
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
 def _argument(args, kwargs, name: str, position: int):
