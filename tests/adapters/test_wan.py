@@ -76,6 +76,15 @@ def test_dense_fp_is_the_stock_computation_and_no_mask_reaches_sdpa():
     assert len(trace) == 2 * 2 and {v for _, v in trace} == {"no mask"}  # both blocks' self- and cross-attention
 
 
+@pytest.mark.parametrize("dtype,frames,h,w", [(torch.bfloat16, 3, 4, 6), (torch.float32, 1, 3, 5)],
+                         ids=["bf16", "one-frame-odd-grid"])
+def test_dense_fp_equals_stock_in_bf16_and_on_an_odd_grid(dtype, frames, h, w):
+    model = build_wan(dtype=dtype)
+    inputs = wan_inputs(model, h, w, batch=2, valid_lens=[8, 2], frames=frames)
+    dense, fast, _, masks = stock_vs_dense_fp(model, inputs)
+    assert all(m is None for m in masks) and torch.equal(fast, dense)
+
+
 def test_fused_projections_run_through_the_fast_path_unchanged():
     model = build_wan()
     inputs = wan_inputs(model, 4, 6, frames=2)
