@@ -296,6 +296,14 @@ def test_image_to_video_is_refused_with_what_works():
     i2v = build_wan(image_dim=8, added_kv_proj_dim=8)
     with pytest.raises(SafeDitError, match="text-to-video Wan .* only"):
         apply_safe_dit(i2v, SafeConfig("dense-fp"))
+    from diffusers import WanImageToVideoPipeline
+
+    base = build_wan_pipeline()
+    i2v_pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler,
+                                       transformer=build_wan(in_channels=36))  # Wan 2.2 I2V: image in the latents
+    with pytest.raises(SafeDitError, match="WanImageToVideoPipeline"):
+        apply_safe_dit(i2v_pipe, SafeConfig("safe-core"))
+    assert not is_safe_dit_applied(i2v_pipe)
     model = build_wan()
     inputs = wan_inputs(model, 4, 6, frames=2)
     apply_safe_dit(model, SafeConfig("dense-fp"))

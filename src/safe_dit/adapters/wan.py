@@ -23,7 +23,7 @@ safe-core both calls follow one step plan and the prompt's partition (PCSP reads
 its own caches; safe-sw hands the pipeline an unconditional prediction u' = (u (1 - gamma_i) + c (gamma_i - g)) /
 (1 - g), so that its own u' + g (c - u') is the per-token guidance u + gamma_i (c - u).
 
-Refused: image-to-video models (``WanImageToVideoPipeline``: ``image_dim``/``added_kv_proj_dim``,
+Refused: image-to-video (``WanImageToVideoPipeline``, models with ``image_dim``/``added_kv_proj_dim``,
 ``encoder_hidden_states_image``) in every fast-path mode; per-token timesteps (Wan 2.2 TI2V,
 ``expand_timesteps=True``) in the scheduled modes and under context parallelism. VACE
 (``WanVACETransformer3DModel``) and Animate are other model classes, which safe-dit has no adapter for.
@@ -101,6 +101,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
+def _image_to_video(pipe) -> bool:
+    """``pipe`` is diffusers' image-to-video Wan pipeline (its conditioning frames are not what safe-dit verifies)."""
+    try:
+        from diffusers import WanImageToVideoPipeline
+    except ImportError:
+        return False
+    return isinstance(pipe, WanImageToVideoPipeline)
+
+
 def _argument(args, kwargs, name: str, position: int):
     return kwargs.get(name, args[position] if len(args) > position else None)
 
@@ -141,6 +150,8 @@ class WanAdapter(Adapter):
     def attach(self, model, config, pipe=None):
         """Patch the pipeline's ``transformer`` and, where it has one (Wan 2.2), its ``transformer_2``: one trajectory,
         handed from one to the other at the boundary (see the module's docstring)."""
+        if config.fast_path and _image_to_video(pipe):
+            raise SafeDitError(IMAGE_TO_VIDEO.format(what=type(pipe).__name__))
         second = getattr(pipe, "transformer_2", None) if pipe is not None else None
         if second is not None and second is not model and getattr(second, HANDLE, None) is not None:
             raise SafeDitError("pipe.transformer_2 is patched on its own: remove_safe_dit(pipe.transformer_2), then "
