@@ -281,6 +281,21 @@ def test_safe_core_runs_the_whole_trajectory_across_the_switch():
     assert torch.isfinite(out).all()
 
 
+def test_safe_sw_guides_transformer_2_through_guidance_scale_2():
+    """SW-CFG at a constant gamma = 4 replaces the pipeline's scales on both transformers (guidance_scale 4, and
+    guidance_scale_2 2.5 on the low-noise steps): the run equals safe-core with both scales at 4."""
+    pipe = build_wan22_pipeline()
+    base = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=3)
+    apply_safe_dit(pipe, SafeConfig("safe-core", **base))
+    core = _pipe_run(pipe, guidance_scale_2=GUIDANCE)
+    apply_safe_dit(pipe, SafeConfig("safe-sw", cfg_context=GUIDANCE, cfg_sensitive=GUIDANCE, **base))
+    sw = _pipe_run(pipe, guidance_scale_2=2.5)
+    apply_safe_dit(pipe, SafeConfig("safe-core", **base))
+    plain = _pipe_run(pipe, guidance_scale_2=2.5)
+    remove_safe_dit(pipe)
+    assert _rel(sw, core) <= 1e-5 and _rel(plain, core) > 1e-3
+
+
 def test_a_switch_during_warm_up_keeps_accumulating_the_partition():
     pipe = build_wan22_pipeline(boundary_ratio=0.95)  # transformer runs step 0 only
     apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=3, anchor_interval=3))
