@@ -29,13 +29,14 @@ class Runtime:
         self.generation = None
         self.pipe = None  # the pipeline applied with: its current scheduler's step_index tells the step
         self.cfg_pairs = True  # the backbone's pipelines may batch [cond; uncond] (not FLUX: guidance-distilled)
+        self.cfg_calls = False  # its pipeline runs CFG as a conditional, then an unconditional call per step
         self.pipeline_cfg: bool | None = None  # the current pipeline call batches [cond; uncond] (its encode_prompt)
         self.explicit_cfg = False  # safe_dit.generation(..., cfg_batch=...)
         self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
         self.last_report: dict | None = None
         self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
         self.last_index: torch.Tensor | None = None  # [B, K] its sensitive tokens
-        self.last_grid: tuple[int, int] | None = None  # (h, w) token grid of that map
+        self.last_grid: tuple[int, ...] | None = None  # the token grid of that map, (h, w) or (f, h, w)
         self.special_leading_tokens = special_leading_tokens  # e.g. Gemma's <bos>
         self.special_trailing_tokens = special_trailing_tokens  # e.g. T5's </s>, the last valid token
         self.cond_first = cond_first  # CFG batch order: [cond; uncond] (Lumina) or [uncond; cond] (PixArt)

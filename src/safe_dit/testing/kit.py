@@ -16,8 +16,9 @@ class TinyRun:
 
     height: int
     width: int
-    grid: tuple[int, int]  # image token rows x columns at height x width
-    guidance: float = 4.0
+    grid: tuple[int, ...]  # image token rows x columns at height x width (frames x rows x columns for video)
+    guidance: float | None = 4.0  # None: the pipeline takes no guidance_scale (its guider component holds it)
+    frames: int | None = None  # video pipelines: num_frames of the run
 
 
 def _config_attention_shape(transformer) -> tuple[int, int, int]:
@@ -40,7 +41,8 @@ class Kit:
     call; ``draw(role, *shape)`` makes each tensor, called in a fixed order with role "prompt", "pooled",
     "negative" or "negative_pooled"; ``valid`` = (prompt, negative) valid caption tokens where captions are
     padded. ``bench_overrides(layers, heads=None, hidden_size=None, kv_heads=None)``: the config overrides bench
-    e2e builds ``real_preset`` with.
+    e2e builds ``real_preset`` with. A video backbone's ``frame_kwargs(latent_frames)`` gives the pipeline keywords
+    for that many latent frames (``num_frames``); bench e2e makes ``bench_frames`` of them by default.
     """
 
     rank: int  # order in KITS (and so in --model choices and reports)
@@ -60,3 +62,6 @@ class Kit:
     guidance_distilled: bool = False  # one transformer call per step (batch 1): no safe-sw
     latent_patch: int | None = None  # latent pixels per token side if the pipeline packs latents; None: patch_size
     attention_shape: Callable = _config_attention_shape  # transformer -> (heads, KV heads, head dim)
+    bench_frames: int = 1  # video backbones: latent frames of bench e2e's calls (tokens = frames x side x side)
+    frame_kwargs: Callable | None = None  # video backbones: latent frames -> the pipeline call's keywords
+    cfg_calls: bool = False  # its pipeline runs CFG as a conditional and an unconditional call of batch 1 per step
