@@ -19,14 +19,54 @@ from safe_dit.engine.schedule import REUSE, SELECTIVE
 
 STEP_REUSE_HOOK = "safe_dit_step_reuse"
 
+STEP_CACHE_REFUSED = (
+    "{found} cannot be combined with {mode}: a diffusers step cache carries whole-step tensors of every image token "
+    "from one forward to the next, while {mode} runs only the sensitive rows at selective steps against its own "
+    "cached context K/V and outputs, so the two caches would mix rows. Use safe-dit's own step reuse instead "
+    "(SafeConfig(reuse_every=..., context_forecast=...), on by default), or keep the cache and use dense-fp, which "
+    "composes with it exactly; transformer.disable_cache() (or remove_hook) removes it")
+
+
+def step_caches(model: torch.nn.Module) -> list[str]:
+    """The diffusers step caches on ``model``, as "HookClass on module" (empty: none). A step cache is a *stateful*
+    hook of diffusers' hook registry (``ModelHook._is_stateful``: what ``reset_stateful_hooks`` resets between
+    pipeline calls): FirstBlockCache, FasterCache, PyramidAttentionBroadcast, TaylorSeer, MagCache, and any later one.
+    Stateless hooks (layerwise casting, group offloading, safe-dit's own step reuse) are not caches."""
+    found = []
+    for module in model.modules():  # cheap: a dict lookup per module, names built only for what is found
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None and any(getattr(h, "_is_stateful", False) for h in registry.hooks.values()):
+            found.append(module)
+    if not found:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{type(h).__name__} on {names.get(id(m)) or type(model).__name__}"
+            for m in found for h in m._diffusers_hook.hooks.values() if getattr(h, "_is_stateful", False)]
+
+
+@torch.compiler.disable  # a walk over the modules, between graphs
+def refuse_step_caches(model: torch.nn.Module, mode: str) -> None:
+    """Refuse a scheduled mode on a model that carries a diffusers step cache (enabled before apply_safe_dit, or
+    after it: checked at apply time and at each forward)."""
+    found = step_caches(model)
+    if found:
+        config = getattr(model, "_cache_config", None)  # set by CacheMixin.enable_cache
+        what = "a diffusers cache" if config is None else f"diffusers' {type(config).__name__.removesuffix('Config')}"
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise SafeDitError(STEP_CACHE_REFUSED.format(found=f"{what} ({found[0]}{more})", mode=mode))
+
 
 def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
     """Hooks that give every model forward its own ``ForwardState`` (released even on error), and refuse a model
-    that diffusers' ``enable_parallelism`` split since apply (its input split would shard what safe-dit decides)."""
+    that diffusers' ``enable_parallelism`` split since apply (its input split would shard what safe-dit decides)
+    and, under the scheduled modes, a diffusers step cache enabled since apply (``refuse_step_caches``)."""
+    scheduled = runtime.config.scheduled
 
     def begin(module, args):
         if getattr(module, "_parallel_config", None) is not None:
             raise SafeDitError(PARALLEL_REFUSED)
+        if scheduled:
+            refuse_step_caches(module, runtime.config.mode)
         runtime.begin(module, args)
 
     return [model.register_forward_pre_hook(begin), model.register_forward_hook(runtime.end, always_call=True)]
@@ -272,8 +312,9 @@ def refuse_inputs(*names: str):
     def hook(_model, _args, kwargs):
         given = [n for n in names if kwargs.get(n) is not None]
         if given:
-            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined with "
-                               "safe-core/safe-sw, which run only the sensitive image rows at selective steps; use dense-fp")
+            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined "
+                               "with safe-core/safe-sw, which run only the sensitive image rows at selective steps; "
+                               "use dense-fp")
 
     return hook
 
