@@ -14,7 +14,8 @@
 #   FILES="tests/... tests/..." to run a subset (paths relative to the checkout root);
 #   CONFORMANCE_DEPS (default /tmp/conformance-deps): where missing test-only deps (accelerate, parameterized,
 #   requests-mock, psutil, pyyaml) are pip-installed with --target, so the main environment is left as is;
-#   FILE_TIMEOUT (default 3600 s per file and run).
+#   FILE_TIMEOUT (default 3600 s per file and run); REUSE_STOCK=1 keeps a stock run's XML already in OUT_DIR
+#   (the stock run does not depend on MODE).
 # Exit 0 only when no test passes stock and fails under safe-dit.
 set -uo pipefail
 
@@ -79,7 +80,9 @@ run() {  # run MODE FILE
 : > "$OUT/incomplete.txt"
 for f in $FILES; do
     [[ -f "$ROOT/$f" ]] || { echo "missing: $f" | tee -a "$OUT/incomplete.txt"; continue; }
-    run stock "$f"
+    tag=$(echo "$f" | sed 's#^tests/##; s#\.py$##; s#/#__#g')
+    if [[ ${REUSE_STOCK:-0} == 1 && -s "$OUT/stock/$tag.xml" ]]; then echo "stock $f: kept from $OUT/stock"
+    else run stock "$f"; fi
     run safe-dit "$f"
 done
 

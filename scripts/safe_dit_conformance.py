@@ -99,7 +99,7 @@ def _wrap_pipeline_call(cls) -> None:
 
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
-        from safe_dit import runtime_of
+        from safe_dit.api import runtime_of
 
         model = getattr(self, "transformer", None)
         if isinstance(model, targets) and not getattr(_local, "busy", 0):
