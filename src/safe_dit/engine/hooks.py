@@ -237,15 +237,11 @@ class StepTracker:
                 rt.generation = None
                 raise SafeDitError(NOT_ADVANCING)
             gen = rt.generation = Generation(rt.config, len(scheduler.timesteps), rt.parallel)
-            gen.first_timestep = t
+            gen.first_timestep, rt.finished_step = t, None
             return gen, 0
-        if gen is not None and index == gen.step:
-            rt.generation = None
-            raise SafeDitError(
-                f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
-                f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, SD3 skip-layer "
-                "guidance, or ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's "
-                "caches. Use dense-fp for such runs, or batched CFG")
+        if (gen is not None and index == gen.step) or (gen is None and index == rt.finished_step):
+            rt.generation = rt.finished_step = None  # (the second: the generation ended with the step's first call)
+            raise SafeDitError(CALLED_AGAIN.format(mode=rt.config.mode, step=index))
         if gen is None or index != gen.step + 1 or index >= gen.plan.num_steps:
             rt.generation = None
             where = "no generation is running" if gen is None else f"the generation is at step {gen.step}"
@@ -256,6 +252,11 @@ class StepTracker:
                 "`with safe_dit.generation(transformer, num_steps=...)`")
         return gen, index
 
+
+CALLED_AGAIN = ("mode {mode!r} needs one transformer call per sampling step, but this pipeline called it again at "
+                "step {step} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, SD3 skip-layer guidance, or "
+                "ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's caches. Use "
+                "dense-fp for such runs, or batched CFG")
 
 NOT_ADVANCING = ("the scheduler safe-dit follows did not advance between two transformer calls: this transformer is "
                  "driven by another pipeline (e.g. one made with from_pipe and its own scheduler) than the one it was "
@@ -350,6 +351,7 @@ def finish_step(runtime: Runtime, guide: Callable):
             output = guide(runtime, gen, output)
         if gen.is_last_step and not runtime.explicit_generation:
             runtime.finish_generation()  # release partition and caches with the pipeline call
+            runtime.finished_step = gen.step  # a second call at this step is refused as one
         return output
 
     return hook
