@@ -14,8 +14,9 @@ The mode is ``$SAFE_DIT_CONFORMANCE_MODE`` (default ``dense-fp``):
   ``fuse_qkv_projections``, IP-Adapter loading) sees its own processors until the model is next called; then,
   as a user would after safe-dit's refusal of a swapped patch, ``apply_safe_dit`` is called again (it repairs
   the patch; what it cannot run it refuses with SafeDitError, and that test then fails: a real finding).
-* Counted per test: patched models built, re-applications, safe-dit attention calls (through
-  ``safe_dit.engine.attend.dispatch``). Written as JSON lines to ``$SAFE_DIT_CONFORMANCE_LOG`` (if set).
+* Counted per test: patched models built, re-applications, safe-dit attention calls (each one safe-dit decided,
+  through the runtime's ``trace``), and under the scheduled modes the selective steps that ran. Written as JSON
+  lines to ``$SAFE_DIT_CONFORMANCE_LOG`` (if set).
 Also loads the offline hub stand-ins (``offline_hub``), which the stock run loads on its own.
 """
 
@@ -35,7 +36,7 @@ MARK = "_conformance_safe_dit"
 MODE = os.environ.get("SAFE_DIT_CONFORMANCE_MODE", "dense-fp")
 
 _local = threading.local()
-_counts = {"models": 0, "reapplied": 0, "attention_calls": 0, "apply_errors": 0}
+_counts = {"models": 0, "reapplied": 0, "attention_calls": 0, "apply_errors": 0, "selective_steps": 0}
 _by_class: dict[str, int] = {}
 
 
@@ -45,12 +46,24 @@ def _config():
     return SafeConfig(MODE)
 
 
+class _Calls(list):
+    """A runtime's ``trace``: counts the attention calls safe-dit decided (every backbone records each one), keeps
+    none of them."""
+
+    def append(self, _item) -> None:
+        _counts["attention_calls"] += 1
+
+
 def _apply(model) -> None:
     from safe_dit import apply_safe_dit
+    from safe_dit.api import runtime_of
 
     _local.busy = getattr(_local, "busy", 0) + 1
     try:
         apply_safe_dit(model, _config())
+        runtime = runtime_of(model)
+        if runtime is not None and not isinstance(runtime.trace, _Calls):
+            runtime.trace = _Calls()
     except Exception:
         _counts["apply_errors"] += 1
         raise
@@ -110,22 +123,15 @@ def _wrap_pipeline_call(cls) -> None:
             elif not runtime.intact():
                 _counts["reapplied"] += 1
             _apply(self)  # idempotent on an intact patch of this pipeline
+            output = original(self, *args, **kwargs)
+            report = runtime_of(model).last_report if runtime_of(model) is not None else None
+            if report is not None:  # the steps that ran only the sensitive rows: safe-core did schedule
+                _counts["selective_steps"] += report["steps"].count("selective")
+                runtime_of(model).last_report = None
+            return output
         return original(self, *args, **kwargs)
 
     cls.__call__ = __call__
-
-
-def _wrap_dispatch() -> None:
-    from safe_dit.engine import attend as attend_mod
-
-    original = attend_mod.dispatch
-
-    @functools.wraps(original)
-    def dispatch(*args, **kwargs):
-        _counts["attention_calls"] += 1
-        return original(*args, **kwargs)
-
-    attend_mod.dispatch = dispatch
 
 
 def pytest_configure(config):
@@ -143,7 +149,6 @@ def pytest_configure(config):
             cls = getattr(diffusers, name)
             _wrap_init(cls)
             _wrap_call(cls)
-    _wrap_dispatch()
     config.addinivalue_line("markers", "safe_dit_conformance: run under safe-dit")
 
 
