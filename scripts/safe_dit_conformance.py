@@ -1,7 +1,8 @@
 """pytest plugin (``-p safe_dit_conformance``, with ``scripts`` on PYTHONPATH): runs diffusers' own tests with
 safe-dit applied to every Lumina-Next / PixArt / SD3 / FLUX transformer they build.
 
-The mode is ``$SAFE_DIT_CONFORMANCE_MODE`` (default ``dense-fp``):
+The mode is ``$SAFE_DIT_CONFORMANCE_MODE`` (default ``dense-fp``), with the other ``SafeConfig`` fields in
+``$SAFE_DIT_CONFORMANCE_CONFIG`` (JSON, e.g. ``{"warmup_steps": 1}``; default none):
 
 * ``dense-fp``: ``__init__`` of the four transformer classes is wrapped: each constructed model (directly,
   ``from_config`` or ``from_pretrained``) gets ``apply_safe_dit(model, SafeConfig("dense-fp"))`` at the end of its
@@ -34,6 +35,7 @@ PIPELINES = ("LuminaPipeline", "PixArtSigmaPipeline", "PixArtAlphaPipeline", "St
              "FluxPipeline")
 MARK = "_conformance_safe_dit"
 MODE = os.environ.get("SAFE_DIT_CONFORMANCE_MODE", "dense-fp")
+SETTINGS = json.loads(os.environ.get("SAFE_DIT_CONFORMANCE_CONFIG") or "{}")  # more SafeConfig fields, as JSON
 
 _local = threading.local()
 _counts = {"models": 0, "reapplied": 0, "attention_calls": 0, "apply_errors": 0, "selective_steps": 0}
@@ -43,7 +45,7 @@ _by_class: dict[str, int] = {}
 def _config():
     from safe_dit import SafeConfig
 
-    return SafeConfig(MODE)
+    return SafeConfig(MODE, **SETTINGS)
 
 
 class _Calls(list):
@@ -170,5 +172,5 @@ def pytest_report_header(config):
 
     if SafeConfig(MODE).scheduled:
         calls = ", ".join(PIPELINES)
-        return f"safe-dit conformance: apply_safe_dit(pipe, SafeConfig({MODE!r})) on every call of {calls}"
-    return f"safe-dit conformance: apply_safe_dit(SafeConfig({MODE!r})) on " + ", ".join(TARGETS)
+        return f"safe-dit conformance: apply_safe_dit(pipe, {_config()!r}) on every call of {calls}"
+    return f"safe-dit conformance: apply_safe_dit({_config()!r}) on " + ", ".join(TARGETS)
