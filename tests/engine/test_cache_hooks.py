@@ -217,3 +217,23 @@ def test_every_adapter_refuses_a_cache_under_safe_core_and_recovers(name):
     assert torch.isfinite(out).all() and len(runtime_of(pipe).last_report["steps"]) == 4
     remove_safe_dit(pipe)
     assert HookRegistry.check_if_exists_or_initialize(pipe.transformer).hooks == {}
+
+
+@pytest.mark.parametrize("name", list(KITS))
+def test_every_adapter_composes_a_cache_with_dense_fp_exactly(name):
+    """On every adapter a PyramidAttentionBroadcast cache, enabled before apply, gives under dense-fp (caption masks
+    kept, so that dense-fp is the stock computation) the very output it gives on the stock model."""
+    kit, run = kit_for(name), RUNS[name]
+
+    def cached(config: SafeConfig | None):
+        pipe = kit.pipeline(seed=0)
+        apply_pyramid_attention_broadcast(pipe.transformer, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 1001),
+            spatial_attention_block_identifiers=(r".",), current_timestep_callback=lambda: 500))
+        if config is not None:
+            apply_safe_dit(pipe, config)
+        return run(pipe, steps=4)
+
+    reference = cached(None)
+    assert not torch.equal(reference, run(kit.pipeline(seed=0), steps=4))  # the cache reused attention outputs
+    assert torch.equal(cached(SafeConfig("dense-fp", rewrite_padding=False)), reference)
