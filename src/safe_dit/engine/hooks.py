@@ -44,6 +44,22 @@ def step_caches(model: torch.nn.Module) -> list[str]:
             for m in found for h in m._diffusers_hook.hooks.values() if getattr(h, "_is_stateful", False)]
 
 
+def step_cache_check(model: torch.nn.Module, mode: str) -> Callable[[], None]:
+    """``refuse_step_caches`` for every forward, cheaply: the modules' attribute dicts are listed once (the ones a
+    cache hooks, blocks and attention modules, exist at apply time), each forward only looks a key up in each (1279
+    of them for FLUX.1-dev) and walks the model, naming what it found, only where a stateful hook is."""
+    attributes = [vars(module) for module in model.modules()]
+
+    @torch.compiler.disable  # between graphs
+    def check() -> None:
+        for attrs in attributes:
+            registry = attrs.get("_diffusers_hook")
+            if registry is not None and any(getattr(h, "_is_stateful", False) for h in registry.hooks.values()):
+                refuse_step_caches(model, mode)
+
+    return check
+
+
 @torch.compiler.disable  # a walk over the modules, between graphs
 def refuse_step_caches(model: torch.nn.Module, mode: str) -> None:
     """Refuse a scheduled mode on a model that carries a diffusers step cache (enabled before apply_safe_dit, or
@@ -60,13 +76,13 @@ def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
     """Hooks that give every model forward its own ``ForwardState`` (released even on error), and refuse a model
     that diffusers' ``enable_parallelism`` split since apply (its input split would shard what safe-dit decides)
     and, under the scheduled modes, a diffusers step cache enabled since apply (``refuse_step_caches``)."""
-    scheduled = runtime.config.scheduled
+    caches = step_cache_check(model, runtime.config.mode) if runtime.config.scheduled else None
 
     def begin(module, args):
         if getattr(module, "_parallel_config", None) is not None:
             raise SafeDitError(PARALLEL_REFUSED)
-        if scheduled:
-            refuse_step_caches(module, runtime.config.mode)
+        if caches is not None:
+            caches()
         runtime.begin(module, args)
 
     return [model.register_forward_pre_hook(begin), model.register_forward_hook(runtime.end, always_call=True)]
