@@ -28,7 +28,7 @@ RUNS = ("stock", "safe-dit")
 DESIGNED_REFUSALS = (
     ("cannot be combined with", "a diffusers step cache (FirstBlockCache, FasterCache, PAB, TaylorSeer, MagCache) on "
      "a safe-core/safe-sw model: it would mix whole-step tensors of every token with the selective steps' rows; "
-     "safe-dit's own step reuse (reuse_every) stands in, dense-fp composes with the cache exactly"),
+     "safe-dit's own step reuse (reuse_every) stands in, dense-fp composes with the cache"),
     ("needs one transformer call per sampling step", "two transformer calls per step (true CFG with a negative "
      "prompt, skip-layer guidance): each would overwrite the other's caches; dense-fp runs them"),
 )

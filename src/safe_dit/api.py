@@ -35,8 +35,9 @@ def apply_safe_dit(pipe_or_transformer, config: SafeConfig | None = None):
     (``set_default_attn_processor``, ``fuse_qkv_projections``) is repaired.
 
     diffusers' step caches (``transformer.enable_cache(...)``: FirstBlockCache, FasterCache, PAB, TaylorSeer,
-    MagCache) compose with ``dense``/``dense-fp`` exactly (the same cache decisions on the same outputs); under
-    ``safe-core``/``safe-sw``, enabled before or after this call, they are refused with a ``SafeDitError``.
+    MagCache) compose with ``dense``/``dense-fp``: the cache on the stock model's computation, bit for bit where
+    dense-fp is (no padded caption, or ``rewrite_padding=False``), to float32 rounding with the caption padding
+    rewrite. Under ``safe-core``/``safe-sw``, enabled before or after this call, they are refused (``SafeDitError``).
     """
     config = SafeConfig() if config is None else config
     if not isinstance(config, SafeConfig):

@@ -24,7 +24,7 @@ STEP_CACHE_REFUSED = (
     "from one forward to the next, while {mode} runs only the sensitive rows at selective steps against its own "
     "cached context K/V and outputs, so the two caches would mix rows. Use safe-dit's own step reuse instead "
     "(SafeConfig(reuse_every=..., context_forecast=...), on by default), or keep the cache and use dense-fp, which "
-    "composes with it exactly; transformer.disable_cache() (or remove_hook) removes it")
+    "composes with it; transformer.disable_cache() (or remove_hook) removes it")
 
 
 def step_caches(model: torch.nn.Module) -> list[str]:
