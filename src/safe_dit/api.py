@@ -8,6 +8,7 @@ import torch
 
 from safe_dit.adapters import Handle, adapter_for
 from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.engine.hooks import refuse_step_caches
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +33,18 @@ def apply_safe_dit(pipe_or_transformer, config: SafeConfig | None = None):
     Idempotent: applying the same config again, with the same pipeline, to an intact patch does nothing;
     another config or pipeline replaces the first, and a patch whose processors were swapped out since
     (``set_default_attn_processor``, ``fuse_qkv_projections``) is repaired.
+
+    diffusers' step caches (``transformer.enable_cache(...)``: FirstBlockCache, FasterCache, PAB, TaylorSeer,
+    MagCache) compose with ``dense``/``dense-fp``: the cache on the stock model's computation, bit for bit where
+    dense-fp is (no padded caption, or ``rewrite_padding=False``), to float32 rounding with the caption padding
+    rewrite. Under ``safe-core``/``safe-sw``, enabled before or after this call, they are refused (``SafeDitError``).
     """
     config = SafeConfig() if config is None else config
     if not isinstance(config, SafeConfig):
         raise SafeDitError(f"config must be a SafeConfig, got {type(config).__name__}")
     model = _transformer(pipe_or_transformer)
+    if config.scheduled:  # before anything changes (a patch already there stays as it is)
+        refuse_step_caches(model, config.mode)
     pipe = pipe_or_transformer if getattr(pipe_or_transformer, "transformer", None) is not None else None
     current: Handle | None = getattr(model, _ATTR, None)
     if current is not None:

@@ -6,14 +6,13 @@ import copy
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import run_lumina, run_pixart, seeded
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import build_lumina_pipeline, build_pixart_pipeline
 from safe_dit.testing.tiny import prefix_mask
-
-from helpers import run_lumina, run_pixart, seeded
 
 CORE = SafeConfig("safe-core", keep_ratio=0.25)
 
@@ -122,3 +121,19 @@ def test_caches_are_released_when_a_step_fails(pipe):
     handle.remove()
     assert rt.generation is None  # no K/V caches held until the next call
 
+
+
+def test_a_second_call_at_the_last_step_is_refused_as_a_second_call():
+    """FLUX true CFG at 2 steps: the last step's first call ends the generation; the second call at that step is
+    refused as a second call per step (not as a call outside the pipeline's loop)."""
+    from helpers import run_flux
+
+    from safe_dit.testing.kits import build_flux_pipeline
+
+    flux = build_flux_pipeline()
+    apply_safe_dit(flux, SafeConfig("safe-core"))
+    neg = dict(negative_prompt_embeds=seeded(5, 1, 8, 24), negative_pooled_prompt_embeds=seeded(6, 1, 20),
+               true_cfg_scale=2.0)
+    with pytest.raises(SafeDitError, match="called it again at step 1"):
+        run_flux(flux, steps=2, **neg)
+    assert torch.isfinite(run_flux(flux, steps=2)).all()  # the next ordinary call works

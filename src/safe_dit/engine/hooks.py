@@ -20,14 +20,70 @@ from safe_dit.engine.schedule import REUSE, SELECTIVE
 
 STEP_REUSE_HOOK = "safe_dit_step_reuse"
 
+STEP_CACHE_REFUSED = (
+    "{found} cannot be combined with {mode}: a diffusers step cache carries whole-step tensors of every image token "
+    "from one forward to the next, while {mode} runs only the sensitive rows at selective steps against its own "
+    "cached context K/V and outputs, so the two caches would mix rows. Use safe-dit's own step reuse instead "
+    "(SafeConfig(reuse_every=..., context_forecast=...), on by default), or keep the cache and use dense-fp, which "
+    "composes with it; transformer.disable_cache() (or remove_hook) removes it")
+
+
+def step_caches(model: torch.nn.Module) -> list[str]:
+    """The diffusers step caches on ``model``, as "HookClass on module" (empty: none). A step cache is a *stateful*
+    hook of diffusers' hook registry (``ModelHook._is_stateful``: what ``reset_stateful_hooks`` resets between
+    pipeline calls): FirstBlockCache, FasterCache, PyramidAttentionBroadcast, TaylorSeer, MagCache, and any later one.
+    Stateless hooks (layerwise casting, group offloading, safe-dit's own step reuse) are not caches."""
+    found = []
+    for module in model.modules():  # cheap: a dict lookup per module, names built only for what is found
+        registry = module.__dict__.get("_diffusers_hook")
+        if registry is not None and any(getattr(h, "_is_stateful", False) for h in registry.hooks.values()):
+            found.append(module)
+    if not found:
+        return []
+    names = {id(m): n for n, m in model.named_modules()}
+    return [f"{type(h).__name__} on {names.get(id(m)) or type(model).__name__}"
+            for m in found for h in m._diffusers_hook.hooks.values() if getattr(h, "_is_stateful", False)]
+
+
+def step_cache_check(model: torch.nn.Module, mode: str) -> Callable[[], None]:
+    """``refuse_step_caches`` for every forward, cheaply: the modules' attribute dicts are listed once (the ones a
+    cache hooks, blocks and attention modules, exist at apply time), each forward only looks a key up in each (1279
+    of them for FLUX.1-dev) and walks the model, naming what it found, only where a stateful hook is."""
+    attributes = [vars(module) for module in model.modules()]
+
+    @torch.compiler.disable  # between graphs
+    def check() -> None:
+        for attrs in attributes:
+            registry = attrs.get("_diffusers_hook")
+            if registry is not None and any(getattr(h, "_is_stateful", False) for h in registry.hooks.values()):
+                refuse_step_caches(model, mode)
+
+    return check
+
+
+@torch.compiler.disable  # a walk over the modules, between graphs
+def refuse_step_caches(model: torch.nn.Module, mode: str) -> None:
+    """Refuse a scheduled mode on a model that carries a diffusers step cache (enabled before apply_safe_dit, or
+    after it: checked at apply time and at each forward)."""
+    found = step_caches(model)
+    if found:
+        config = getattr(model, "_cache_config", None)  # set by CacheMixin.enable_cache
+        what = "a diffusers cache" if config is None else f"diffusers' {type(config).__name__.removesuffix('Config')}"
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise SafeDitError(STEP_CACHE_REFUSED.format(found=f"{what} ({found[0]}{more})", mode=mode))
+
 
 def forward_scope(model: torch.nn.Module, runtime: Runtime) -> list:
     """Hooks that give every model forward its own ``ForwardState`` (released even on error), and refuse a model
-    that diffusers' ``enable_parallelism`` split since apply (its input split would shard what safe-dit decides)."""
+    that diffusers' ``enable_parallelism`` split since apply (its input split would shard what safe-dit decides)
+    and, under the scheduled modes, a diffusers step cache enabled since apply (``refuse_step_caches``)."""
+    caches = step_cache_check(model, runtime.config.mode) if runtime.config.scheduled else None
 
     def begin(module, args):
         if getattr(module, "_parallel_config", None) is not None:
             raise SafeDitError(PARALLEL_REFUSED)
+        if caches is not None:
+            caches()
         runtime.begin(module, args)
 
     return [model.register_forward_pre_hook(begin), model.register_forward_hook(runtime.end, always_call=True)]
@@ -209,17 +265,13 @@ class StepTracker:
                 rt.generation = None
                 raise SafeDitError(NOT_ADVANCING)
             gen = rt.generation = Generation(rt.config, len(scheduler.timesteps), rt.parallel)
-            gen.first_timestep = t
+            gen.first_timestep, rt.finished_step = t, None
             return gen, 0, False
         if more and index == gen.step:
             return gen, index, True
-        if gen is not None and index == gen.step:
-            rt.generation = None
-            raise SafeDitError(
-                f"mode {rt.config.mode!r} needs one transformer call per sampling step, but this pipeline called "
-                f"it again at step {index} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, SD3 skip-layer "
-                "guidance, or ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's "
-                "caches. Use dense-fp for such runs, or batched CFG")
+        if (gen is not None and index == gen.step) or (gen is None and index == rt.finished_step):
+            rt.generation = rt.finished_step = None  # (the second: the generation ended with the step's first call)
+            raise SafeDitError(CALLED_AGAIN.format(mode=rt.config.mode, step=index))
         if gen is None or index != gen.step + 1 or index >= gen.plan.num_steps:
             rt.generation = None
             where = "no generation is running" if gen is None else f"the generation is at step {gen.step}"
@@ -230,6 +282,11 @@ class StepTracker:
                 "`with safe_dit.generation(transformer, num_steps=...)`")
         return gen, index, False
 
+
+CALLED_AGAIN = ("mode {mode!r} needs one transformer call per sampling step, but this pipeline called it again at "
+                "step {step} (e.g. FLUX true_cfg_scale > 1 with a negative prompt, SD3 skip-layer guidance, or "
+                "ChromaPipeline's CFG at guidance_scale > 1): each call would overwrite the other's caches. Use "
+                "dense-fp for such runs, or batched CFG")
 
 NOT_ADVANCING = ("the scheduler safe-dit follows did not advance between two transformer calls: this transformer is "
                  "driven by another pipeline (e.g. one made with from_pipe and its own scheduler) than the one it was "
@@ -286,8 +343,9 @@ def refuse_inputs(*names: str):
     def hook(_model, _args, kwargs):
         given = [n for n in names if kwargs.get(n) is not None]
         if given:
-            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined with "
-                               "safe-core/safe-sw, which run only the sensitive image rows at selective steps; use dense-fp")
+            raise SafeDitError(f"{', '.join(given)} (ControlNet residuals for every image token) cannot be combined "
+                               "with safe-core/safe-sw, which run only the sensitive image rows at selective steps; "
+                               "use dense-fp")
 
     return hook
 
@@ -323,6 +381,7 @@ def finish_step(runtime: Runtime, guide: Callable):
             output = guide(runtime, gen, output)
         if gen.is_last_step and not runtime.explicit_generation:
             runtime.finish_generation()  # release partition and caches with the pipeline call
+            runtime.finished_step = gen.step  # a second call at this step is refused as one
         return output
 
     return hook
