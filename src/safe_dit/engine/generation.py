@@ -9,6 +9,7 @@ dropped after its last, so nothing leaks from one pipeline call into the next.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -82,7 +83,7 @@ class Generation:
         self.step = -1
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()
-        self.grid: tuple[int, int] | None = None
+        self.grid: tuple[int, ...] | None = None  # the token grid, (h, w) or (f, h, w)
         self.cfg_batch = False  # batch = two halves (cond, uncond), as the pipeline call said
         self.first_timestep: float | None = None  # of the first step (a pipeline's scheduler that does not advance)
         self.cond_first = True  # [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
@@ -111,7 +112,7 @@ class Generation:
         self._memo: dict = {}  # values fixed with the partition (joint row positions)
 
     # -- step control -------------------------------------------------------------------------
-    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, int], batch: int = 1,
+    def begin_step(self, step: int, num_tokens: int, grid: tuple[int, ...], batch: int = 1,
                    device: torch.device | str | None = None, timestep: float | None = None) -> str:
         if self.grid is not None and grid != self.grid:
             raise RuntimeError(f"token grid changed from {self.grid} to {grid} inside one generation")
@@ -163,7 +164,7 @@ class Generation:
 
     def _finish_partition(self) -> None:
         if self.config.partition != "pcsp":  # ablation: same K, chosen without the prompt
-            n = self.grid[0] * self.grid[1]
+            n = math.prod(self.grid)
             index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
                                           self.config.partition_seed)  # [B, K], made on the CPU (seeded)
             self._localise(index.to(self.device) if self.device is not None else index)
@@ -186,7 +187,7 @@ class Generation:
         if self.parallel is None:
             self.index, self.valid = index, None
         else:
-            self.index, self.valid = self.parallel.local_partition(index, self.grid[0] * self.grid[1])
+            self.index, self.valid = self.parallel.local_partition(index, math.prod(self.grid))
 
     # -- SRSU caches --------------------------------------------------------------------------
     @property

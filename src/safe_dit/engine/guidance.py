@@ -26,14 +26,18 @@ def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, gamma: torch.Tensor)
     return eps_uncond + gamma * (eps_cond - eps_uncond)
 
 
-def pixel_gamma(config, gen, batch: int, width: int, dtype) -> torch.Tensor:
+def pixel_gamma(config, gen, batch: int, size, dtype) -> torch.Tensor:
     """gamma_i of the conditional half's sensitivity map, upsampled from the token grid to the model
-    output's pixels: [b, 1, H, W] for an output [2b, C, H, W] of ``width`` W."""
-    h, w = gen.grid
-    p = width // w
+    output's pixels: [b, 1, H, W] for an output [2b, C, H, W] (a 3-D grid: [b, 1, F, H, W] for [2b, C, F, H, W]).
+    ``size``: the output's trailing sizes, one per grid axis, or its width alone (every axis patched alike)."""
+    grid = tuple(gen.grid)
+    sizes = (size,) if isinstance(size, int) else tuple(size)
+    factors = [sizes[-1] // grid[-1]] * len(grid) if len(sizes) == 1 else [s // g for s, g in zip(sizes, grid)]
     cond, _ = gen.cfg_rows(batch)
-    gamma = config_guidance(config, gen.sensitivity[cond])  # [b, N]
-    return gamma.view(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).to(dtype)
+    gamma = config_guidance(config, gen.sensitivity[cond]).view(-1, 1, *grid)  # [b, 1, (f,) h, w]
+    for axis, p in enumerate(factors):
+        gamma = gamma.repeat_interleave(p, 2 + axis)
+    return gamma.to(dtype)
 
 
 def _sample_of(output):
@@ -50,7 +54,8 @@ def sensitivity_weighted(runtime, gen, output, channels: int | None = None):
     sample = _sample_of(output)  # [B, C_out, H, W]
     cond_rows, uncond_rows = gen.cfg_rows(sample.shape[0])
     c = sample.shape[1] if channels is None else channels
-    gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-1], sample.dtype)  # [b, 1, H, W]
+    gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-len(gen.grid):],
+                        sample.dtype)  # [b, 1, (F,) H, W]
     cond, uncond = sample[cond_rows, :c], sample[uncond_rows, :c]
     guided = sample.clone()
     guided[cond_rows, :c] = uncond + (gamma / g) * (cond - uncond)
@@ -102,6 +107,7 @@ class SchedulerGuidance:
         self.done = gen.is_last_step
         sample = _sample_of(output)  # [2b, C_out, H, W]
         cond, uncond = gen.cfg_rows(sample.shape[0])
-        gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-1], sample.dtype)  # [b, 1, H, W]
+        gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-len(gen.grid):],
+                        sample.dtype)  # [b, 1, (F,) H, W]
         self.pending = guide(sample[uncond], sample[cond], gamma)
         return output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Callable
 
 import torch
@@ -121,12 +122,14 @@ def layer_of(name: str, blocks: str) -> int:
     return int(parts[1]) if len(parts) > 2 and parts[0] == blocks and parts[1].isdigit() else -1
 
 
-def latent_grid(patch: int):
-    """Token grid (h, w) of a [B, C, H, W] latent input patchified by ``patch``."""
+def latent_grid(patch):
+    """Token grid of a latent input patchified by ``patch``: (h, w) of a [B, C, H, W] latent for an int patch,
+    one size per axis of a [B, C, ..., H, W] latent for a tuple (a video's (t, h, w) patch: (frames, h, w))."""
+    sizes = (patch, patch) if isinstance(patch, int) else tuple(patch)
 
     def grid(args, kwargs):
-        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, H, W]
-        return latents.shape[-2] // patch, latents.shape[-1] // patch
+        latents = kwargs.get("hidden_states", args[0] if args else None)  # [B, C, (F,) H, W]
+        return tuple(n // p for n, p in zip(latents.shape[-len(sizes):], sizes))
 
     return grid
 
@@ -147,14 +150,15 @@ def _argument(args, kwargs, name: str, positions: dict[str, int], default: int |
 class StepTracker:
     """Model forward pre-hook: which step of which generation this forward is, and what kind of step.
 
-    ``grid`` is the patch size of a [B, C, H, W] latent input, or a callable (args, kwargs) -> (h, w)
-    for backbones that take packed tokens (FLUX). The latents are the forward's ``latent_arg`` (a tensor
+    ``grid`` is the patch size of a [B, C, H, W] latent input (a tuple: one per axis of a video latent
+    [B, C, F, H, W]), or a callable (args, kwargs) -> the token grid,
+    (h, w) or (frames, h, w), for backbones that take packed tokens (FLUX) or video latents. The latents are the forward's ``latent_arg`` (a tensor
     [B, ...], or a list of per-sample tensors as Z-Image takes them), its timestep ``timestep_arg``."""
 
     def __init__(self, runtime: Runtime, grid, latent_arg: str = "hidden_states", timestep_arg: str = "timestep",
                  positions: dict[str, int] | None = None):
         self.runtime = runtime
-        self.grid_of = latent_grid(grid) if isinstance(grid, int) else grid
+        self.grid_of = grid if callable(grid) else latent_grid(grid)
         self.latent_arg, self.timestep_arg, self.positions = latent_arg, timestep_arg, positions or {}
 
     @torch.compiler.disable  # step bookkeeping (step index, plan, timestep read) runs eagerly, between graphs
@@ -179,7 +183,7 @@ class StepTracker:
         timestep = None  # the forecasts' variable; without it the step index
         if forecasts:
             timestep = _first_timestep(_argument(args, kwargs, self.timestep_arg, self.positions))
-        gen.begin_step(step, grid[0] * grid[1], grid, batch=batch, device=device, timestep=timestep)
+        gen.begin_step(step, math.prod(grid), grid, batch=batch, device=device, timestep=timestep)
         return None
 
     @staticmethod

@@ -1,10 +1,13 @@
 """PCSP: prompt-conditioned sensitive-token partition from image->text attention.
 
 Model-agnostic: adapters hand in per-block query/key projections; everything here works on
-[B, H, N, T] probabilities and [B, N] scores on an (h, w) token grid.
+[B, H, N, T] probabilities and [B, N] scores on a token grid of rank 2 (h, w) or 3 (frames, h, w), as the
+adapter declares it.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -98,20 +101,23 @@ def normalize(score: torch.Tensor) -> torch.Tensor:
     return (score - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def smooth(score: torch.Tensor, grid: tuple[int, int], radius: int = 1) -> torch.Tensor:
-    """Box-smooth a [B, N] map on its (h, w) token grid (N = h*w, row-major), edges renormalised."""
-    h, w = grid
+def smooth(score: torch.Tensor, grid: tuple[int, ...], radius: int = 1) -> torch.Tensor:
+    """Box-smooth a [B, N] map on its token grid, (h, w) or (f, h, w) (N = the grid's product, row-major), edges
+    renormalised. The box is ``2 * radius + 1`` tokens along every axis of the grid."""
     if radius <= 0:
         return score
-    x = score.float().view(-1, 1, h, w)
+    if len(grid) not in (2, 3):
+        raise ValueError(f"token grids have rank 2 or 3, got {tuple(grid)}")
+    pool = F.avg_pool2d if len(grid) == 2 else F.avg_pool3d
+    x = score.float().view(-1, 1, *grid)  # [B, 1, (f,) h, w]
     k = 2 * radius + 1
-    ones = torch.ones_like(x)
-    num = F.avg_pool2d(x, k, stride=1, padding=radius, count_include_pad=True)
-    den = F.avg_pool2d(ones, k, stride=1, padding=radius, count_include_pad=True)
-    return (num / den).view(score.shape[0], h * w).to(score.dtype)
+    pad = (radius,) * (2 * len(grid))  # zero padding made explicit: the pooling kernels refuse a box wider than
+    num = pool(F.pad(x, pad), k, stride=1)  # an axis (a video of 2 latent frames), however padded
+    den = pool(F.pad(torch.ones_like(x), pad), k, stride=1)
+    return (num / den).view(score.shape[0], math.prod(grid)).to(score.dtype)
 
 
-def sensitivity_map(score: torch.Tensor, grid: tuple[int, int], radius: int = 1) -> torch.Tensor:
+def sensitivity_map(score: torch.Tensor, grid: tuple[int, ...], radius: int = 1) -> torch.Tensor:
     """Normalised, smoothed, renormalised sensitivity s in [0, 1], [B, N]."""
     return normalize(smooth(normalize(score), grid, radius))
 

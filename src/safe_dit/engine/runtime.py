@@ -35,7 +35,7 @@ class Runtime:
         self.last_report: dict | None = None
         self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
         self.last_index: torch.Tensor | None = None  # [B, K] its sensitive tokens
-        self.last_grid: tuple[int, int] | None = None  # (h, w) token grid of that map
+        self.last_grid: tuple[int, ...] | None = None  # the token grid of that map, (h, w) or (f, h, w)
         self.special_leading_tokens = special_leading_tokens  # e.g. Gemma's <bos>
         self.special_trailing_tokens = special_trailing_tokens  # e.g. T5's </s>, the last valid token
         self.cond_first = cond_first  # CFG batch order: [cond; uncond] (Lumina) or [uncond; cond] (PixArt)
