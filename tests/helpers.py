@@ -83,10 +83,14 @@ def runner(name: str):
     def run(pipe, steps=10, height=kit.tiny_run.height, width=kit.tiny_run.width, prompt_seed=1, negative_seed=None,
             **kw):
         args = kit.prompt_kwargs(pipe.transformer, _draw(prompt_seed, negative_seed), 8, (6, 2))
-        args.update(height=height, width=width, num_inference_steps=steps, guidance_scale=kit.tiny_run.guidance,
-                    output_type="latent")
+        args.update(height=height, width=width, num_inference_steps=steps, output_type="latent")
+        if kit.tiny_run.guidance is not None:
+            args["guidance_scale"] = kit.tiny_run.guidance
+        if kit.tiny_run.frames is not None:
+            args["num_frames"] = kit.tiny_run.frames
         args.update(kw)
-        return pipe(generator=torch.Generator().manual_seed(0), **args).images
+        out = pipe(generator=torch.Generator().manual_seed(0), **args)
+        return out.frames if kit.tiny_run.frames is not None else out.images
 
     run.__name__ = "run_" + name.replace("-", "_")
     return run

@@ -5,6 +5,8 @@ Backbone-specific behaviour (mask provenance, CFG order, refusals) is tested in 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import RUNS, SdpaSpy
@@ -61,7 +63,7 @@ def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
     assert spy.masks and all(m is None for m in spy.masks)  # every SDPA call of every step kind is mask-free
     assert report["steps"] == ["warmup"] * 2 + ["selective", "reuse", "selective", "anchor", "selective", "reuse", "tail",
                                                "selective"]  # the final step after the tail: sensitive rows only
-    n = grid[0] * grid[1]
+    n = math.prod(grid)
     assert report["tokens_per_step"][0] == n and report["sensitive_tokens"] == -(-n // 4)
     assert [t for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "reuse"] == [0, 0]
     assert all(t == -(-n // 4) for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "selective")

@@ -16,8 +16,9 @@ class TinyRun:
 
     height: int
     width: int
-    grid: tuple[int, int]  # image token rows x columns at height x width
-    guidance: float = 4.0
+    grid: tuple[int, ...]  # image token rows x columns at height x width (frames x rows x columns for video)
+    guidance: float | None = 4.0  # None: the pipeline takes no guidance_scale (its guider component holds it)
+    frames: int | None = None  # video pipelines: num_frames of the run
 
 
 def _config_attention_shape(transformer) -> tuple[int, int, int]:

@@ -1,0 +1,268 @@
+"""HunyuanVideo 1.5 adapter (diffusers ``HunyuanVideo15Transformer3DModel``, ``HunyuanVideo15Pipeline``).
+
+Masks in the stock model: the forward reorders every sample's caption tokens valid-first ([valid image-embeds,
+valid ByT5, valid Qwen2.5-VL, then the padding of each]) and hands each block one [B, T] validity vector.
+``HunyuanVideo15AttnProcessor2_0`` pads it with the N video tokens (always valid) to v [B, N + T] and builds, in
+every block, the dense pair mask v vᵀ as a [B, 1, S, S] boolean (S = N + T: at 720p x 121 frames about 12 GB per
+sample, built twice per call). Its valid rows carry the key-padding mask v; its padding rows are all False, which
+SDPA answers with zeros. Here the mask is never built: v is decided once per forward on the [B, T] vector the
+model hands every block, and each call runs mask-free on the valid keys only (a prefix: sliced when all samples
+share a length, the batch split by length otherwise, ``engine.masks``), with the padding query rows set to the
+zeros SDPA gives them. The text-to-video pipeline always pads (its 729 image-embed slots are invalid), so the
+rewrite always applies. The token refiner (``context_embedder``) builds its own [B, 1, L, L] pair mask of the
+caption vector once per forward; it is checked to be that outer product (once per forward) and rewritten the
+same way. No other attention runs inside the transformer (the text and image encoders run outside it, stock).
+
+safe-core / safe-sw: the joint sequence is [video; text]. Sensitive rows are gathered after ``x_embedder`` and
+scattered after ``proj_out``; each block rotates them with their own rows of the 3-D RoPE table (gathered once
+per generation) and writes them, with the always-computed text rows, into the anchor's joint K/V in place. PCSP
+reads the video-query x caption-key block of each sample's softmax over its valid keys (warm-up only).
+
+Refused: image-to-video conditioning in the scheduled modes (non-zero ``image_embeds``; dense-fp runs it
+exactly), safe-sw (the pipeline's guider makes separate conditional and unconditional calls: no batched pair to
+weight), and a mask the processor does not know.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_hunyuan_video15 import (
+    HunyuanVideo15AttnProcessor2_0,
+    HunyuanVideo15Transformer3DModel,
+)
+
+from safe_dit.adapters.contract import Adapter, SafeProcessor, register
+from safe_dit.config import SafeDitError
+from safe_dit.engine.attend import attend
+from safe_dit.engine.generation import gather_rows
+from safe_dit.engine.hooks import caption_mask_check, layer_of
+from safe_dit.engine.partition import joint_image_to_text_probs
+from safe_dit.engine.schedule import SELECTIVE
+
+NOTES = ("HunyuanVideo 1.5: every block's processor builds the dense [B, 1, S, S] pair mask v vᵀ of the joint "
+         "[video; text] validity vector (text reordered valid-first; ~12 GB per sample at 720p x 121 frames). Never "
+         "built here: decided once per forward on the [B, T] caption vector, keys sliced to each sample's valid "
+         "prefix (batch split by length), padding query rows zero as in SDPA. The token refiner's [B, 1, L, L] "
+         "pair mask is checked to be the outer product of one vector and rewritten the same way.")
+
+NO_SW_CFG = ("safe-sw is not available for HunyuanVideo 1.5: HunyuanVideo15Pipeline's guider makes separate "
+             "conditional and unconditional transformer calls, so there is no batched (eps_c - eps_u) whose weight "
+             "SW-CFG could vary per token. Use mode='safe-core' or 'dense-fp'.")
+
+TWO_CALLS = ("safe-core on HunyuanVideo 1.5 needs one transformer call per sampling step, but the pipeline's guider "
+             "calls it twice per step (conditional, then unconditional) when its guidance_scale is not 1. Use "
+             "dense-fp for guided runs, a guider with guidance_scale=1, or call the transformer with a [cond; uncond] "
+             "batch inside safe_dit.generation(transformer, num_steps=..., cfg_batch=True)")
+
+IMAGE_TO_VIDEO = ("safe-core/safe-sw on HunyuanVideo 1.5 support text-to-video only (image_embeds all zero, as "
+                  "HunyuanVideo15Pipeline passes them); image-to-video conditioning runs exactly under dense-fp")
+
+UNKNOWN_MASK = ("{where} got an attention mask of shape {shape}: safe-dit knows only the [B, T] caption vector the "
+                "HunyuanVideo 1.5 forward hands every block. Run custom masks on the stock model (remove_safe_dit)")
+
+
+def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' real RoPE (interleaved pairs) on x [B, L, H, d] with per-sample rows cos/sin [B, L, d]."""
+    cos, sin = cos[:, :, None].to(x.device), sin[:, :, None].to(x.device)  # [B, L, 1, d]
+    real, imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)  # [B, L, H, d/2]
+    rotated = torch.stack([-imag, real], dim=-1).flatten(3)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def _heads(attn, x: torch.Tensor, *projections):
+    """x [B, L, D] through each projection, as [B, L, H, d]."""
+    return tuple(p(x).unflatten(2, (attn.heads, -1)) for p in projections)
+
+
+def _zero_rows(out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """out [B, L, H, d] with the rows where ``valid`` [B, L] is False set to 0: SDPA's answer to an all-False row."""
+    return out.masked_fill(~valid[:, :, None, None], 0)
+
+
+class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
+    """Drop-in for ``HunyuanVideo15AttnProcessor2_0``: same projections, RMS norms, RoPE on the video rows and
+    [video; text] order; the pair mask decided once per forward and never built; SRSU; the PCSP tap."""
+
+    stock = HunyuanVideo15AttnProcessor2_0
+
+    def setup(self, model) -> None:
+        self.layer = layer_of(self.name, "transformer_blocks")
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        query, key, value = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v)  # [B, n, H, d]
+        query, key = attn.norm_q(query), attn.norm_k(key)  # [B, n, H, d]
+        gen = self.runtime.generation
+        if image_rotary_emb is not None:
+            query, key = self._rotate(query, key, image_rotary_emb, gen)
+        n_text = 0
+        if encoder_hidden_states is not None:
+            eq, ek, ev = _heads(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = (torch.cat([a, b], dim=1) for a, b in ((query, eq), (key, ek), (value, ev)))
+            n_text = encoder_hidden_states.shape[1]
+        text_mask = attention_mask  # [B, T] bool, valid-first: the same object in every block of one forward
+        if text_mask is not None and (text_mask.dim() != 2 or text_mask.shape[0] != query.shape[0]
+                                      or text_mask.shape[1] > query.shape[1]):
+            raise SafeDitError(UNKNOWN_MASK.format(where=self.name, shape=tuple(text_mask.shape)))
+
+        if gen is not None:
+            if gen.kind == SELECTIVE:  # SRSU: fresh rows [sensitive video; text] over the anchor's joint K/V
+                key, value = gen.merged_kv(self.name, key, value, gen.joint_rows(n_text, False),
+                                           gen.joint_valid(n_text, False))  # [B, N + T, H, d]
+            elif gen.refreshes_cache:
+                gen.store_kv(self.name, key, value)
+            if n_text and gen.wants_probs(self.layer):
+                self._collect(gen, query, key, n_text, text_mask)
+
+        if text_mask is None:  # the stock processor cannot run without it; nothing to rewrite
+            out = attend(self.runtime, self.name, query, key, value, None, None, rewrite=self.rewrite_padding,
+                         stock_mask=lambda: None, processor=self)
+        else:
+            def padded(m, length):  # [B, length]: the leading video rows (always valid), then the caption vector
+                return torch.cat([m.new_ones(m.shape[0], length - m.shape[1], dtype=torch.bool), m.bool()], dim=1)
+
+            lq, lk = query.shape[1], key.shape[1]
+
+            def stock_mask():  # [B, 1, Lq, Lk]: v vᵀ, as the stock processor builds it (kept masks only)
+                return padded(text_mask, lq)[:, None, :, None] & padded(text_mask, lk)[:, None, None, :]
+
+            out = attend(self.runtime, self.name, query, key, value, text_mask, None, rewrite=self.rewrite_padding,
+                         stock_mask=stock_mask, compact=lambda m: padded(m, lk), processor=self)  # [B, Lq, H, d]
+            out = _zero_rows(out, padded(text_mask, lq))
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out, None
+        video, text = out[:, :-n_text], out[:, -n_text:]
+        if getattr(attn, "to_out", None) is not None:
+            video = attn.to_out[1](attn.to_out[0](video))
+        if getattr(attn, "to_add_out", None) is not None:
+            text = attn.to_add_out(text)
+        return video, text
+
+    @staticmethod
+    def _rotate(query, key, rope, gen):
+        """The stock RoPE table [N, d] on the video rows, or at selective steps each sensitive row's own row of it,
+        [B, K, d], gathered once per generation and shared by every block."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if gen is None or gen.kind != SELECTIVE:
+            return (apply_rotary_emb(t, rope, sequence_dim=1) for t in (query, key))
+        cos, sin = gen.remember(("hunyuan-rope", tuple(rope[0].shape)),
+                                lambda: tuple(gather_rows(t[None], gen.index) for t in rope))  # [B, K, d]
+        return _rotate_rows(query, cos, sin), _rotate_rows(key, cos, sin)
+
+    def _collect(self, gen, query, key, n_text, text_mask) -> None:
+        """PCSP: the video-query x caption-key block of each sample's softmax over its valid keys (a prefix of the
+        joint [video; text] keys: samples of one caption length in one call)."""
+        n_video = query.shape[1] - n_text
+        q = query[:, :n_video].transpose(1, 2)  # [B, H, N, d]
+        k = key.transpose(1, 2)  # [B, H, N + T, d]
+        if text_mask is None:
+            probs = joint_image_to_text_probs(q, k, slice(n_video, n_video + n_text))
+        else:
+            counts = text_mask.bool().sum(1).tolist()  # valid caption tokens per sample (warm-up only)
+            probs = q.new_zeros(q.shape[0], n_video, n_text, dtype=torch.float32)
+            for count in sorted(set(counts)):
+                rows = torch.tensor([i for i, c in enumerate(counts) if c == count], device=q.device)
+                keys = k.index_select(0, rows)[:, :, :n_video + count]
+                part = joint_image_to_text_probs(q.index_select(0, rows), keys, slice(n_video, n_video + count))
+                probs[rows, :, :count] = part
+        gen.collect(probs, self.runtime.text_weights(text_mask, n_text, probs.device))
+
+
+class SafeRefinerAttnProcessor(SafeProcessor):
+    """Drop-in for ``AttnProcessor2_0`` on the token refiner's caption self-attention (``context_embedder``): the
+    refiner's [B, 1, L, L] pair mask, once checked to be v vᵀ, runs as key padding on v, padding rows zero."""
+
+    stock = AttnProcessor2_0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if encoder_hidden_states is not None or hidden_states.dim() != 3 or attn.spatial_norm is not None \
+                or attn.group_norm is not None:
+            raise SafeDitError(f"{self.name}: safe-dit stands in for AttnProcessor2_0 only in the token refiner's "
+                               "caption self-attention ([B, L, D] in, no cross-attention or spatial/group norm)")
+        batch, length, _ = hidden_states.shape
+        query, key, value = _heads(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v)  # [B, L, H, d]
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        mask = attention_mask
+        if mask is None:
+            out = attend(self.runtime, self.name, query, key, value, None, None, rewrite=self.rewrite_padding,
+                         stock_mask=lambda: None, processor=self, sequence=False)
+        else:
+            def stock_mask():  # as AttnProcessor2_0: repeated per head, [B, H, L, L]
+                m = attn.prepare_attention_mask(mask, length, batch)
+                return m.view(batch, attn.heads, -1, m.shape[-1])
+
+            out = attend(self.runtime, self.name, query, key, value, mask, None, rewrite=self.rewrite_padding,
+                         stock_mask=stock_mask, compact=_pair_vector, processor=self, sequence=False)
+            valid = _pair_vector(mask)
+            if valid is not None:
+                out = _zero_rows(out, valid)
+        out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _pair_vector(mask: torch.Tensor) -> torch.Tensor | None:
+    """v [B, L] if ``mask`` is the boolean pair mask v vᵀ ([B, 1, L, L]) the token refiner builds, else None (a
+    mask of another form is kept as shipped). Reads values: once per forward, with the mask's decision."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
+        return None
+    v = mask[:, 0].diagonal(dim1=1, dim2=2)  # [B, L]
+    return v if torch.equal(mask[:, 0], v[:, :, None] & v[:, None, :]) else None
+
+
+POSITIONAL = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+
+
+def _make_processor(runtime, name, model, config):
+    kind = SafeRefinerAttnProcessor if name.startswith("context_embedder.") else SafeHunyuanVideo15AttnProcessor
+    return kind(runtime, name, model, config)
+
+
+@register
+class HunyuanVideo15Adapter(Adapter):
+    name = "hunyuan-video-1.5"
+    model_classes = (HunyuanVideo15Transformer3DModel,)
+    notes = NOTES
+    processor = staticmethod(_make_processor)
+    replaces = (HunyuanVideo15AttnProcessor2_0, AttnProcessor2_0)
+    tokens_in = "x_embedder"
+    tokens_out = "proj_out"
+
+    def check(self, model, config) -> None:
+        if config.mode == "safe-sw":
+            raise SafeDitError(NO_SW_CFG)
+
+    def token_grid(self, model):
+        """(frames, h, w) of a [B, C, F, H, W] latent: the temporal and spatial patch sizes."""
+        cfg = model.config
+        return cfg.patch_size_t, cfg.patch_size, cfg.patch_size
+
+    def hooks(self, model, runtime, handle) -> list:
+        hooks = [model.register_forward_pre_hook(caption_mask_check(name, text, POSITIONAL), with_kwargs=True)
+                 for name, text in (("encoder_attention_mask", "encoder_hidden_states"),
+                                    ("encoder_attention_mask_2", "encoder_hidden_states_2"))]
+        if not runtime.config.scheduled:
+            return hooks
+
+        def guard(_model, args, kwargs):  # image-to-video conditioning; a second call in one scheduler step
+            image = kwargs.get("image_embeds")
+            if image is not None and bool((image != 0).any()):
+                raise SafeDitError(IMAGE_TO_VIDEO)
+            gen, scheduler = runtime.generation, getattr(runtime.pipe, "scheduler", None)
+            if gen is not None and not runtime.explicit_generation and scheduler is not None \
+                    and scheduler.step_index is not None and scheduler.step_index == gen.step:
+                runtime.generation = None
+                raise SafeDitError(TWO_CALLS)
+
+        return hooks + [model.register_forward_pre_hook(guard, with_kwargs=True)]
