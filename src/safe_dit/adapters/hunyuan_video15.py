@@ -11,7 +11,8 @@ share a length, the batch split by length otherwise, ``engine.masks``), with the
 zeros SDPA gives them. The text-to-video pipeline always pads (its 729 image-embed slots are invalid), so the
 rewrite always applies. The token refiner (``context_embedder``) builds its own [B, 1, L, L] pair mask of the
 caption vector once per forward; it is checked to be that outer product (once per forward) and rewritten the
-same way. No other attention runs inside the transformer (the text and image encoders run outside it, stock).
+same way (``SafeRefinerAttnProcessor``). No other attention runs inside the transformer (the text and image
+encoders run outside it, stock).
 
 safe-core / safe-sw: the joint sequence is [video; text]. Sensitive rows are gathered after ``x_embedder`` and
 scattered after ``proj_out``; each block rotates them with their own rows of the 3-D RoPE table (gathered once
@@ -44,7 +45,7 @@ NOTES = ("HunyuanVideo 1.5: every block's processor builds the dense [B, 1, S, S
          "[video; text] validity vector (text reordered valid-first; ~12 GB per sample at 720p x 121 frames). Never "
          "built here: decided once per forward on the [B, T] caption vector, keys sliced to each sample's valid "
          "prefix (batch split by length), padding query rows zero as in SDPA. The token refiner's [B, 1, L, L] "
-         "pair mask is checked to be the outer product of one vector and rewritten the same way.")
+         "pair mask is checked once per forward to be the outer product of one vector and rewritten the same way.")
 
 NO_SW_CFG = ("safe-sw is not available for HunyuanVideo 1.5: HunyuanVideo15Pipeline's guider makes separate "
              "conditional and unconditional transformer calls, so there is no batched (eps_c - eps_u) whose weight "
@@ -80,6 +81,39 @@ def _zero_rows(out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~valid[:, :, None, None], 0)
 
 
+def rotate_video(query: torch.Tensor, key: torch.Tensor, rope, gen):
+    """The stock RoPE table (cos, sin) [N, d] on the video rows [B, N, H, d], or at selective steps each sensitive
+    row's own row of it, [B, K, d], gathered once per generation and shared by every block."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if gen is None or gen.kind != SELECTIVE:
+        return tuple(apply_rotary_emb(t, rope, sequence_dim=1) for t in (query, key))
+    cos, sin = gen.remember(("hunyuan-rope", tuple(rope[0].shape)),
+                            lambda: tuple(gather_rows(t[None], gen.index) for t in rope))  # [B, K, d]
+    return _rotate_rows(query, cos, sin), _rotate_rows(key, cos, sin)
+
+
+def collect_prefix(runtime, gen, query: torch.Tensor, key: torch.Tensor, n_text: int,
+                   text_valid: torch.Tensor | None) -> None:
+    """PCSP on a joint [video; text] call whose valid keys are a prefix per sample (every video key, then
+    ``text_valid`` [B, T]'s valid-first caption keys): the video-query x caption-key block of each sample's softmax
+    over its valid keys, samples of one caption length in one call (warm-up only)."""
+    n_video = query.shape[1] - n_text
+    q = query[:, :n_video].transpose(1, 2)  # [B, H, N, d]
+    k = key.transpose(1, 2)  # [B, H, N + T, d]
+    if text_valid is None:
+        probs = joint_image_to_text_probs(q, k, slice(n_video, n_video + n_text))
+    else:
+        counts = text_valid.bool().sum(1).tolist()  # valid caption tokens per sample
+        probs = q.new_zeros(q.shape[0], n_video, n_text, dtype=torch.float32)
+        for count in sorted(set(counts)):
+            rows = torch.tensor([i for i, c in enumerate(counts) if c == count], device=q.device)
+            keys = k.index_select(0, rows)[:, :, :n_video + count]
+            probs[rows, :, :count] = joint_image_to_text_probs(q.index_select(0, rows), keys,
+                                                               slice(n_video, n_video + count))
+    gen.collect(probs, runtime.text_weights(text_valid, n_text, probs.device))
+
+
 class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
     """Drop-in for ``HunyuanVideo15AttnProcessor2_0``: same projections, RMS norms, RoPE on the video rows and
     [video; text] order; the pair mask decided once per forward and never built; SRSU; the PCSP tap."""
@@ -94,7 +128,7 @@ class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
         query, key = attn.norm_q(query), attn.norm_k(key)  # [B, n, H, d]
         gen = self.runtime.generation
         if image_rotary_emb is not None:
-            query, key = self._rotate(query, key, image_rotary_emb, gen)
+            query, key = rotate_video(query, key, image_rotary_emb, gen)
         n_text = 0
         if encoder_hidden_states is not None:
             eq, ek, ev = _heads(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
@@ -116,7 +150,7 @@ class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
             elif gen.refreshes_cache:
                 gen.store_kv(self.name, key, value)
             if n_text and gen.wants_probs(self.layer):
-                self._collect(gen, query, key, n_text, text_mask)
+                collect_prefix(self.runtime, gen, query, key, n_text, text_mask)
 
         if text_mask is None:  # the stock processor cannot run without it; nothing to rewrite
             out = attend(self.runtime, self.name, query, key, value, None, None, rewrite=self.rewrite_padding,
@@ -143,40 +177,13 @@ class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
             text = attn.to_add_out(text)
         return video, text
 
-    @staticmethod
-    def _rotate(query, key, rope, gen):
-        """The stock RoPE table [N, d] on the video rows, or at selective steps each sensitive row's own row of it,
-        [B, K, d], gathered once per generation and shared by every block."""
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        if gen is None or gen.kind != SELECTIVE:
-            return (apply_rotary_emb(t, rope, sequence_dim=1) for t in (query, key))
-        cos, sin = gen.remember(("hunyuan-rope", tuple(rope[0].shape)),
-                                lambda: tuple(gather_rows(t[None], gen.index) for t in rope))  # [B, K, d]
-        return _rotate_rows(query, cos, sin), _rotate_rows(key, cos, sin)
-
-    def _collect(self, gen, query, key, n_text, text_mask) -> None:
-        """PCSP: the video-query x caption-key block of each sample's softmax over its valid keys (a prefix of the
-        joint [video; text] keys: samples of one caption length in one call)."""
-        n_video = query.shape[1] - n_text
-        q = query[:, :n_video].transpose(1, 2)  # [B, H, N, d]
-        k = key.transpose(1, 2)  # [B, H, N + T, d]
-        if text_mask is None:
-            probs = joint_image_to_text_probs(q, k, slice(n_video, n_video + n_text))
-        else:
-            counts = text_mask.bool().sum(1).tolist()  # valid caption tokens per sample (warm-up only)
-            probs = q.new_zeros(q.shape[0], n_video, n_text, dtype=torch.float32)
-            for count in sorted(set(counts)):
-                rows = torch.tensor([i for i, c in enumerate(counts) if c == count], device=q.device)
-                keys = k.index_select(0, rows)[:, :, :n_video + count]
-                part = joint_image_to_text_probs(q.index_select(0, rows), keys, slice(n_video, n_video + count))
-                probs[rows, :, :count] = part
-        gen.collect(probs, self.runtime.text_weights(text_mask, n_text, probs.device))
-
 
 class SafeRefinerAttnProcessor(SafeProcessor):
-    """Drop-in for ``AttnProcessor2_0`` on the token refiner's caption self-attention (``context_embedder``): the
-    refiner's [B, 1, L, L] pair mask, once checked to be v vᵀ, runs as key padding on v, padding rows zero."""
+    """Drop-in for ``AttnProcessor2_0`` on the token refiner's caption self-attention (``context_embedder``). The
+    refiner's [B, 1, L, L] pair mask is v vᵀ (HunyuanVideo 1.5) or v vᵀ with its first column set (HunyuanVideo):
+    every query row sees either the keys of v (run as key padding on v, mask-free) or the first key alone (its value,
+    exactly: a softmax over one key is 1) or none (0, as SDPA answers an all-False row). That form is checked once
+    per forward (``_refiner_keys``); a mask of any other form is kept as shipped."""
 
     stock = AttnProcessor2_0
 
@@ -202,23 +209,30 @@ class SafeRefinerAttnProcessor(SafeProcessor):
                 return m.view(batch, attn.heads, -1, m.shape[-1])
 
             out = attend(self.runtime, self.name, query, key, value, mask, None, rewrite=self.rewrite_padding,
-                         stock_mask=stock_mask, compact=_pair_vector, processor=self, sequence=False)
-            valid = _pair_vector(mask)
-            if valid is not None:
-                out = _zero_rows(out, valid)
+                         stock_mask=stock_mask, compact=_refiner_keys, processor=self, sequence=False)
+            if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, length):
+                rows = mask[:, 0]  # [B, L, L]; elementwise, no host sync
+                full = (rows == rows.any(1, keepdim=True)).all(-1)  # rows that see all the keys of v
+                first = rows[:, :, 0] & ~rows[:, :, 1:].any(-1)  # rows that see the first key alone
+                out = torch.where(full[:, :, None, None], out,
+                                  torch.where(first[:, :, None, None], value[:, :1].to(out.dtype), 0))
         out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
 
-def _pair_vector(mask: torch.Tensor) -> torch.Tensor | None:
-    """v [B, L] if ``mask`` is the boolean pair mask v vᵀ ([B, 1, L, L]) the token refiner builds, else None (a
-    mask of another form is kept as shipped). Reads values: once per forward, with the mask's decision."""
+def _refiner_keys(mask: torch.Tensor) -> torch.Tensor | None:
+    """The keys v [B, L] of a token refiner's boolean pair mask ([B, 1, L, L]) whose every row sees either all of v,
+    the first key alone, or nothing; None for a mask of another form (kept as shipped). Reads values: once per
+    forward, with the mask's decision."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != mask.shape[3]:
         return None
-    v = mask[:, 0].diagonal(dim1=1, dim2=2)  # [B, L]
-    return v if torch.equal(mask[:, 0], v[:, :, None] & v[:, None, :]) else None
+    rows = mask[:, 0]  # [B, L, L]
+    keys = rows.any(1)  # [B, L]: the union of the rows
+    full = (rows == keys[:, None]).all(-1)
+    first = rows[:, :, 0] & ~rows[:, :, 1:].any(-1)
+    return keys if bool((full | first | ~rows.any(-1)).all()) else None
 
 
 POSITIONAL = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")

@@ -121,7 +121,7 @@ def hunyuan_video15_bench_overrides(layers: int, heads=None, hidden_size=None, k
 
 # Qwen2.5-VL captions (up to 1000 tokens after the template crop) + 256 ByT5 slots + 729 image-embed slots; the
 # guider's CFG is two calls per step: batch-1 runs. 16 latent frames x 32 x 32 = 16,384 video tokens for bench e2e.
-KIT = Kit(rank=7, name="hunyuan-video-1.5", label="HunyuanVideo 1.5", tiny_name="tiny-random-hunyuan-video-1.5",
+KIT = Kit(rank=10, name="hunyuan-video-1.5", label="HunyuanVideo 1.5", tiny_name="tiny-random-hunyuan-video-1.5",
           build=build_hunyuan_video15, inputs=hunyuan_video15_inputs, pipeline=build_hunyuan_video15_pipeline,
           text_pipeline=build_hunyuan_video15_text_pipeline, prompt_kwargs=hunyuan_video15_prompt_kwargs,
           tiny_run=TinyRun(16, 24, grid=(2, 8, 12), guidance=None, frames=2), real_preset="hunyuan-video-1.5",
