@@ -212,10 +212,9 @@ class SafeRefinerAttnProcessor(SafeProcessor):
                          stock_mask=stock_mask, compact=_refiner_keys, processor=self, sequence=False)
             if mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, length):
                 rows = mask[:, 0]  # [B, L, L]; elementwise, no host sync
-                full = (rows == rows.any(1, keepdim=True)).all(-1)  # rows that see all the keys of v
-                first = rows[:, :, 0] & ~rows[:, :, 1:].any(-1)  # rows that see the first key alone
-                out = torch.where(full[:, :, None, None], out,
-                                  torch.where(first[:, :, None, None], value[:, :1].to(out.dtype), 0))
+                first = (rows[:, :, 0] & ~rows[:, :, 1:].any(-1))[:, :, None, None]  # the first key alone: its value
+                empty = ~rows.any(-1)[:, :, None, None]  # no key: 0
+                out = torch.where(first, value[:, :1].to(out.dtype), torch.where(empty, 0, out))
         out = attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
         if attn.residual_connection:
             out = out + hidden_states
