@@ -1,6 +1,7 @@
 """HunyuanVideo 1.5 (HunyuanVideo15Transformer3DModel): the per-call [B, 1, S, S] pair mask rewritten exactly and never
 allocated, the token refiner's pair mask likewise; safe-core on a batch of different caption lengths over the
-(frames, h, w) grid; what is refused."""
+(frames, h, w) grid; what is refused. HunyuanVideo (HunyuanVideoTransformer3DModel): the same for its [B, 1, 1, N + T]
+key mask and its refiner's pair mask with the first column set."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.testing.hunyuan_video import build_hunyuan_video, build_hunyuan_video_pipeline, hunyuan_video_inputs
 from safe_dit.testing.hunyuan_video15 import (
     build_hunyuan_video15,
     build_hunyuan_video15_pipeline,
@@ -295,3 +297,96 @@ def test_refusals():
 
 def test_cli_audit():
     assert main(["audit", "--model", "hunyuan-video-1.5", "--height-tokens", "3", "--width-tokens", "4"]) == 0
+
+
+# -- HunyuanVideo (1.0): the [B, 1, 1, N + T] key mask of every dual- and single-stream block ----------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("lens", [[8, 3], [8, 8], [5], [2, 7, 7]], ids=["split", "all-valid", "slice", "split-3"])
+def test_v1_dense_fp_equals_stock_with_no_mask_on_the_flash_kernel(lens, dtype):
+    model = build_hunyuan_video(dtype=dtype)
+    inputs = hunyuan_video_inputs(model, 3, 4, batch=len(lens), valid_lens=lens, seed=sum(lens))
+    dense, fast, stock_masks, masks = stock_vs_dense_fp(model, inputs)
+    n = 2 * 3 * 4 + 8  # video tokens + caption slots
+    assert sum(tuple(m.shape) == (len(lens), 1, 1, n) for m in stock_masks) == 3  # every dual and single block
+    assert masks and all(m is None for m in masks)
+    scale = 1.0 if dtype == torch.float32 else dense.abs().max().item()
+    assert (fast - dense).abs().max().item() <= TOL[dtype] * scale
+
+
+def test_v1_every_row_equals_stock_and_the_refiner_padding_rows_see_the_first_token():
+    model = build_hunyuan_video()
+    inputs = hunyuan_video_inputs(model, 3, 4, batch=2, valid_lens=[8, 3])
+    seen = []
+    model.context_embedder.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    for block in [*model.transformer_blocks, *model.single_transformer_blocks]:
+        block.register_forward_hook(lambda _m, _i, out: seen.extend(out))
+    forward(model, inputs)
+    stock, seen[:] = list(seen), []
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    verdicts = {(c["module"].split(".")[0], c["verdict"]) for c in trace_forward(model, inputs)}
+    seen.clear()
+    forward(model, inputs)
+    remove_safe_dit(model)
+    assert verdicts == {(where, "rewritten: split-batch (exact)")
+                        for where in ("context_embedder", "transformer_blocks", "single_transformer_blocks")}
+    assert len(seen) == len(stock) == 7
+    assert max((a - b).abs().max().item() for a, b in zip(stock, seen)) <= 1e-5
+
+
+def test_v1_safe_core_on_a_batch_of_two_captions_over_the_space_time_grid():
+    model = build_hunyuan_video()
+    base = hunyuan_video_inputs(model, 4, 4, batch=2, frames=3, valid_lens=[8, 3])
+    noise = torch.randn_like(base["hidden_states"])
+    steps = [dict(base, hidden_states=base["hidden_states"] * (1 - 0.1 * i) + 0.1 * i * noise,
+                  timestep=base["timestep"] * 0 + 1000 * (1 - i / 6)) for i in range(6)]
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    dense_fp = [forward(model, inputs) for inputs in steps]
+    remove_safe_dit(model)
+    sched = dict(warmup_steps=1, anchor_interval=3, tail_dense_steps=0, anchor_growth=0.0, reuse_every=0)
+    full, g1, _ = _steps(model, steps, SafeConfig("safe-core", keep_ratio=1.0, **sched))
+    assert "selective" in g1.report()["steps"]
+    assert max((o - d).abs().max().item() for o, d in zip(full, dense_fp)) <= 1e-5  # keep 1 == dense-fp
+    sparse, g2, spy = _steps(model, steps, SafeConfig("safe-core", keep_ratio=0.25, **sched))
+    report = g2.report()
+    assert report["tokens_per_step"][:2] == [48, 12] and g2._gen.grid == (3, 4, 4)
+    assert spy.masks and all(m is None for m in spy.masks)
+    assert not torch.allclose(sparse[1], dense_fp[1], atol=1e-4)
+    assert (sparse[3] - dense_fp[3]).abs().max().item() <= 1e-5  # the anchor is a dense step
+
+
+def test_v1_refusals_and_remove():
+    model = build_hunyuan_video()
+    before = processors(model)
+    with pytest.raises(SafeDitError, match="safe-sw is not available for HunyuanVideo"):
+        apply_safe_dit(model, SafeConfig("safe-sw"))
+    with pytest.raises(SafeDitError, match="text-to-video only"):
+        apply_safe_dit(build_hunyuan_video(image_condition_type="token_replace"), SafeConfig("safe-core"))
+    i2v = build_hunyuan_video(image_condition_type="latent_concat", in_channels=9)  # dense-fp runs image-to-video
+    inputs = hunyuan_video_inputs(i2v, 2, 3, batch=2, valid_lens=[8, 3])
+    dense, fast, _, masks = stock_vs_dense_fp(i2v, inputs)
+    assert all(m is None for m in masks) and (fast - dense).abs().max().item() <= 1e-5
+    pipe = build_hunyuan_video_pipeline(model)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(prompt_embeds=torch.randn(1, 8, 32, generator=g),
+              prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
+              pooled_prompt_embeds=torch.randn(1, 20, generator=g),
+              negative_prompt_embeds=torch.randn(1, 8, 32, generator=g),
+              negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
+              negative_pooled_prompt_embeds=torch.randn(1, 20, generator=g), true_cfg_scale=4.0,
+              height=16, width=16, num_frames=5, num_inference_steps=4, output_type="latent")
+    apply_safe_dit(pipe, SafeConfig("safe-core", warmup_steps=1, anchor_interval=2))
+    with pytest.raises(SafeDitError, match="one transformer call per sampling step"):
+        pipe(**kw)
+    apply_safe_dit(pipe, SafeConfig("dense-fp"))  # dense-fp runs true CFG
+    out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+    remove_safe_dit(pipe)
+    after = processors(model)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert not model._forward_pre_hooks and not model._forward_hooks and not model.proj_out._forward_hooks
+    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_v1_cli_audit():
+    assert main(["audit", "--model", "hunyuan-video", "--height-tokens", "3", "--width-tokens", "4"]) == 0
