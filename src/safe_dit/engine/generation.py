@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from safe_dit.config import SafeConfig
+from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.engine.partition import SensitivityAccumulator, prompt_free_partition, select_sensitive, sensitivity_map
 from safe_dit.engine.schedule import ANCHOR, REUSE, SELECTIVE, TAIL, WARMUP, StepPlan
 
@@ -64,6 +64,13 @@ def scatter_rows(base: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
     return base.scatter(1, _row_index(index, rows), rows.to(base.dtype))
 
 
+CALL_CACHES = ("kv", "kv_history", "output", "model_outputs", "output_template")  # one set per call of a step
+
+
+def _empty_caches() -> dict:
+    return {"kv": {}, "kv_history": {}, "output": None, "model_outputs": [], "output_template": None}
+
+
 class Generation:
     """State of one sampling run under ``safe-core``/``safe-sw``."""
 
@@ -107,6 +114,12 @@ class Generation:
         self.output_template = None  # the structure (tuple / ModelOutput) of the last computed model output
         self.tokens_per_step: list[int] = []
         self.kinds: list[str] = []
+        # A pipeline that runs CFG as separate calls (conditional first, then unconditional) makes
+        # ``calls_per_step`` model calls per step: they share the step plan and the partition (read from the first,
+        # the prompt's), and each keeps its own caches (the ``CALL_CACHES`` attributes, swapped per call).
+        self.calls_per_step = 1
+        self.call = 0
+        self._other_calls: dict[int, dict] = {}
         self.batch = 1
         self.device: torch.device | None = None  # where the latents live; prompt-free partitions are made there
         self._memo: dict = {}  # values fixed with the partition (joint row positions)
@@ -114,6 +127,9 @@ class Generation:
     # -- step control -------------------------------------------------------------------------
     def begin_step(self, step: int, num_tokens: int, grid: tuple[int, ...], batch: int = 1,
                    device: torch.device | str | None = None, timestep: float | None = None) -> str:
+        if step == self.step and self.call + 1 < self.calls_per_step:  # the step's next call (CFG's unconditional)
+            return self._next_call(grid, batch)
+        self._use_call(0)
         if self.grid is not None and grid != self.grid:
             raise RuntimeError(f"token grid changed from {self.grid} to {grid} inside one generation")
         self.grid = grid
@@ -137,7 +153,7 @@ class Generation:
         self.kind = kind
         self.kinds.append(kind)
         self.refresh = kind in (ANCHOR, TAIL) or (kind == WARMUP and step == self.plan.warmup_steps - 1)
-        self.last_step = step >= self.plan.num_steps - 1
+        self.last_step = step >= self.plan.num_steps - 1 and self.calls_per_step == 1
         order = self.config.context_forecast
         if self.refresh:
             self.anchor_step = step
@@ -152,12 +168,50 @@ class Generation:
 
     @property
     def is_last_step(self) -> bool:
+        """The generation's last model call (of its last step)."""
         return self.last_step
+
+    def _next_call(self, grid: tuple[int, ...], batch: int) -> str:
+        """The next call of the current step: the same step kind on its own caches, which the calls fill in lockstep
+        (every call of a step runs the same kind)."""
+        if grid != self.grid or batch != self.batch:
+            raise SafeDitError(f"the calls of one sampling step differ in token grid or batch ({self.grid} x "
+                               f"{self.batch}, then {grid} x {batch}): each call's caches must match its rows")
+        self._use_call(self.call + 1)
+        if (self.kind == SELECTIVE and (self.output is None or not self.kv)) or \
+                (self.kind == REUSE and not self.model_outputs):
+            raise SafeDitError(f"call {self.call} of step {self.step} has no caches of its own for a {self.kind} "
+                               "step: every call of a sampling step must run at every step of the generation")
+        self.last_step = self.step >= self.plan.num_steps - 1 and self.call == self.calls_per_step - 1
+        return self.kind
+
+    def _use_call(self, call: int) -> None:
+        """Make ``call``'s caches the current ones (the others are kept aside)."""
+        if call == self.call:
+            return
+        self._other_calls[self.call] = {name: getattr(self, name) for name in CALL_CACHES}
+        saved = self._other_calls.pop(call, None) or _empty_caches()
+        for name, value in saved.items():
+            setattr(self, name, value)
+        self.call = call
+
+    def continued(self) -> "Generation":
+        """The same trajectory continued by another model (Wan 2.2's second transformer): its step plan, position,
+        partition (or the warm-up's running sensitivity) and report so far, but none of the caches: they hold this
+        model's K/V and outputs, so the next model's first step is dense (an anchor)."""
+        new = Generation(self.config, self.plan.num_steps, self.parallel)
+        for name in ("step", "kind", "accumulator", "grid", "cfg_batch", "first_timestep", "cond_first", "sensitivity",
+                     "index", "valid", "global_index", "local_tokens", "batch", "device", "calls_per_step"):
+            setattr(new, name, getattr(self, name))
+        new.call = self.calls_per_step - 1  # the last call of the step that ran
+        new.times, new.kinds, new.tokens_per_step = dict(self.times), list(self.kinds), list(self.tokens_per_step)
+        return new
 
     # -- PCSP ---------------------------------------------------------------------------------
     def wants_probs(self, layer: int) -> bool:
         blocks = self.config.pcsp_blocks
-        return self.kind == WARMUP and self.config.partition == "pcsp" and (blocks is None or layer in blocks)
+        return self.kind == WARMUP and self.call == 0 and self.config.partition == "pcsp" and \
+            (blocks is None or layer in blocks)
 
     def collect(self, probs: torch.Tensor, text_weights: torch.Tensor) -> None:
         self.accumulator.add(probs, text_weights)
@@ -302,11 +356,14 @@ class Generation:
         return combine([t for _, t in nodes], weights)
 
     def cache_bytes(self) -> int:
+        """The caches of every call of a step (one set without CFG calls)."""
         size = lambda t: t.numel() * t.element_size()  # noqa: E731
-        kv = sum(size(k) + size(v) for k, v in self.kv.values())
-        kv += sum(size(k) + size(v) for hist in self.kv_history.values() for k, v in hist[:-1])
-        out = 0 if self.output is None else size(self.output)
-        return kv + out + sum(size(t) for _, t in self.model_outputs)
+        total = 0
+        for c in [{name: getattr(self, name) for name in CALL_CACHES}, *self._other_calls.values()]:
+            total += sum(size(k) + size(v) for k, v in c["kv"].values())
+            total += sum(size(k) + size(v) for hist in c["kv_history"].values() for k, v in hist[:-1])
+            total += (0 if c["output"] is None else size(c["output"])) + sum(size(t) for _, t in c["model_outputs"])
+        return total
 
     def report(self) -> dict:
         n = max(self.tokens_per_step) if self.tokens_per_step else 0

@@ -30,14 +30,19 @@ def pixel_gamma(config, gen, batch: int, size, dtype) -> torch.Tensor:
     """gamma_i of the conditional half's sensitivity map, upsampled from the token grid to the model
     output's pixels: [b, 1, H, W] for an output [2b, C, H, W] (a 3-D grid: [b, 1, F, H, W] for [2b, C, F, H, W]).
     ``size``: the output's trailing sizes, one per grid axis, or its width alone (every axis patched alike)."""
-    grid = tuple(gen.grid)
+    cond, _ = gen.cfg_rows(batch)
+    return upsample(config_guidance(config, gen.sensitivity[cond]), gen.grid, size).to(dtype)
+
+
+def upsample(gamma: torch.Tensor, grid: tuple[int, ...], size) -> torch.Tensor:
+    """A per-token map [b, N] on ``grid`` as [b, 1, *output sizes] (``size`` as for :func:`pixel_gamma`)."""
+    grid = tuple(grid)
     sizes = (size,) if isinstance(size, int) else tuple(size)
     factors = [sizes[-1] // grid[-1]] * len(grid) if len(sizes) == 1 else [s // g for s, g in zip(sizes, grid)]
-    cond, _ = gen.cfg_rows(batch)
-    gamma = config_guidance(config, gen.sensitivity[cond]).view(-1, 1, *grid)  # [b, 1, (f,) h, w]
+    gamma = gamma.view(-1, 1, *grid)  # [b, 1, (f,) h, w]
     for axis, p in enumerate(factors):
         gamma = gamma.repeat_interleave(p, 2 + axis)
-    return gamma.to(dtype)
+    return gamma
 
 
 def _sample_of(output):
@@ -110,4 +115,36 @@ class SchedulerGuidance:
         gamma = pixel_gamma(runtime.config, gen, sample.shape[0], sample.shape[-len(gen.grid):],
                         sample.dtype)  # [b, 1, (F,) H, W]
         self.pending = guide(sample[uncond], sample[cond], gamma)
+        return output
+
+
+class SeparateCallGuidance:
+    """SW-CFG for pipelines that make a conditional and then an unconditional call per step and combine them as
+    u + g(c - u) (Wan): the conditional output c is remembered, and the unconditional call returns
+    u' = (u (1 - gamma_i) + c (gamma_i - g)) / (1 - g) instead of u, so that the pipeline's own u' + g(c - u')
+    equals u + gamma_i (c - u) on every channel. ``scale()`` is the g the pipeline applies at this step."""
+
+    def __init__(self, scale):
+        self.scale, self.cond = scale, None
+
+    def clear(self, *_args) -> None:  # nothing kept from an interrupted call
+        self.cond = None
+
+    def __call__(self, runtime, gen, output):
+        if gen.calls_per_step != 2:
+            return output
+        sample = _sample_of(output)  # [B, C, (F,) H, W]
+        if gen.call == 0:
+            self.cond = sample
+            return output
+        cond, self.cond = self.cond, None
+        g = float(self.scale() or 0.0)
+        if cond is None or g <= 1.0:
+            return output
+        gamma = upsample(config_guidance(runtime.config, gen.sensitivity), gen.grid,
+                         sample.shape[-len(gen.grid):]).to(sample.dtype)  # [B, 1, (F,) H, W]
+        guided = (sample * (1 - gamma) + cond * (gamma - g)) / (1 - g)
+        if isinstance(output, tuple):
+            return (guided,) + tuple(output[1:])
+        output.sample = guided
         return output

@@ -151,9 +151,10 @@ class StepTracker:
     """Model forward pre-hook: which step of which generation this forward is, and what kind of step.
 
     ``grid`` is the patch size of a [B, C, H, W] latent input (a tuple: one per axis of a video latent
-    [B, C, F, H, W]), or a callable (args, kwargs) -> the token grid,
-    (h, w) or (frames, h, w), for backbones that take packed tokens (FLUX) or video latents. The latents are the forward's ``latent_arg`` (a tensor
-    [B, ...], or a list of per-sample tensors as Z-Image takes them), its timestep ``timestep_arg``."""
+    [B, C, F, H, W]), or a callable (args, kwargs) -> the token grid, (h, w) or (frames, h, w), for backbones
+    that take packed tokens (FLUX). The latents are the forward's ``latent_arg`` (a tensor [B, ...], or a list
+    of per-sample tensors as Z-Image takes them), its timestep ``timestep_arg``. Where the pipeline runs CFG as
+    separate calls (``runtime.cfg_calls``), a CFG pipeline call makes two calls per step, conditional first."""
 
     def __init__(self, runtime: Runtime, grid, latent_arg: str = "hidden_states", timestep_arg: str = "timestep",
                  positions: dict[str, int] | None = None):
@@ -168,16 +169,19 @@ class StepTracker:
         batch, device = (len(latents), latents[0].device) if isinstance(latents, (list, tuple)) \
             else (latents.shape[0], latents.device)
         grid = self.grid_of(args, kwargs)
+        again = False  # the step's next call (CFG as separate calls)
         if rt.explicit_generation:
             gen, step, cfg = rt.generation, rt.generation.step + 1, rt.explicit_cfg
             if step >= gen.plan.num_steps:
                 raise SafeDitError(f"safe_dit.generation(..., num_steps={gen.plan.num_steps}) got more transformer "
                                    "calls than steps: one call per sampling step")
         else:
-            gen, step = self._pipeline_step(rt, _argument(args, kwargs, self.timestep_arg, self.positions))
+            gen, step, again = self._pipeline_step(rt, _argument(args, kwargs, self.timestep_arg, self.positions))
             cfg = rt.pipeline_cfg
-        if step == 0:  # a CFG batch is what the pipeline call said it is, never guessed from the latents
-            gen.cfg_batch = bool(cfg) and rt.cfg_pairs and batch % 2 == 0
+        if step == 0 and not again:  # a CFG batch is what the pipeline call said it is, never guessed from the latents
+            separate = rt.cfg_calls and not rt.explicit_generation  # CFG as a conditional and an unconditional call
+            gen.cfg_batch = bool(cfg) and rt.cfg_pairs and batch % 2 == 0 and not separate
+            gen.calls_per_step = 2 if separate and cfg else 1
             gen.cond_first = rt.cond_first
         forecasts = rt.config.context_forecast or rt.config.reuse_every
         timestep = None  # the forecasts' variable; without it the step index
@@ -187,22 +191,28 @@ class StepTracker:
         return None
 
     @staticmethod
-    def _pipeline_step(rt: Runtime, timestep) -> tuple[Generation, int]:
-        """The step from the scheduler the pipeline holds now (it may have been replaced since apply)."""
+    def _pipeline_step(rt: Runtime, timestep) -> tuple[Generation, int, bool]:
+        """The step from the scheduler the pipeline holds now (it may have been replaced since apply), and whether
+        this call is the step's next one (CFG as separate calls)."""
         scheduler = getattr(rt.pipe, "scheduler", None)
         if scheduler is None:
             raise SafeDitError(
                 f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
                 "transformer inside `with safe_dit.generation(transformer, num_steps=...)`")
         index, gen = scheduler.step_index, rt.generation
+        more = gen is not None and gen.call + 1 < gen.calls_per_step  # a call of the current step is to come
         if index is None:  # the first step of a pipeline call
             t = _first_timestep(timestep)
+            if more and gen.step == 0 and t == gen.first_timestep:
+                return gen, 0, True
             if gen is not None and gen.step == 0 and None not in (t, gen.first_timestep) and t != gen.first_timestep:
                 rt.generation = None
                 raise SafeDitError(NOT_ADVANCING)
             gen = rt.generation = Generation(rt.config, len(scheduler.timesteps), rt.parallel)
             gen.first_timestep = t
-            return gen, 0
+            return gen, 0, False
+        if more and index == gen.step:
+            return gen, index, True
         if gen is not None and index == gen.step:
             rt.generation = None
             raise SafeDitError(
@@ -218,7 +228,7 @@ class StepTracker:
                 f"scheduler step {index} while {where} (the transformer called outside the pipeline's loop, or by "
                 "another pipeline that shares it): apply_safe_dit(that_pipeline, config), or run it inside "
                 "`with safe_dit.generation(transformer, num_steps=...)`")
-        return gen, index
+        return gen, index, False
 
 
 NOT_ADVANCING = ("the scheduler safe-dit follows did not advance between two transformer calls: this transformer is "

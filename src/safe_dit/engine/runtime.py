@@ -29,6 +29,7 @@ class Runtime:
         self.generation = None
         self.pipe = None  # the pipeline applied with: its current scheduler's step_index tells the step
         self.cfg_pairs = True  # the backbone's pipelines may batch [cond; uncond] (not FLUX: guidance-distilled)
+        self.cfg_calls = False  # its pipeline runs CFG as a conditional, then an unconditional call per step
         self.pipeline_cfg: bool | None = None  # the current pipeline call batches [cond; uncond] (its encode_prompt)
         self.explicit_cfg = False  # safe_dit.generation(..., cfg_batch=...)
         self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
