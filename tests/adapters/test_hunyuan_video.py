@@ -261,8 +261,6 @@ def test_selective_steps_do_a_fraction_of_the_block_work():
 
 def test_refusals():
     model = build_hunyuan_video15()
-    with pytest.raises(SafeDitError, match="safe-sw is not available for HunyuanVideo 1.5"):
-        apply_safe_dit(model, SafeConfig("safe-sw"))
     apply_safe_dit(model, SafeConfig("safe-core", warmup_steps=1))
     i2v = hunyuan_video15_inputs(model, 2, 2, image=True)
     with pytest.raises(SafeDitError, match="text-to-video only"), torch.no_grad(), \
@@ -274,25 +272,59 @@ def test_refusals():
             safe_dit.generation(model, num_steps=2):
         model(**bad)
     remove_safe_dit(model)
-    pipe = build_hunyuan_video15_pipeline()
-    pipe.guider.guidance_scale = 6.0  # the guider's CFG: conditional and unconditional calls
+
+
+def _guided_call():
     g = torch.Generator().manual_seed(0)
-    kw = dict(prompt_embeds=torch.randn(1, 8, 32, generator=g),
-              prompt_embeds_mask=torch.tensor([[1.0] * 6 + [0.0] * 2]),
-              negative_prompt_embeds=torch.randn(1, 8, 32, generator=g),
-              negative_prompt_embeds_mask=torch.tensor([[1.0] * 2 + [0.0] * 6]),
-              prompt_embeds_2=torch.randn(1, 4, 24, generator=g), prompt_embeds_mask_2=torch.zeros(1, 4),
-              negative_prompt_embeds_2=torch.randn(1, 4, 24, generator=g),
-              negative_prompt_embeds_mask_2=torch.zeros(1, 4),
-              height=8, width=8, num_frames=2, num_inference_steps=4, output_type="latent")
-    apply_safe_dit(pipe, SafeConfig("safe-core", warmup_steps=1, anchor_interval=2))
-    with pytest.raises(SafeDitError, match="one transformer call per sampling step"):
-        pipe(**kw)
-    apply_safe_dit(pipe, SafeConfig("dense-fp"))  # dense-fp runs the guider's CFG
-    out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+    return dict(prompt_embeds=torch.randn(1, 8, 32, generator=g),
+                prompt_embeds_mask=torch.tensor([[1.0] * 6 + [0.0] * 2]),
+                negative_prompt_embeds=torch.randn(1, 8, 32, generator=g),
+                negative_prompt_embeds_mask=torch.tensor([[1.0] * 2 + [0.0] * 6]),
+                prompt_embeds_2=torch.randn(1, 4, 24, generator=g), prompt_embeds_mask_2=torch.zeros(1, 4),
+                negative_prompt_embeds_2=torch.randn(1, 4, 24, generator=g),
+                negative_prompt_embeds_mask_2=torch.zeros(1, 4),
+                height=16, width=16, num_frames=2, num_inference_steps=8, output_type="latent")
+
+
+def test_safe_core_and_safe_sw_follow_the_guiders_two_calls_per_step():
+    """The guider's CFG (a conditional, then an unconditional call per step, captions of different lengths): dense-fp
+    equals stock; safe-core with keep 1 equals dense-fp; safe-sw with one gamma everywhere equals safe-core (the
+    unconditional output it returns is u itself), with a map it differs."""
+    pipe = build_hunyuan_video15_pipeline()
+    pipe.guider.guidance_scale = 6.0
+    kw = _guided_call()
+
+    def run(config):
+        if config is None:
+            remove_safe_dit(pipe)
+        else:
+            apply_safe_dit(pipe, config)
+        with SdpaSpy() as spy:
+            out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+        rt = safe_dit.api.runtime_of(pipe)
+        return out, (rt.last_report if rt is not None else None), spy
+
+    stock, _, _ = run(None)
+    dense_fp, _, _ = run(SafeConfig("dense-fp"))
+    sched = dict(warmup_steps=2, anchor_interval=3, tail_dense_steps=1, anchor_growth=0.0, reuse_every=0)
+    full, report, _ = run(SafeConfig("safe-core", keep_ratio=1.0, **sched))
+    core, core_report, spy = run(SafeConfig("safe-core", keep_ratio=0.25, **sched))
+    flat, _, _ = run(SafeConfig("safe-sw", keep_ratio=0.25, cfg_context=6.0, cfg_sensitive=6.0, **sched))
+    mapped, _, _ = run(SafeConfig("safe-sw", keep_ratio=0.25, cfg_context=4.0, cfg_sensitive=8.0, **sched))
     remove_safe_dit(pipe)
-    ref = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
-    assert (out - ref).abs().max().item() <= 1e-5
+    assert (dense_fp - stock).abs().max().item() <= 1e-5
+    assert "selective" in report["steps"] and (full - dense_fp).abs().max().item() <= 1e-5
+    assert core_report["tokens_per_step"][:3] == [128, 128, 32]
+    assert len(spy.masks) == 2 * 8 * 3 + 2 * 2  # 2 calls x 8 steps x 3 attentions, + PCSP's mass on call 0's warm-up
+    assert all(m is None for m in spy.masks)
+    assert not torch.allclose(core, dense_fp, atol=1e-4)
+    assert (flat - core).abs().max().item() <= 1e-5 * core.abs().max().item()
+    assert not torch.allclose(mapped, core, atol=1e-4)
+    pipe.guider._start = 0.5  # CFG for half the trajectory: one call per step, then two
+    apply_safe_dit(pipe, SafeConfig("safe-core"))
+    with pytest.raises(SafeDitError, match="guides from 0.5"):
+        pipe(**kw)
+    remove_safe_dit(pipe)
 
 
 def test_cli_audit():

@@ -19,12 +19,18 @@ scattered after ``proj_out``; each block rotates them with their own rows of the
 per generation) and writes them, with the always-computed text rows, into the anchor's joint K/V in place. PCSP
 reads the video-query x caption-key block of each sample's softmax over its valid keys (warm-up only).
 
+CFG: the pipeline's guider (``ClassifierFreeGuidance``) makes a conditional, then an unconditional call per step;
+both follow one step plan and the prompt's partition, each with its own caches (the engine's separate CFG calls),
+and safe-sw returns the unconditional call's output such that the guider's u + g (c - u) becomes u + gamma_i (c - u).
+
 Refused: image-to-video conditioning in the scheduled modes (non-zero ``image_embeds``; dense-fp runs it
-exactly), safe-sw (the pipeline's guider makes separate conditional and unconditional calls: no batched pair to
-weight), and a mask the processor does not know.
+exactly), other guiders or a CFG on for part of the trajectory in the scheduled modes, a rescaled or original-
+formulation CFG under safe-sw, and a mask the processor does not know.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -37,6 +43,7 @@ from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
 from safe_dit.engine.attend import attend
 from safe_dit.engine.generation import gather_rows
+from safe_dit.engine.guidance import SeparateCallGuidance, sensitivity_weighted
 from safe_dit.engine.hooks import caption_mask_check, layer_of
 from safe_dit.engine.partition import joint_image_to_text_probs
 from safe_dit.engine.schedule import SELECTIVE
@@ -47,14 +54,9 @@ NOTES = ("HunyuanVideo 1.5: every block's processor builds the dense [B, 1, S, S
          "prefix (batch split by length), padding query rows zero as in SDPA. The token refiner's [B, 1, L, L] "
          "pair mask is checked once per forward to be the outer product of one vector and rewritten the same way.")
 
-NO_SW_CFG = ("safe-sw is not available for HunyuanVideo 1.5: HunyuanVideo15Pipeline's guider makes separate "
-             "conditional and unconditional transformer calls, so there is no batched (eps_c - eps_u) whose weight "
-             "SW-CFG could vary per token. Use mode='safe-core' or 'dense-fp'.")
-
-TWO_CALLS = ("safe-core on HunyuanVideo 1.5 needs one transformer call per sampling step, but the pipeline's guider "
-             "calls it twice per step (conditional, then unconditional) when its guidance_scale is not 1. Use "
-             "dense-fp for guided runs, a guider with guidance_scale=1, or call the transformer with a [cond; uncond] "
-             "batch inside safe_dit.generation(transformer, num_steps=..., cfg_batch=True)")
+GUIDER = ("safe-core/safe-sw on HunyuanVideo 1.5 follow the pipeline's guider when it is a ClassifierFreeGuidance on "
+          "for the whole trajectory (a conditional, then an unconditional call per step); {what}. Use dense-fp with "
+          "this guider")
 
 IMAGE_TO_VIDEO = ("safe-core/safe-sw on HunyuanVideo 1.5 support text-to-video only (image_embeds all zero, as "
                   "HunyuanVideo15Pipeline passes them); image-to-video conditioning runs exactly under dense-fp")
@@ -252,14 +254,18 @@ class HunyuanVideo15Adapter(Adapter):
     tokens_in = "x_embedder"
     tokens_out = "proj_out"
 
-    def check(self, model, config) -> None:
-        if config.mode == "safe-sw":
-            raise SafeDitError(NO_SW_CFG)
-
     def token_grid(self, model):
         """(frames, h, w) of a [B, C, F, H, W] latent: the temporal and spatial patch sizes."""
         cfg = model.config
         return cfg.patch_size_t, cfg.patch_size, cfg.patch_size
+
+    def guidance(self, model, runtime, handle):
+        separate = SeparateCallGuidance(lambda: getattr(getattr(runtime.pipe, "guider", None), "guidance_scale", None))
+
+        def guide(rt, gen, output):  # a [cond; uncond] batch (safe_dit.generation(..., cfg_batch=True)) or two calls
+            return sensitivity_weighted(rt, gen, output) if gen.cfg_batch else separate(rt, gen, output)
+
+        return guide
 
     def hooks(self, model, runtime, handle) -> list:
         hooks = [model.register_forward_pre_hook(caption_mask_check(name, text, POSITIONAL), with_kwargs=True)
@@ -267,15 +273,34 @@ class HunyuanVideo15Adapter(Adapter):
                                     ("encoder_attention_mask_2", "encoder_hidden_states_2"))]
         if not runtime.config.scheduled:
             return hooks
+        runtime.cfg_calls = True  # the guider: a conditional, then an unconditional call per step
 
-        def guard(_model, args, kwargs):  # image-to-video conditioning; a second call in one scheduler step
+        def check(_model, args, kwargs):  # before the step tracker: image-to-video, and this pipeline call's CFG
             image = kwargs.get("image_embeds")
             if image is not None and bool((image != 0).any()):
                 raise SafeDitError(IMAGE_TO_VIDEO)
-            gen, scheduler = runtime.generation, getattr(runtime.pipe, "scheduler", None)
-            if gen is not None and not runtime.explicit_generation and scheduler is not None \
-                    and scheduler.step_index is not None and scheduler.step_index == gen.step:
-                runtime.generation = None
-                raise SafeDitError(TWO_CALLS)
+            scheduler = getattr(runtime.pipe, "scheduler", None)
+            if not runtime.explicit_generation and scheduler is not None and scheduler.step_index is None:
+                runtime.pipeline_cfg = _guider_cfg(getattr(runtime.pipe, "guider", None), runtime.config.mode)
 
-        return hooks + [model.register_forward_pre_hook(guard, with_kwargs=True)]
+        return hooks + [model.register_forward_pre_hook(check, with_kwargs=True)]
+
+
+def _guider_cfg(guider, mode: str) -> bool:
+    """Whether the pipeline's guider makes a conditional and an unconditional call at every step of this call."""
+    from diffusers import ClassifierFreeGuidance
+
+    if guider is None:
+        return False
+    if type(guider) is not ClassifierFreeGuidance:
+        raise SafeDitError(GUIDER.format(what=f"this pipeline's guider is {type(guider).__name__}"))
+    neutral = 0.0 if guider.use_original_formulation else 1.0  # the scale at which the guider makes one call
+    partial = guider._start > 0 or guider._stop < 1
+    if guider._enabled and not math.isclose(guider.guidance_scale, neutral) and partial:
+        raise SafeDitError(GUIDER.format(what=f"this guider guides from {guider._start} to {guider._stop} of it"))
+    if guider.num_conditions == 1:
+        return False
+    if mode == "safe-sw" and (guider.guidance_rescale > 0 or guider.use_original_formulation):
+        raise SafeDitError(GUIDER.format(what="safe-sw weights u + g (c - u); this guider rescales it or uses the "
+                                              "original formulation c + g (c - u)"))
+    return True
