@@ -75,11 +75,13 @@ def test_every_row_of_every_block_equals_stock_padding_rows_included():
 
 
 class LiveBytes(TorchDispatchMode):
-    """Every tensor storage the ops under it allocate: the bytes alive at once (peak) and the shapes made."""
+    """Every tensor storage the ops under it allocate (storages alive before, the weights and inputs, are not
+    counted): the bytes alive at once (peak), the bytes allocated in all, and the shapes made."""
 
-    def __init__(self):
+    def __init__(self, *existing):
         super().__init__()
-        self.live, self.current, self.peak, self.shapes = {}, 0, 0, []
+        self.live, self.current, self.peak, self.total, self.shapes = {}, 0, 0, 0, []
+        self.known = {t.untyped_storage().data_ptr() for group in existing for t in group}
 
     def _free(self, ptr):
         self.current -= self.live.pop(ptr, 0)
@@ -91,9 +93,10 @@ class LiveBytes(TorchDispatchMode):
                 self.shapes.append(tuple(t.shape))
                 storage = t.untyped_storage()
                 ptr, size = storage.data_ptr(), storage.nbytes()
-                if size and ptr not in self.live:
+                if size and ptr not in self.live and ptr not in self.known:
                     self.live[ptr] = size
                     self.current += size
+                    self.total += size
                     self.peak = max(self.peak, self.current)
                     weakref.finalize(storage, self._free, ptr)
         return out
@@ -104,8 +107,11 @@ def test_the_pair_mask_is_never_allocated_and_peak_memory_is_below_stock():
     inputs = hunyuan_video15_inputs(model, 16, 16, batch=2, frames=4, valid_lens=[8, 3], glyph_valid=[0, 2])
     s = _joint_length(inputs)  # 1040
 
+    existing = [list(model.parameters()), list(model.buffers()),
+                [t for t in inputs.values() if isinstance(t, torch.Tensor)]]
+
     def measure():
-        with torch.no_grad(), LiveBytes() as live:
+        with torch.no_grad(), LiveBytes(*existing) as live:
             out = model(**inputs)[0]
         return out, live
 
@@ -117,6 +123,7 @@ def test_the_pair_mask_is_never_allocated_and_peak_memory_is_below_stock():
     assert stock.shapes.count(pair) >= 2 and not any(shape[-2:] == (s, s) for shape in fp.shapes)  # seen, never made
     mask_bytes = 2 * s * s  # one boolean [B, 1, S, S]
     assert fp.peak < stock.peak - mask_bytes, (fp.peak, stock.peak)
+    assert fp.total < stock.total - 2 * mask_bytes  # two pair masks (one per block) never made
     assert (fast - dense).abs().max().item() <= 1e-5
 
 
