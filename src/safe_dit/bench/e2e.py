@@ -72,7 +72,12 @@ class _Backbone:
         self.text_len = kit.bench_text_len
         self.kwargs = kit.prompt_kwargs(self.transformer, draw, self.text_len, PROMPT_VALID, device=args.device)
         self.modes = MODES[:3] if kit.guidance_distilled else MODES
-        self.batch = "1 (guidance-distilled)" if kit.guidance_distilled else "2 (CFG)"
+        self.batch = "1 (guidance-distilled)" if kit.guidance_distilled else \
+            "1, two calls per step (CFG)" if kit.cfg_calls else "2 (CFG)"
+        self.frames = getattr(args, "frames", None) or kit.bench_frames  # latent frames (video backbones)
+        if self.frames > 1 and kit.frame_kwargs is None:
+            raise SafeDitError(f"--frames applies to video backbones; {kit.label} makes images")
+        self.kwargs.update(kit.frame_kwargs(self.frames) if kit.frame_kwargs is not None else {})
         if getattr(args, "prompts", 1) == 2:  # a second prompt of another caption length in the same call
             second = kit.prompt_kwargs(self.transformer, draw, self.text_len, PROMPT_VALID[::-1], device=args.device)
             self.kwargs = {k: torch.cat([v, second[k]]) if isinstance(v, torch.Tensor)
@@ -85,14 +90,18 @@ class _Backbone:
         self.pipe.to(args.device)
         self.hidden = self.heads * self.head_dim
 
+    @property
+    def vae_scale(self) -> int:
+        return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
+
     def size(self, side: int) -> int:
-        """Image side in pixels whose latent has ``side`` x ``side`` image tokens."""
+        """Image side in pixels whose latent has ``side`` x ``side`` image tokens (per frame)."""
         patch = self.kit.latent_patch or self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
-        return side * patch * self.pipe.vae_scale_factor
+        return side * patch * self.vae_scale
 
     def call(self, size: int, steps: int, guidance: float):
         return self.pipe(**self.kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-                         generator=torch.Generator().manual_seed(0), output_type="latent").images
+                         generator=torch.Generator().manual_seed(0), output_type="latent")[0]  # images or frames
 
 
 def run_e2e(args, progress: bool = True, cp=None) -> dict:
@@ -105,9 +114,10 @@ def run_e2e(args, progress: bool = True, cp=None) -> dict:
     bar = tqdm(total=len(args.tokens) * len(modes) * (args.repeats + 2), disable=not progress,
                desc=f"bench e2e {args.model}", file=sys.stderr)
     for n_tokens in args.tokens:
-        side = math.isqrt(n_tokens)
-        if side * side != n_tokens or side % 8:
-            raise SafeDitError(f"--tokens {n_tokens}: use square grids whose side is a multiple of 8")
+        side = math.isqrt(n_tokens // bb.frames)
+        if bb.frames * side * side != n_tokens or side % 8:
+            per = f"{bb.frames} frames of " if bb.frames > 1 else ""
+            raise SafeDitError(f"--tokens {n_tokens}: use {per}square grids whose side is a multiple of 8")
         size = bb.size(side)
 
         def call(steps):
@@ -156,7 +166,7 @@ def run_e2e(args, progress: bool = True, cp=None) -> dict:
         for mode in modes:
             rep = reports.get(mode) or {}
             rows.append({
-                "tokens": n_tokens, "resolution": size * 8 // bb.pipe.vae_scale_factor, "mode": mode,
+                "tokens": n_tokens, "resolution": size * 8 // bb.vae_scale, "mode": mode,
                 "status": status[mode], "timed": timed, "rel_err_vs_dense_short_call": err if mode == "dense-fp" else None,
                 "seconds": statistics.median(times[mode]) if times[mode] else None, "all_seconds": times[mode],
                 "peak_memory_mb": peaks.get(mode), # untimed (probe-only) rows ran a short call: no full-schedule token fraction to report
@@ -173,7 +183,8 @@ def run_e2e(args, progress: bool = True, cp=None) -> dict:
             "model": args.model, "model_class": type(bb.transformer).__name__, "model_label": bb.label,
             "preset": args.preset, "layers": args.layers, "hidden_size": bb.hidden, "heads": bb.heads,
             "kv_heads": bb.kv_heads, "head_dim": bb.head_dim, "dtype": args.dtype, "steps": args.steps,
-            "batch": bb.batch, "guidance": args.guidance, "repeats": args.repeats, "text_len": bb.text_len,
+            "batch": bb.batch, "latent_frames": bb.frames, "guidance": args.guidance, "repeats": args.repeats,
+            "text_len": bb.text_len,
             "time_up_to_tokens": args.time_up_to,
             "memory_measured_on": "a short call (warm-up steps + anchor + selective steps) of each mode",
             "configs": {m: dict(c.__dict__, context_parallel=getattr(args, "context_parallel", None) if
@@ -282,6 +293,9 @@ def configure_parser(p) -> None:
                    help="prompts per pipeline call: 2 batches a second prompt with another caption length "
                         f"({PROMPT_VALID[0]} and {PROMPT_VALID[1]} valid tokens), where Lumina-Image-2.0 and Qwen-Image "
                         "mask their joint attention (default 1)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video backbones (wan): latent frames per call; --tokens counts frames x side x side "
+                        "(default: 16 for wan, so 16384 = 16 x 32 x 32; --quick: 1)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; safe-sw uses guidance±1")
     add_schedule_arguments(p)
@@ -303,11 +317,13 @@ def configure_parser(p) -> None:
 def run(args) -> int:
     if args.quick:
         args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
+        args.frames = 1
         args.hidden_size = args.heads = None
     if args.hidden_size and not (kit_for(args.model).bench_hidden_size and args.heads and args.kv_heads):
         raise SafeDitError("--hidden-size needs --heads and --kv-heads")
-    if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens):
-        raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")
+    if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens) \
+            or (args.frames is not None and args.frames < 1):
+        raise SafeDitError("--steps, --layers, --repeats, --frames and --tokens must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
     if args.modes is not None:

@@ -41,7 +41,8 @@ class Kit:
     call; ``draw(role, *shape)`` makes each tensor, called in a fixed order with role "prompt", "pooled",
     "negative" or "negative_pooled"; ``valid`` = (prompt, negative) valid caption tokens where captions are
     padded. ``bench_overrides(layers, heads=None, hidden_size=None, kv_heads=None)``: the config overrides bench
-    e2e builds ``real_preset`` with.
+    e2e builds ``real_preset`` with. A video backbone's ``frame_kwargs(latent_frames)`` gives the pipeline keywords
+    for that many latent frames (``num_frames``); bench e2e makes ``bench_frames`` of them by default.
     """
 
     rank: int  # order in KITS (and so in --model choices and reports)
@@ -61,3 +62,6 @@ class Kit:
     guidance_distilled: bool = False  # one transformer call per step (batch 1): no safe-sw
     latent_patch: int | None = None  # latent pixels per token side if the pipeline packs latents; None: patch_size
     attention_shape: Callable = _config_attention_shape  # transformer -> (heads, KV heads, head dim)
+    bench_frames: int = 1  # video backbones: latent frames of bench e2e's calls (tokens = frames x side x side)
+    frame_kwargs: Callable | None = None  # video backbones: latent frames -> the pipeline call's keywords
+    cfg_calls: bool = False  # its pipeline runs CFG as a conditional and an unconditional call of batch 1 per step
