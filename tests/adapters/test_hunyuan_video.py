@@ -429,3 +429,18 @@ def test_v1_refusals_and_remove():
 
 def test_v1_cli_audit():
     assert main(["audit", "--model", "hunyuan-video", "--height-tokens", "3", "--width-tokens", "4"]) == 0
+
+
+@pytest.mark.parametrize("name,modes,batch", [("hunyuan-video-1.5", 4, "1, two calls per step (CFG)"),
+                                              ("hunyuan-video", 3, "1 (guidance-distilled)")])
+def test_bench_e2e_quick(name, modes, batch, tmp_path):
+    """bench e2e drives both pipelines (the 1.5 guider's CFG at --guidance: two calls per step, safe-sw included)
+    with the dense-fp / dense check inside the run."""
+    import json
+
+    path = tmp_path / "e2e.json"
+    assert main(["bench", "e2e", "--model", name, "--quick", "--no-progress", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["settings"]["batch"] == batch and len({r["mode"] for r in result["rows"]}) == modes
+    assert all(r["status"] == "ok" for r in result["rows"])
+    assert all(r["rel_err_vs_dense_short_call"] <= 1e-5 for r in result["rows"] if r["mode"] == "dense-fp")

@@ -100,7 +100,11 @@ class _Backbone:
         return side * patch * self.vae_scale
 
     def call(self, size: int, steps: int, guidance: float):
-        return self.pipe(**self.kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        guider = getattr(self.pipe, "guider", None)  # where a guider holds the CFG scale (HunyuanVideo 1.5): no argument
+        if guider is not None:
+            guider.guidance_scale = guidance
+        scale = {} if guider is not None else dict(guidance_scale=guidance)
+        return self.pipe(**self.kwargs, **scale, height=size, width=size, num_inference_steps=steps,
                          generator=torch.Generator().manual_seed(0), output_type="latent")[0]  # images or frames
 
 

@@ -110,9 +110,17 @@ def hunyuan_video_bench_overrides(layers: int, heads=None, hidden_size=None, kv_
     return dict(num_layers=layers) | (dict(num_attention_heads=heads) if heads else {})
 
 
-# Llava-Llama-3 captions (up to 256 tokens after the template crop); guidance-distilled: batch 1, no safe-sw
+def hunyuan_video_frame_kwargs(latent_frames: int) -> dict:
+    """The pipeline's ``num_frames`` for that many latent frames (the kit's tiny VAE compresses time 4x, keeping the
+    first frame)."""
+    return dict(num_frames=4 * (latent_frames - 1) + 1)
+
+
+# Llava-Llama-3 captions (up to 256 tokens after the template crop); guidance-distilled: batch 1, no safe-sw.
+# bench e2e: 16 latent frames x 32 x 32 = 16,384 video tokens by default.
 KIT = Kit(rank=9, name="hunyuan-video", label="HunyuanVideo", tiny_name="tiny-random-hunyuan-video",
           build=build_hunyuan_video, inputs=hunyuan_video_inputs, pipeline=build_hunyuan_video_pipeline,
           text_pipeline=build_hunyuan_video_text_pipeline, prompt_kwargs=hunyuan_video_prompt_kwargs,
           tiny_run=TinyRun(32, 48, grid=(2, 4, 6), guidance=6.0, frames=5), real_preset="hunyuan-video",
-          bench_text_len=256, bench_overrides=hunyuan_video_bench_overrides, guidance_distilled=True)
+          bench_text_len=256, bench_overrides=hunyuan_video_bench_overrides, guidance_distilled=True,
+          bench_frames=16, frame_kwargs=hunyuan_video_frame_kwargs)

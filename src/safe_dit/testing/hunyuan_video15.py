@@ -104,26 +104,35 @@ def build_hunyuan_video15_text_pipeline(seed: int = 0):
 
 
 def hunyuan_video15_prompt_kwargs(transformer, draw, text_len: int, valid=None, device="cpu") -> dict:
-    """``HunyuanVideo15Pipeline`` call keywords: one prompt's caption states and mask, and 4 ByT5 glyph slots none
-    of which is valid (a prompt without quoted text). No negative prompt: the guider's CFG makes two calls per
-    step (see ``Kit.prompt_kwargs``)."""
+    """``HunyuanVideo15Pipeline`` call keywords: the prompt's and the negative prompt's caption states and masks, and 4
+    ByT5 glyph slots each, none valid (prompts without quoted text). The guider uses the negative prompt only when it
+    guides (scale not 1: a conditional and an unconditional call per step); see ``Kit.prompt_kwargs``."""
     cfg = transformer.config
-    valid_tokens = text_len if valid is None else valid[0]
+    valid = (text_len, text_len) if valid is None else valid
     return dict(prompt_embeds=draw("prompt", 1, text_len, cfg.text_embed_dim),
-                prompt_embeds_mask=prefix_mask(valid_tokens, text_len, device).float(),
+                prompt_embeds_mask=prefix_mask(valid[0], text_len, device).float(),
                 prompt_embeds_2=draw("pooled", 1, 4, cfg.text_embed_2_dim),
-                prompt_embeds_mask_2=prefix_mask(0, 4, device).float())
+                prompt_embeds_mask_2=prefix_mask(0, 4, device).float(),
+                negative_prompt_embeds=draw("negative", 1, text_len, cfg.text_embed_dim),
+                negative_prompt_embeds_mask=prefix_mask(valid[1], text_len, device).float(),
+                negative_prompt_embeds_2=draw("negative_pooled", 1, 4, cfg.text_embed_2_dim),
+                negative_prompt_embeds_mask_2=prefix_mask(0, 4, device).float())
 
 
 def hunyuan_video15_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
     return dict(num_layers=layers) | (dict(num_attention_heads=heads) if heads else {})
 
 
+def hunyuan_video15_frame_kwargs(latent_frames: int) -> dict:
+    """The pipeline's ``num_frames`` for that many latent frames (the kit's tiny VAE has no temporal compression)."""
+    return dict(num_frames=latent_frames)
+
+
 # Qwen2.5-VL captions (up to 1000 tokens after the template crop) + 256 ByT5 slots + 729 image-embed slots; the
-# guider's CFG is two calls per step: batch-1 runs. 16 latent frames x 32 x 32 = 16,384 video tokens for bench e2e.
+# guider's CFG is two calls per step. bench e2e: 16 latent frames x 32 x 32 = 16,384 video tokens by default.
 KIT = Kit(rank=10, name="hunyuan-video-1.5", label="HunyuanVideo 1.5", tiny_name="tiny-random-hunyuan-video-1.5",
           build=build_hunyuan_video15, inputs=hunyuan_video15_inputs, pipeline=build_hunyuan_video15_pipeline,
           text_pipeline=build_hunyuan_video15_text_pipeline, prompt_kwargs=hunyuan_video15_prompt_kwargs,
           tiny_run=TinyRun(16, 24, grid=(2, 8, 12), guidance=None, frames=2), real_preset="hunyuan-video-1.5",
-          bench_text_len=256, bench_overrides=hunyuan_video15_bench_overrides, guidance_distilled=True,
-          latent_patch=1)
+          bench_text_len=256, bench_overrides=hunyuan_video15_bench_overrides, latent_patch=1, bench_frames=16,
+          frame_kwargs=hunyuan_video15_frame_kwargs, cfg_calls=True)
