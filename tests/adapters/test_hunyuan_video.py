@@ -444,3 +444,23 @@ def test_bench_e2e_quick(name, modes, batch, tmp_path):
     assert result["settings"]["batch"] == batch and len({r["mode"] for r in result["rows"]}) == modes
     assert all(r["status"] == "ok" for r in result["rows"])
     assert all(r["rel_err_vs_dense_short_call"] <= 1e-5 for r in result["rows"] if r["mode"] == "dense-fp")
+
+
+@pytest.mark.parametrize("name", ["hunyuan-video-1.5", "hunyuan-video"])
+def test_sensitive_rows_carry_their_own_rope_rows(name):
+    """The same input at every step: the anchor's K/V are this step's, so a selective step reproduces the dense output
+    on every row only if each scattered sensitive row is rotated with its own row of the 3-D RoPE table."""
+    build, make = (build_hunyuan_video15, hunyuan_video15_inputs) if name.endswith("1.5") else \
+        (build_hunyuan_video, hunyuan_video_inputs)
+    model = build()
+    inputs = make(model, 4, 5, batch=2, frames=3, valid_lens=[8, 3])
+    apply_safe_dit(model, SafeConfig("dense-fp"))
+    dense = forward(model, inputs)
+    remove_safe_dit(model)
+    config = SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=4, tail_dense_steps=0,
+                        context_forecast=0, reuse_every=0)
+    outs, g, _ = _steps(model, [inputs] * 3, config)
+    index = g._gen.index
+    assert g.report()["steps"] == ["warmup", "selective", "selective"] and index.shape == (2, 18)
+    assert not torch.equal(index[0], torch.arange(18))  # scattered over the 3 x 4 x 5 grid, not a prefix
+    assert max((o - dense).abs().max().item() for o in outs[1:]) <= 1e-5
