@@ -4,15 +4,16 @@ Masks in the stock model: the forward reorders every sample's caption tokens val
 valid ByT5, valid Qwen2.5-VL, then the padding of each]) and hands each block one [B, T] validity vector.
 ``HunyuanVideo15AttnProcessor2_0`` pads it with the N video tokens (always valid) to v [B, N + T] and builds, in
 every block, the dense pair mask v vᵀ as a [B, 1, S, S] boolean (S = N + T: at 720p x 121 frames about 12 GB per
-sample, built twice per call). Its valid rows carry the key-padding mask v; its padding rows are all False, which
-SDPA answers with zeros. Here the mask is never built: v is decided once per forward on the [B, T] vector the
-model hands every block, and each call runs mask-free on the valid keys only (a prefix: sliced when all samples
-share a length, the batch split by length otherwise, ``engine.masks``), with the padding query rows set to the
-zeros SDPA gives them. The text-to-video pipeline always pads (its 729 image-embed slots are invalid), so the
-rewrite always applies. The token refiner (``context_embedder``) builds its own [B, 1, L, L] pair mask of the
-caption vector once per forward; it is checked to be that outer product (once per forward) and rewritten the
-same way (``SafeRefinerAttnProcessor``). No other attention runs inside the transformer (the text and image
-encoders run outside it, stock).
+sample; two such booleans per call, the repeated vector and the product). Its valid rows carry the key-padding mask
+v; its padding rows are all False, which SDPA answers with zeros. Here the mask is never built: v is decided once
+per forward on the [B, T] vector the model hands every block, and each call runs mask-free on the valid keys only
+(a prefix: sliced when all samples share a length, the batch split by length otherwise, ``engine.masks``), with the
+padding query rows set to the zeros SDPA gives them. The text-to-video pipeline always pads (its 729 image-embed
+slots are invalid), so the rewrite always applies. The token refiner (``context_embedder``) builds its own [B, 1,
+L, L] pair mask of the caption vector once per forward; it is checked to be that outer product (once per forward)
+and rewritten the same way (``SafeRefinerAttnProcessor``). No other attention runs inside the transformer (the text
+and image encoders run outside it, stock). Under torch.compile no mask value is read, so the mask is kept as
+shipped (built, exact) there.
 
 safe-core / safe-sw: the joint sequence is [video; text]. Sensitive rows are gathered after ``x_embedder`` and
 scattered after ``proj_out``; each block rotates them with their own rows of the 3-D RoPE table (gathered once
