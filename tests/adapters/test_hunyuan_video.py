@@ -394,7 +394,7 @@ def test_v1_safe_core_on_a_batch_of_two_captions_over_the_space_time_grid():
     assert (sparse[3] - dense_fp[3]).abs().max().item() <= 1e-5  # the anchor is a dense step
 
 
-def test_v1_refusals_and_remove():
+def test_v1_refusals_true_cfg_and_remove():
     model = build_hunyuan_video()
     before = processors(model)
     with pytest.raises(SafeDitError, match="safe-sw is not available for HunyuanVideo"):
@@ -414,17 +414,27 @@ def test_v1_refusals_and_remove():
               negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
               negative_pooled_prompt_embeds=torch.randn(1, 20, generator=g), true_cfg_scale=4.0,
               height=16, width=16, num_frames=5, num_inference_steps=4, output_type="latent")
-    apply_safe_dit(pipe, SafeConfig("safe-core", warmup_steps=1, anchor_interval=2))
-    with pytest.raises(SafeDitError, match="one transformer call per sampling step"):
-        pipe(**kw)
-    apply_safe_dit(pipe, SafeConfig("dense-fp"))  # dense-fp runs true CFG
-    out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+
+    def run(config):
+        apply_safe_dit(pipe, config)
+        with SdpaSpy() as spy:
+            out = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
+        return out, safe_dit.api.runtime_of(pipe).last_report, spy
+
+    dense_fp, _, _ = run(SafeConfig("dense-fp"))  # true CFG: a conditional and an unconditional call per step
+    sched = dict(warmup_steps=1, anchor_interval=2, tail_dense_steps=0, anchor_growth=0.0, reuse_every=0)
+    full, report, _ = run(SafeConfig("safe-core", keep_ratio=1.0, **sched))
+    sparse, _, spy = run(SafeConfig("safe-core", keep_ratio=0.25, **sched))
     remove_safe_dit(pipe)
     after = processors(model)
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert not model._forward_pre_hooks and not model._forward_hooks and not model.proj_out._forward_hooks
+    assert "encode_prompt" not in vars(pipe)
     ref = pipe(generator=torch.Generator().manual_seed(0), **kw).frames
-    assert (out - ref).abs().max().item() <= 1e-5
+    assert (dense_fp - ref).abs().max().item() <= 1e-5
+    assert "selective" in report["steps"] and (full - dense_fp).abs().max().item() <= 1e-5
+    assert len(spy.masks) == 2 * 4 * 4 + 3 and all(m is None for m in spy.masks)  # + PCSP's mass, warm-up call 0
+    assert not torch.allclose(sparse, dense_fp, atol=1e-4)
 
 
 def test_v1_cli_audit():

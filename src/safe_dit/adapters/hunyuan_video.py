@@ -17,12 +17,16 @@ caption part is the same, so the keys [N; text] are masked by it. PCSP reads the
 of each sample's softmax over its valid keys (warm-up only).
 
 Guidance: HunyuanVideo is guidance-distilled (``guidance_scale`` is an embedding; one conditional call per step),
-so ``safe-sw`` is refused, as is ``true_cfg_scale`` (two calls per step) in the scheduled modes. Image-to-video
+so ``safe-sw`` is refused. ``true_cfg_scale`` with a negative prompt makes a conditional, then an unconditional
+call per step (the pipeline encodes the negative prompt only then): under safe-core both follow one step plan and
+the prompt's partition, each with its own caches. Image-to-video
 models (``image_condition_type``: token replacement of the first frame, latent concatenation) run under dense-fp
 only.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -156,5 +160,32 @@ class HunyuanVideoAdapter(Adapter):
             raise SafeDitError(IMAGE_TO_VIDEO.format(kind=model.config.image_condition_type))
 
     def hooks(self, model, runtime, handle) -> list:
-        return [model.register_forward_pre_hook(caption_mask_check("encoder_attention_mask", "encoder_hidden_states",
-                                                                   POSITIONAL), with_kwargs=True)]
+        hooks = [model.register_forward_pre_hook(caption_mask_check("encoder_attention_mask", "encoder_hidden_states",
+                                                                    POSITIONAL), with_kwargs=True)]
+        pipe = runtime.pipe
+        if not runtime.config.scheduled or pipe is None or not hasattr(pipe, "encode_prompt"):
+            return hooks
+        runtime.cfg_calls = True  # true CFG: a conditional, then an unconditional call per step
+        encoded = [0]  # encode_prompt calls since the last pipeline call began
+        original = pipe.encode_prompt
+
+        @functools.wraps(original)
+        def encode_prompt(*args, **kwargs):  # HunyuanVideoPipeline encodes a negative prompt only for true CFG
+            encoded[0] += 1
+            return original(*args, **kwargs)
+
+        pipe.encode_prompt = encode_prompt
+
+        def undo():
+            if vars(pipe).get("encode_prompt") is encode_prompt:
+                del pipe.encode_prompt
+
+        handle.on_remove(undo)
+
+        def true_cfg(_model, _args, _kwargs):  # before the step tracker, at a pipeline call's first transformer call
+            scheduler = getattr(pipe, "scheduler", None)
+            if not runtime.explicit_generation and scheduler is not None and scheduler.step_index is None \
+                    and encoded[0]:
+                runtime.pipeline_cfg, encoded[0] = encoded[0] >= 2, 0
+
+        return hooks + [model.register_forward_pre_hook(true_cfg, with_kwargs=True)]
