@@ -19,9 +19,8 @@ of each sample's softmax over its valid keys (warm-up only).
 Guidance: HunyuanVideo is guidance-distilled (``guidance_scale`` is an embedding; one conditional call per step),
 so ``safe-sw`` is refused. ``true_cfg_scale`` with a negative prompt makes a conditional, then an unconditional
 call per step (the pipeline encodes the negative prompt only then): under safe-core both follow one step plan and
-the prompt's partition, each with its own caches. Image-to-video
-models (``image_condition_type``: token replacement of the first frame, latent concatenation) run under dense-fp
-only.
+the prompt's partition, each with its own caches. Image-to-video models (``image_condition_type``: token
+replacement of the first frame, latent concatenation) run under dense-fp only.
 """
 
 from __future__ import annotations
