@@ -72,6 +72,10 @@ class Adapter:
     def check(self, model: torch.nn.Module, config: SafeConfig) -> None:
         """Refuse a config this backbone cannot run exactly, before anything changes."""
 
+    def token_grid(self, model: torch.nn.Module):
+        """The token grid as ``StepTracker`` takes it: ``grid``, or the model's ``patch_size`` where that is None."""
+        return model.config.patch_size if self.grid is None else self.grid
+
     def hooks(self, model: torch.nn.Module, runtime: Runtime, handle: Handle) -> list:
         """Backbone-specific hooks after the per-forward state exists (fast-path modes)."""
         return []
@@ -121,7 +125,7 @@ class Adapter:
         if config.scheduled:
             if pipe is not None and self.cfg_pairs:
                 handle.on_remove(watch_cfg(pipe, runtime))
-            grid = model.config.patch_size if self.grid is None else self.grid
+            grid = self.token_grid(model)
             tokens_in = None if self.tokens_in is None else getattr(model, self.tokens_in)
             guide = self.guidance(model, runtime, handle) if config.mode == "safe-sw" else None
             hooks += schedule_hooks(model, runtime, grid, tokens_in, tokens_out, guide, self.step_inputs)

@@ -99,13 +99,21 @@ class _Backbone:
     def vae_scale(self) -> int:
         return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
 
+    @property
+    def vae_scale(self) -> int:
+        return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
+
     def size(self, side: int) -> int:
         """Image side in pixels whose latent has ``side`` x ``side`` image tokens (per frame)."""
         patch = self.kit.latent_patch or self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
         return side * patch * self.vae_scale
 
     def call(self, size: int, steps: int, guidance: float):
-        return self.pipe(**self.kwargs, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        guider = getattr(self.pipe, "guider", None)  # where a guider holds the CFG scale (HunyuanVideo 1.5): no argument
+        if guider is not None:
+            guider.guidance_scale = guidance
+        scale = {} if guider is not None else dict(guidance_scale=guidance)
+        return self.pipe(**self.kwargs, **scale, height=size, width=size, num_inference_steps=steps,
                          generator=torch.Generator().manual_seed(0), output_type="latent")[0]  # images or frames
 
 
