@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.adapters.chroma import _rank_one
-from safe_dit.audit import trace_forward
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
 from safe_dit.testing.chroma import build_chroma, build_chroma_pipeline, build_chroma_text_pipeline, chroma_inputs
 from helpers import RUNS, SdpaSpy, forward, processors, selective_flops
@@ -266,7 +266,7 @@ def test_cli_audit_generate_and_bench(tmp_path, capsys):
         capsys.readouterr()
         assert main(["generate", "a red circle", "--model", str(tmp_path / "chroma"), "--mode", mode, "--height", "64",
                      "--width", "64", "--steps", "3", "--guidance", guidance, "--out", str(tmp_path / "d.png")]) == 0
-        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["backbone"] == "chroma"
+        assert json.loads((tmp_path / "d.json").read_text())["backbone"] == "chroma"
     capsys.readouterr()  # bench e2e's code path (correctness check, every mode), nothing timed
     assert main(["bench", "e2e", "--model", "chroma", "--preset", "tiny", "--layers", "1", "--steps", "4", "--tokens",
                  "64", "--time-up-to", "0", "--no-memory", "--no-progress", "--guidance", "1"]) == 0

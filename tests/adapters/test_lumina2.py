@@ -3,12 +3,14 @@ CFG batch of different caption lengths; what is refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.audit import trace_forward
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
 from safe_dit.testing.lumina2 import build_lumina2, build_lumina2_pipeline, lumina2_inputs
 from helpers import RUNS, SdpaSpy, forward, processors, selective_flops, stock_vs_dense_fp
@@ -154,4 +156,4 @@ def test_cli_audit_and_generate(tmp_path, capsys):
         capsys.readouterr()
         assert main(["generate", "a red circle", "--model", str(tmp_path / "lumina2"), "--mode", mode, "--height", "64",
                      "--width", "64", "--steps", "3", "--guidance", guidance, "--out", str(tmp_path / "d.png")]) == 0
-        assert '"backbone": "lumina2"' in capsys.readouterr().out.strip().splitlines()[-1]
+        assert json.loads((tmp_path / "d.json").read_text())["backbone"] == "lumina2"

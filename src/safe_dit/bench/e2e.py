@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.environment import environment, peak_memory_mb
+from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
-from safe_dit.cli_args import add_parallel_argument, add_schedule_arguments, context_parallel_setup, schedule_kwargs
+from safe_dit.commands.options import add_parallel_argument, add_schedule_arguments, context_parallel_setup, schedule_kwargs
 from safe_dit.testing.kits import KITS, kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from safe_dit.config import SafeDitError
-from safe_dit.environment import environment, peak_memory_mb, quiet_profiler, synchronize
+from safe_dit.inspection.environment import environment, peak_memory_mb, quiet_profiler, synchronize
 from safe_dit.bench.report import DTYPES, add_output_arguments, emit, pyplot
 
 MASKS = ("bool-full", "bool-expanded", "additive-zero", "additive-rowconst", "key-padding")

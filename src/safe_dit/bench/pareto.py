@@ -36,7 +36,7 @@ import json
 import torch
 
 from safe_dit.config import SafeDitError
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 from safe_dit.bench.quality import REFERENCE, prompt_set
 from safe_dit.bench.peers import PEERS, available_hooks
 from safe_dit.bench.report import add_output_arguments, emit

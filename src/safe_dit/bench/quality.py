@@ -27,9 +27,9 @@ from safe_dit.embedded import grader
 from safe_dit.embedded import world
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import MODES, SafeConfig, SafeDitError
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 from safe_dit.bench.report import add_output_arguments, emit, pyplot
-from safe_dit.cli_args import add_schedule_arguments, schedule_kwargs
+from safe_dit.commands.options import add_schedule_arguments, schedule_kwargs
 
 REFERENCE = "dense-fp"
 ATTRIBUTES = ("background", "color", "shape", "position", "count")

@@ -202,7 +202,7 @@ def configure_parser(p) -> None:
 
 
 def run(args) -> int:
-    from safe_dit.generate import write_together
+    from safe_dit.bench.files import write_together
 
     if not (math.isfinite(args.margin) and 0 <= args.margin < 0.5):
         raise SafeDitError(f"--margin must be in [0, 0.5), got {args.margin}")

@@ -1,9 +1,19 @@
-"""The scheduling flags shared by ``generate``, ``eval`` and ``bench e2e``: one table, so every command
-offers the same knobs with the same help and SafeConfig's defaults."""
+"""The options several commands share: the scheduling flags of ``generate``, ``eval`` and ``bench e2e`` (one
+table, so every command offers the same knobs with the same help and SafeConfig's defaults), the output
+options of the benchmarks, dtype names and context parallelism. Torch-free: parsers build in milliseconds."""
 
 from __future__ import annotations
 
 from safe_dit.config import SafeConfig, SafeDitError
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # safe_dit.bench.report.DTYPES maps them to torch dtypes
+
+
+def add_output_arguments(p, plot_help: str = "write a PNG plot here") -> None:
+    """``--json``, ``--plot``, ``--no-progress`` of the benchmarks (``safe_dit.bench.report.emit`` writes them)."""
+    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
+    p.add_argument("--plot", metavar="PATH", help=plot_help)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 #: (SafeConfig field, type, help)
 SCHEDULE_FLAGS = (
