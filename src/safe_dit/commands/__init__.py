@@ -33,14 +33,14 @@ Run 'safe-dit COMMAND --help' for the options of each command."""
 # command -> (module, its one-line help)
 COMMANDS = {
     "generate": ("safe_dit.commands.generate", "generate an image under a safe-dit mode"),
-    "eval": ("safe_dit.bench.quality", "quality and latency of every mode on the embedded model"),
-    "pareto": ("safe_dit.bench.pareto", "Pareto of safe-dit vs peer accelerators, with ablations"),
-    "midt": ("safe_dit.bench.midt", "measure the Mask-Induced Dispatch Tax"),
+    "eval": ("safe_dit.commands.eval", "quality and latency of every mode on the embedded model"),
+    "pareto": ("safe_dit.commands.pareto", "Pareto of safe-dit vs peer accelerators, with ablations"),
+    "midt": ("safe_dit.commands.midt", "measure the Mask-Induced Dispatch Tax"),
     "audit": ("safe_dit.commands.audit", "audit every attention call of a model"),
 }
 BENCHES = {
-    "forward": ("safe_dit.bench.forward", "dense vs dense-fp forward pass"),
-    "e2e": ("safe_dit.bench.e2e", "dense / dense-fp / safe-core / safe-sw end to end"),
+    "forward": ("safe_dit.commands.bench_forward", "dense vs dense-fp forward pass"),
+    "e2e": ("safe_dit.commands.bench_e2e", "dense / dense-fp / safe-core / safe-sw end to end"),
 }
 STUDY = {
     "make": ("safe_dit.study.make", "paired images of two settings, with a manifest"),
@@ -57,8 +57,19 @@ GROUPS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default shown."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's default shown once, as ``(default: VALUE)``, unless the help
+    already says what happens without the option (``None: ...``) or the option is a switch."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or "None:" in text or default is None or default is False or default == "" \
+                or default is argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _version() -> str:

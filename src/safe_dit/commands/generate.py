@@ -8,10 +8,11 @@ the summary goes to NAME.json (or to stdout with --json -). Files are written at
 crashed or interrupted run never leaves a half-written image.
 
 --model defaults to the embedded shapes model (``safe_dit.embedded.model``: a small trained
-Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers pipeline directory of any
-supported backbone ({labels}) -- or a hub id already in your local cache; nothing is downloaded --
-or one of {tiny}: tiny randomly initialised pipelines that exercise every code path in seconds
-but draw noise.
+Lumina-Next, 64x64 pixels, offline). It also takes a local diffusers pipeline directory (or a hub
+id already in your local cache; nothing is downloaded) of any supported backbone:
+{labels}
+or a tiny randomly initialised pipeline that exercises every code path in seconds but draws noise:
+{tiny}
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 from safe_dit.bench.files import check_out, write_together
 from safe_dit.bench.pipelines import DEFAULT_MODEL, EMBEDDED_MAX_SIDE, ROPE_TOKENS, SEED_MAX, check_size
 from safe_dit.commands.options import (
-    DTYPE_NAMES, add_parallel_argument, add_schedule_arguments, context_parallel_setup, schedule_kwargs,
+    DTYPE_NAMES, add_guidance_weights, add_parallel_argument, add_schedule_arguments, context_parallel_setup,
+    schedule_kwargs, selective_free,
 )
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.testing import catalog
@@ -38,7 +40,12 @@ DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
 
 
 def description() -> str:
-    return __doc__.format(labels=catalog.labels(last="or"), tiny=", ".join(catalog.tiny_names()))
+    import textwrap
+
+    def block(text):
+        return textwrap.fill(text, 100, initial_indent="  ", subsequent_indent="  ")
+
+    return __doc__.format(labels=block(catalog.labels(last="or")), tiny=block(", ".join(catalog.tiny_names())))
 
 
 def sensitivity_overlay(image, sensitivity, grid: tuple[int, int]):
@@ -56,7 +63,6 @@ def sensitivity_overlay(image, sensitivity, grid: tuple[int, int]):
 
 
 def configure_parser(p) -> None:
-    d = SafeConfig("safe-sw")
     from safe_dit.embedded.world import VOCABULARY_HINT
 
     p.add_argument("prompt", help="the text prompt; the embedded default model knows only its shapes world: "
@@ -66,8 +72,7 @@ def configure_parser(p) -> None:
                         f"directory of {catalog.labels(last='or')} (nothing is downloaded); or one of "
                         f"{', '.join(catalog.tiny_names())} (random weights: noise, for smoke tests)")
     p.add_argument("--mode", default="safe-core", choices=MODES,
-                   help="the CLI shows the acceleration, safe-core; the Python API's SafeConfig defaults to the exact "
-                        "dense-fp")
+                   help="the mode to run (the Python API's SafeConfig starts from the exact dense-fp)")
     p.add_argument("--negative-prompt", default="", help="what CFG steers away from (not FLUX)")
     p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size; "
                    "for the embedded model 128 with --width 128 picks the one trained at 128x128, 1024 tokens)")
@@ -77,8 +82,7 @@ def configure_parser(p) -> None:
                    help="classifier-free guidance scale (FLUX: the distilled guidance embedding, e.g. 3.5)")
     p.add_argument("--seed", type=int, default=0, help=f"noise seed, 0..{SEED_MAX}")
     add_schedule_arguments(p)
-    p.add_argument("--cfg-context", type=float, default=d.cfg_context, help="safe-sw: guidance on context tokens")
-    p.add_argument("--cfg-sensitive", type=float, default=d.cfg_sensitive, help="safe-sw: guidance on sensitive tokens")
+    add_guidance_weights(p)
     p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="weights and activations (None: bfloat16 on CUDA, else float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (None: cuda when available, else cpu)")
@@ -154,6 +158,9 @@ def run(args) -> int:
     cp, rank = context_parallel_setup(args)  # --context-parallel: torchrun's process group, this rank's device
     config = SafeConfig(args.mode, **schedule_kwargs(args), cfg_context=args.cfg_context,
                         cfg_sensitive=args.cfg_sensitive, context_parallel=cp)
+    warning = selective_free(config, args.steps)
+    if warning:
+        logger.warning("%s", warning)
     if args.model == DEFAULT_MODEL:
         warn_outside_world(args.prompt)
     pipe = load_pipeline(args.model, DTYPES[args.dtype], args.device, args.height, args.width)

@@ -29,16 +29,62 @@ SCHEDULE_FLAGS = (
 )
 
 
-def add_schedule_arguments(parser, with_defaults: bool = True) -> None:
-    """``--keep-ratio`` ... ``--reuse-order``; defaults SafeConfig's (or None: the mode's own)."""
-    import argparse
-
+def add_schedule_arguments(parser) -> None:
+    """``--keep-ratio`` ... ``--reuse-order``, SafeConfig's defaults (the same for every mode)."""
     d = SafeConfig("safe-core")
-    shows_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter) and with_defaults
     for field, kind, text in SCHEDULE_FLAGS:
-        default = getattr(d, field)
-        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=default if with_defaults else None,
-                            help=text if shows_defaults else f"{text} (default {default})")
+        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(d, field), help=text)
+
+
+def add_guidance_weights(parser) -> None:
+    """``--cfg-context`` and ``--cfg-sensitive``: safe-sw's guidance scales, SafeConfig's defaults."""
+    d = SafeConfig("safe-sw")
+    parser.add_argument("--cfg-context", type=float, default=d.cfg_context,
+                        help="safe-sw: the guidance scale on context (insensitive) tokens")
+    parser.add_argument("--cfg-sensitive", type=float, default=d.cfg_sensitive,
+                        help="safe-sw: the guidance scale on sensitive tokens")
+
+
+def selective_free(config: SafeConfig, steps: int) -> str | None:
+    """For a scheduled mode whose ``steps``-step schedule has no selective (or reuse) step, the one line saying so
+    (every step then computes every token: the mode costs what dense-fp does); None otherwise."""
+    from safe_dit.engine.schedule import SELECTIVE, REUSE, StepPlan
+
+    if not config.scheduled or steps < 1:
+        return None
+    def sparse(n):
+        kinds = StepPlan.of(config, n).kinds()
+        return SELECTIVE in kinds or REUSE in kinds
+
+    if sparse(steps):
+        return None
+    fewest = next((n for n in range(steps + 1, steps + 1000) if sparse(n)), None)
+    advice = f"; this schedule has one from --steps {fewest}" if fewest else ""
+    return (f"{config.mode} with {steps} step{'s' if steps != 1 else ''} has no selective step (the schedule: "
+            f"{', '.join(StepPlan.of(config, steps).kinds())}): every step computes every token, as dense-fp "
+            f"does{advice}")
+
+
+def runner(module: str, name: str = "run"):
+    """A command body that imports ``module`` (torch, diffusers, ...) only when the command runs."""
+
+    def run(args):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    run.__qualname__ = f"{module}.{name}"
+    return run
+
+
+def docstring(module: str) -> str:
+    """``module``'s docstring read from its source without importing it (a command's --help description)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    with open(spec.origin, encoding="utf-8") as f:
+        return ast.get_docstring(ast.parse(f.read()), clean=False) or ""
 
 
 def schedule_kwargs(args) -> dict:

@@ -147,7 +147,7 @@ def configure_parser(p) -> None:
     p.add_argument("--out", metavar="DIR", help="the study folder (new or empty; --overwrite replaces a study "
                                                 "without votes)")
     p.add_argument("--list", action="store_true", help="print every setting name --a/--b take, then exit")
-    p.add_argument("--prompts", metavar="FILE", help="one prompt a line (default on the embedded model: its "
+    p.add_argument("--prompts", metavar="FILE", help="one prompt a line (None: on the embedded model, its "
                                                      "world's seeded prompt set)")
     p.add_argument("--single", type=int, default=12, help="world prompts with one object (no --prompts)")
     p.add_argument("--two", type=int, default=12, help="world prompts with two objects (no --prompts)")
@@ -160,7 +160,7 @@ def configure_parser(p) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps of a side without @STEPS")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale, both sides")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out (refused if it has votes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
