@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import RUNS, SdpaSpy, forward, processors
 
+from helpers import RUNS, SdpaSpy, forward, processors
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import KITS
@@ -59,8 +59,8 @@ def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
     second = rt.last_index.clone()
     remove_safe_dit(pipe)
     assert spy.masks and all(m is None for m in spy.masks)  # every SDPA call of every step kind is mask-free
-    assert report["steps"] == ["warmup"] * 2 + ["selective", "reuse", "selective", "anchor", "selective", "reuse", "tail",
-                                               "selective"]  # the final step after the tail: sensitive rows only
+    assert report["steps"] == ["warmup"] * 2 + ["selective", "reuse", "selective", "anchor", "selective", "reuse",
+                                               "tail", "selective"]  # the final step after the tail: sensitive rows
     n = grid[0] * grid[1]
     assert report["tokens_per_step"][0] == n and report["sensitive_tokens"] == -(-n // 4)
     assert [t for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "reuse"] == [0, 0]

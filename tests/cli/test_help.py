@@ -76,6 +76,6 @@ def test_every_option_has_help_and_shows_its_true_default_once(words):
         shown = re.findall(r"\(default:? ([^)]*)\)", text)
         assert len(shown) <= 1 and text.lower().count("(default") <= 1, f"{name}: a default shown twice: {text!r}"
         if shown:
-            assert shown[0] == str(action.default), f"{name}: help says {shown[0]!r}, the default is {action.default!r}"
+            assert shown[0] == str(action.default), f"{name}: help says {shown[0]!r}, default {action.default!r}"
         if action.default is None:
             assert "(default" not in text.lower(), f"{name}: defaults to None but its help claims {text!r}"

@@ -22,7 +22,8 @@ def check_out(out: Path) -> None:
 
 
 def check_creatable(out: Path, folder: Path) -> None:
-    """``folder`` (where ``--out`` writes) exists or can be made: its nearest existing ancestor is a writable folder."""
+    """``folder`` (where ``--out`` writes) exists or can be made: its nearest existing ancestor is a writable
+    folder."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from safe_dit.bench.choices import E2E_PROMPT_VALID
 from safe_dit.commands.options import (
-    DTYPE_NAMES, add_output_arguments, add_parallel_argument, add_schedule_arguments, docstring, runner,
+    DTYPE_NAMES,
+    add_output_arguments,
+    add_parallel_argument,
+    add_schedule_arguments,
+    docstring,
+    runner,
 )
 from safe_dit.config import MODES
 from safe_dit.testing import catalog

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from safe_dit.commands.options import (
-    add_guidance_weights, add_output_arguments, add_schedule_arguments, docstring, runner,
+    add_guidance_weights,
+    add_output_arguments,
+    add_schedule_arguments,
+    docstring,
+    runner,
 )
 from safe_dit.config import MODES
 

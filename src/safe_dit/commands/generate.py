@@ -28,8 +28,13 @@ from pathlib import Path
 from safe_dit.bench.files import check_out, write_together
 from safe_dit.bench.pipelines import DEFAULT_MODEL, EMBEDDED_MAX_SIDE, ROPE_TOKENS, SEED_MAX, check_size
 from safe_dit.commands.options import (
-    DTYPE_NAMES, add_guidance_weights, add_parallel_argument, add_schedule_arguments, context_parallel_setup,
-    schedule_kwargs, selective_free,
+    DTYPE_NAMES,
+    add_guidance_weights,
+    add_parallel_argument,
+    add_schedule_arguments,
+    context_parallel_setup,
+    schedule_kwargs,
+    selective_free,
 )
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.testing import catalog
@@ -87,8 +92,8 @@ def configure_parser(p) -> None:
                    help="weights and activations (None: bfloat16 on CUDA, else float32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (None: cuda when available, else cpu)")
     p.add_argument("--out", default=DEFAULT_OUT,
-                   help="image path (.png/.jpg/.webp); the sensitivity map (NAME.sensitivity.png) and the JSON summary "
-                        "(NAME.json) go beside it; the folder is made if missing")
+                   help="image path (.png/.jpg/.webp); the sensitivity map (NAME.sensitivity.png) and the JSON "
+                        "summary (NAME.json) go beside it; the folder is made if missing")
     p.add_argument("--json", metavar="PATH", default=None,
                    help="where the JSON summary goes: '-' prints it to stdout instead of a file (None: NAME.json "
                         "beside the image)")
@@ -107,7 +112,8 @@ def check_arguments(args) -> None:
         if not math.isfinite(value):
             raise SafeDitError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if not 0 <= args.seed <= SEED_MAX:
-        raise SafeDitError(f"--seed must be in 0..{SEED_MAX} (distinct seeds there give distinct noise), got {args.seed}")
+        raise SafeDitError(f"--seed must be in 0..{SEED_MAX} (distinct seeds there give distinct noise), "
+                           f"got {args.seed}")
     if args.device is not None:
         if not DEVICE.fullmatch(args.device):
             raise SafeDitError(f"--device {args.device!r} is not a torch device (use cpu, cuda, cuda:1, mps)")

@@ -23,7 +23,8 @@ SCHEDULE_FLAGS = (
     ("anchor_growth", float, "the gap between anchors grows by this after each anchor (0: periodic)"),
     ("tail_dense_steps", int, "dense steps at the end, before the final selective steps"),
     ("final_selective_steps", int, "the last steps update only the sensitive rows, after the dense tail"),
-    ("context_forecast", int, "0: sensitive rows attend to the anchor's context K/V; 1/2: its linear/quadratic forecast"),
+    ("context_forecast", int,
+     "0: sensitive rows attend to the anchor's context K/V; 1/2: its linear/quadratic forecast"),
     ("reuse_every", int, "every n-th step after an anchor skips the model and forecasts its output (0: never)"),
     ("reuse_order", int, "a reuse step's forecast: 0 the last output, 1 the line through the last two"),
 )
@@ -48,7 +49,7 @@ def add_guidance_weights(parser) -> None:
 def selective_free(config: SafeConfig, steps: int) -> str | None:
     """For a scheduled mode whose ``steps``-step schedule has no selective (or reuse) step, the one line saying so
     (every step then computes every token: the mode costs what dense-fp does); None otherwise."""
-    from safe_dit.engine.schedule import SELECTIVE, REUSE, StepPlan
+    from safe_dit.engine.schedule import REUSE, SELECTIVE, StepPlan
 
     if not config.scheduled or steps < 1:
         return None
@@ -93,9 +94,9 @@ def schedule_kwargs(args) -> dict:
 
 
 CP_KINDS = ("ulysses", "ring", "ulysses_anything", "ring_anything")
-NOT_UNDER_TORCHRUN = ("--context-parallel needs one process per rank with an initialised process group: run the command "
-                      "under torchrun, e.g. `torchrun --nproc-per-node 2 -m safe_dit.cli generate ... --context-parallel "
-                      "ulysses:2`")
+NOT_UNDER_TORCHRUN = ("--context-parallel needs one process per rank with an initialised process group: run the "
+                      "command under torchrun, e.g. `torchrun --nproc-per-node 2 -m safe_dit.cli generate ... "
+                      "--context-parallel ulysses:2`")
 
 
 def add_parallel_argument(parser) -> None:

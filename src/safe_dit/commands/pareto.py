@@ -53,7 +53,8 @@ def configure_parser(p) -> None:
     p.add_argument("--scaled-heads", type=int, default=4, help="attention heads at scale")
     p.add_argument("--scaled-kv-heads", type=int, default=1, help="key/value heads at scale")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0 = torch's own choice); 1 is steadier on a shared, oversubscribed machine")
+                   help="torch CPU threads (0 = torch's own choice); 1 is steadier on a shared, oversubscribed "
+                        "machine")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory calls")
     p.add_argument("--quick", action="store_true", help="CI-sized: 2 prompts, 6 steps, a tiny model at 64 tokens")
     p.add_argument("--ablation-plot", metavar="PATH", help="write the ablation bar chart PNG here")

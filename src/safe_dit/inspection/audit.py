@@ -184,7 +184,8 @@ def format_table(report: dict) -> str:
     for label in ("stock", "safe"):
         title = "stock (dense)" if label == "stock" else f"safe-dit ({report['mode']})"
         lines.append(f"== {title}: {report['model']} ==")
-        lines.append(f"{'#':>3} {'module':<{mw}} {'q':<18} {'k':<18} {'mask to SDPA':<28} {'kernel (+mask ops)':<34} verdict")
+        lines.append(f"{'#':>3} {'module':<{mw}} {'q':<18} {'k':<18} {'mask to SDPA':<28} "
+                     f"{'kernel (+mask ops)':<34} verdict")
         for i, c in enumerate(report[label]):
             lines.append(
                 f"{i:>3} {c['module']:<{mw}} {str(c['q']):<18} {str(c['k']):<18} "

@@ -26,7 +26,8 @@ import torch
 from safe_dit.inspection.masks import SdpaCensus, describe_call, mask_kind  # noqa: F401  (the census's spy)
 from safe_dit.inspection.recipes import Recipe, image_transformer_classes, recipe_for, recipes  # noqa: F401
 
-SETTINGS = (("batch 1", 1, "full"), ("batch 2, equal captions", 2, "full"), ("CFG batch 2, different captions", 2, "cfg"))
+SETTINGS = (("batch 1", 1, "full"), ("batch 2, equal captions", 2, "full"),
+            ("CFG batch 2, different captions", 2, "cfg"))
 
 
 def census_one(recipe: Recipe, grid=(16, 16), seed: int = 0) -> dict:
@@ -108,7 +109,8 @@ def _dense_fp_masked(model, kwargs) -> int | None:
 # ---------------------------------------------------------------------------------------------------------
 # the estimate from the MIDT measurements
 
-_MIDT_CASE = {"all-valid bool": "bool-expanded", "all-valid float": "additive-zero", "row-constant": "additive-rowconst",
+_MIDT_CASE = {"all-valid bool": "bool-expanded", "all-valid float": "additive-zero",
+              "row-constant": "additive-rowconst",
               "key-padding": "key-padding", "other bool": "bool-expanded", "other float": "additive-zero",
               "rank-1 bias float": "additive-zero"}
 
@@ -153,11 +155,14 @@ def summarize_row(row: dict, taxes: dict[str, dict[str, float]]) -> dict:
         est = {dev: sum(_work(c) * _charge(c, t) for c in s["calls"]) / work for dev, t in taxes.items() if t}
         removable = sum(_work(c) for c in s["calls"]
                         if c["kind"] in ("all-valid", "row-constant", "key-padding", "rank-1 bias"))
-        out.append({"setting": s["setting"], "calls": len(s["calls"]), "masked": len(s["calls"]) - kinds.get("none", 0),
+        unmasked = sum(_work(c) for c in s["calls"] if c["kind"] == "none")
+        out.append({"setting": s["setting"], "calls": len(s["calls"]),
+                    "masked": len(s["calls"]) - kinds.get("none", 0),
                     "dense_fp_masked": s.get("dense_fp_masked_calls"),
-                    "kinds": kinds, "masked_work_fraction": 1 - sum(_work(c) for c in s["calls"] if c["kind"] == "none") / work,
+                    "kinds": kinds, "masked_work_fraction": 1 - unmasked / work,
                     "exactly_removable_work_fraction": removable / work, "attention_tax_estimate": est,
-                    "mask_shapes": sorted({f"{c['mask_dtype']}{c['mask_shape']}" for c in s["calls"] if c["kind"] != "none"})})
+                    "mask_shapes": sorted({f"{c['mask_dtype']}{c['mask_shape']}" for c in s["calls"]
+                                           if c["kind"] != "none"})})
     return {"class": row["class"], "pipeline": row["pipeline"], "error": row.get("error"), "settings": out}
 
 
@@ -177,8 +182,8 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
         if name not in by_class:
             rows.append({"class": name, "pipeline": None, "settings": [],
                          "error": "not built: no tiny recipe yet (model-specific inputs)",
-                         "why": "the census has no tiny config and inputs for this class yet: its forward takes inputs "
-                                "specific to its pipeline that the census does not synthesise"})
+                         "why": "the census has no tiny config and inputs for this class yet: its forward takes "
+                                "inputs specific to its pipeline that the census does not synthesise"})
             continue
         rows.append(census_one(by_class[name], grid))
     supported = set(supported_classes())
@@ -195,9 +200,9 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
 
 
 def format_census(result: dict) -> str:
-    lines = ["| class | pipeline | attention calls with a mask (batch 1 / equal / CFG different) | mask kinds (CFG batch) "
-             "| est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work | safe-dit dense-fp: masked calls "
-             "| safe-dit |",
+    lines = ["| class | pipeline | attention calls with a mask (batch 1 / equal / CFG different) "
+             "| mask kinds (CFG batch) | est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work "
+             "| safe-dit dense-fp: masked calls | safe-dit |",
              "|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         if s["error"]:
@@ -209,8 +214,10 @@ def format_census(result: dict) -> str:
         shapes = "; ".join(cfg["mask_shapes"])
         gpu = cfg["attention_tax_estimate"].get("gpu")
         fp = " / ".join(str(x["dense_fp_masked"]) for x in s["settings"]) if s["safe_dit_adapter"] else "no adapter"
-        lines.append(f"| `{s['class']}` | {s['pipeline']} | {counts} | {kinds}{' (' + shapes + ')' if shapes else ''} | "
-                     f"{'–' if gpu is None else f'{gpu:.2f}×'} | {cfg['exactly_removable_work_fraction']:.0%} | {fp} | "
+        shapes = f" ({shapes})" if shapes else ""
+        factor = "–" if gpu is None else f"{gpu:.2f}×"
+        lines.append(f"| `{s['class']}` | {s['pipeline']} | {counts} | {kinds}{shapes} | "
+                     f"{factor} | {cfg['exactly_removable_work_fraction']:.0%} | {fp} | "
                      f"{adapter_status(s.get('safe_dit_modes', []))} |")
     return "\n".join(lines)
 

@@ -38,7 +38,7 @@ def mask_kind(mask: torch.Tensor | None, q_shape, k_shape) -> str:
     u_i v_j (Chroma's float m_i m_j) is exactly removable too: one extra q/k channel carries it."""
     if mask is None:
         return "none"
-    b, h, lq, lk = q_shape[0], q_shape[1], q_shape[2], k_shape[2]
+    b, lq, lk = q_shape[0], q_shape[2], k_shape[2]
     m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(b, -1, lq, lk)  # [B, h|1, Lq, Lk]
     if m.dtype == torch.bool:
         if bool(m.all()):

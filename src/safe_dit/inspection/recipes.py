@@ -54,7 +54,8 @@ def _config(cls: str, config: dict) -> Callable:
 def _sana(m, b, lens, grid, g):
     c, t = m.config, max(lens)
     return dict(hidden_states=_r(g, b, c.in_channels, *grid), encoder_hidden_states=_r(g, b, t, c.caption_channels),
-                timestep=torch.rand(b, generator=g), encoder_attention_mask=_prefix(lens, t, torch.long), return_dict=False)
+                timestep=torch.rand(b, generator=g), encoder_attention_mask=_prefix(lens, t, torch.long),
+                return_dict=False)
 
 
 def _auraflow(m, b, lens, grid, g):
@@ -68,7 +69,8 @@ def _cogview4(m, b, lens, grid, g):
     c, p = m.config, m.config.patch_size
     size = torch.tensor([[grid[0] * p * 8, grid[1] * p * 8]] * b, dtype=torch.float32)
     return dict(hidden_states=_r(g, b, c.in_channels, grid[0] * p, grid[1] * p),
-                encoder_hidden_states=_r(g, b, max(lens), c.text_embed_dim), timestep=torch.rand(b, generator=g) * 1000,
+                encoder_hidden_states=_r(g, b, max(lens), c.text_embed_dim),
+                timestep=torch.rand(b, generator=g) * 1000,
                 original_size=size, target_size=size, crop_coords=torch.zeros(b, 2), return_dict=False)
 
 
@@ -77,7 +79,8 @@ def _flux2(m, b, lens, grid, g):
     img = _ids(*grid, axes=4)[None].expand(b, -1, -1)
     txt = torch.zeros(b, t, 4)
     txt[..., 3] = torch.arange(t)
-    return dict(hidden_states=_r(g, b, grid[0] * grid[1], c.in_channels), encoder_hidden_states=_r(g, b, t, c.joint_attention_dim),
+    return dict(hidden_states=_r(g, b, grid[0] * grid[1], c.in_channels),
+                encoder_hidden_states=_r(g, b, t, c.joint_attention_dim),
                 timestep=torch.rand(b, generator=g), img_ids=img, txt_ids=txt, guidance=torch.full((b,), 3.5),
                 return_dict=False)
 
@@ -142,7 +145,8 @@ def recipe_for(cls: str) -> Recipe:
     raise KeyError(cls)
 
 
-# Image-generation transformers in diffusers: 2-D/image classes (video, audio, protein and 3-D classes are out of scope).
+# Image-generation transformers in diffusers: 2-D/image classes (video, audio, protein and 3-D classes are out of
+# scope here; a video backbone with a kit is in the census through its kit).
 _NOT_IMAGE = ("3D", "1D", "Audio", "Video", "Proteina", "Temporal", "Music", "Prior", "T5Film", "Cosmos3Omni",
               "Wan", "Kandinsky", "LTX", "MiniMax", "Helios", "SkyReels", "Mochi", "Allegro", "ChronoEdit", "Latte",
               "EasyAnimate", "ConsisID", "CogVideoX", "SanaWM", "AnyFlow", "JoyImageEdit")

@@ -4,8 +4,8 @@
 needs only the kits' names to build its parsers and refuse a bad ``--model``; this module reads them from the
 sources of the same modules ``KITS`` collects (``pkgutil`` over this package, ``ast`` on each file), so
 ``safe-dit generate --help`` stays torch-free and the lists still come from the kits: a new kit module is in
-them without editing anything else. A declaration whose ``rank``/``name``/``label``/``tiny_name``/``real_preset`` are not
-literals (or module-level constants) cannot be read this way; then the kits are imported instead.
+them without editing anything else. A declaration whose ``rank``/``name``/``label``/``tiny_name``/``real_preset``
+are not literals (or module-level constants) cannot be read this way; then the kits are imported instead.
 """
 
 from __future__ import annotations
