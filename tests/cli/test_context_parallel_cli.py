@@ -49,7 +49,7 @@ def test_context_parallel_without_torchrun_is_refused(command, tmp_path, monkeyp
 
 
 def test_context_parallel_spec_is_checked():
-    from safe_dit.commands.options import parse_context_parallel
+    from safe_dit.bench.runs import parse_context_parallel
     from safe_dit.config import SafeDitError
 
     assert parse_context_parallel("ring_anything:2").ring_anything

@@ -8,8 +8,8 @@ import json
 import logging
 
 from safe_dit.bench import quality
+from safe_dit.bench.runs import selective_free
 from safe_dit.cli import main
-from safe_dit.commands.options import selective_free
 from safe_dit.config import SafeConfig
 
 

@@ -32,7 +32,7 @@ from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.inspection.environment import environment
 from safe_dit.bench.report import emit, pyplot
-from safe_dit.commands.options import schedule_kwargs, selective_free
+from safe_dit.bench.runs import schedule_kwargs, selective_free
 
 REFERENCE = "dense-fp"
 logger = logging.getLogger(__name__)

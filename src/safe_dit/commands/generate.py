@@ -27,15 +27,8 @@ from pathlib import Path
 
 from safe_dit.bench.files import check_out, write_together
 from safe_dit.bench.pipelines import DEFAULT_MODEL, EMBEDDED_MAX_SIDE, ROPE_TOKENS, SEED_MAX, check_size
-from safe_dit.commands.options import (
-    DTYPE_NAMES,
-    add_guidance_weights,
-    add_parallel_argument,
-    add_schedule_arguments,
-    context_parallel_setup,
-    schedule_kwargs,
-    selective_free,
-)
+from safe_dit.bench.runs import context_parallel_setup, schedule_kwargs, selective_free
+from safe_dit.commands.options import DTYPE_NAMES, add_guidance_weights, add_parallel_argument, add_schedule_arguments
 from safe_dit.config import MODES, SafeConfig, SafeDitError
 from safe_dit.testing import catalog
 
