@@ -174,8 +174,8 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
     known = recipes()
     by_class = {r.cls: r for r in known}
     rows = []
-    kit_classes = [r.cls for r in known if r.kit is not None]  # every kit (video backbones too), then diffusers'
-    classes = kit_classes + [c for c in image_transformer_classes() if c not in kit_classes]
+    kit_classes = {r.cls for r in known if r.kit is not None}  # every kit's class (video backbones too)
+    classes = sorted(kit_classes | set(image_transformer_classes()))
     for name in classes:
         if progress:
             progress(name)
