@@ -38,10 +38,16 @@ def test_building_every_parser_imports_neither_torch_nor_diffusers():
     assert out.split() == ["False", "False"]
 
 
-@pytest.mark.parametrize("argv", [["generate", "--help"], ["eval", "--help"], ["audit", "--help"],
-                                  ["generate", "x", "--steps", "0"], ["eval", "--modes", "fast"],
-                                  ["audit", "--model", "nope"]],
-                         ids=["generate", "eval", "audit", "generate-bad-steps", "eval-bad-mode", "audit-bad-model"])
+REFUSED = {"generate-bad-steps": ["generate", "x", "--steps", "0"], "eval-bad-mode": ["eval", "--modes", "fast"],
+           "eval-no-prompts": ["eval", "--single", "0", "--two", "0"], "audit-bad-model": ["audit", "--model", "nope"],
+           "pareto-bad-steps": ["pareto", "--steps", "0"], "midt-bad-lengths": ["midt", "--seq-lens", "0"],
+           "forward-bad-layers": ["bench", "forward", "--layers", "0"],
+           "e2e-bad-steps": ["bench", "e2e", "--steps", "0"]}
+HELP = {"generate": ["generate", "--help"], "eval": ["eval", "--help"], "audit": ["audit", "--help"],
+        "e2e": ["bench", "e2e", "--help"]}
+
+
+@pytest.mark.parametrize("argv", [*HELP.values(), *REFUSED.values()], ids=[*HELP, *REFUSED])
 def test_help_and_refusals_return_fast_and_load_no_torch(argv, tmp_path):
     """Under 1 s beyond the interpreter's own start-up (measured alongside, so a loaded machine does not fail it),
     and torch and diffusers never imported."""

@@ -33,7 +33,7 @@ from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 from safe_dit.bench.runs import context_parallel_setup, schedule_kwargs, selective_free
-from safe_dit.testing.kits import KITS, kit_for
+from safe_dit.testing.kits import kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
@@ -260,14 +260,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(args) -> int:
+    # --quick's sizes and the argument checks that need no model: safe_dit.commands.bench_e2e.prepare
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
-        args.hidden_size = args.heads = None
     if args.hidden_size and not (kit_for(args.model).bench_hidden_size and args.heads and args.kv_heads):
         raise SafeDitError("--hidden-size needs --heads and --kv-heads")
-    if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens):
-        raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
     if args.modes is not None:

@@ -194,11 +194,8 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(args) -> int:
+    # --quick's sizes and the argument checks: safe_dit.commands.bench_forward.prepare, before this module loads
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        args.tokens, args.preset, args.layers, args.repeats = [64, 256], "tiny", 2, 3
-    if any(t < 1 for t in args.tokens) or args.layers < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SafeDitError("--tokens, --layers, --batch and --repeats must be >= 1, --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
     if args.dtype == "float16" and not args.device.startswith("cuda"):

@@ -223,18 +223,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def run(args) -> int:
+    # --quick's sizes and the argument checks: safe_dit.commands.midt.prepare, before this module loads
     if args.devices is None:
         args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
-    if args.quick:
-        args.seq_lens, args.head_dims, args.dtypes, args.repeats = [256, 512, 1024], [64, 72], ["float32"], 3
-        args.devices = [d for d in args.devices if d == "cpu"] or args.devices
-    bad = [m for m in args.masks if m not in MASKS]
-    if bad:
-        raise SafeDitError(f"unknown mask(s) {bad}; choose from {', '.join(MASKS)}")
-    if any(n < 1 for n in args.seq_lens) or any(h < 1 for h in args.head_dims):
-        raise SafeDitError("--seq-lens and --head-dims must be >= 1")
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or (args.heads is not None and args.heads < 1):
-        raise SafeDitError("--batch, --heads and --repeats must be >= 1, --warmup >= 0")
     if "cuda" in args.devices and not torch.cuda.is_available():
         raise SafeDitError("--devices cuda requested but CUDA is not available")
     if "float16" in args.dtypes and args.devices != ["cuda"]:

@@ -35,10 +35,9 @@ import json
 
 import torch
 
-from safe_dit.config import SafeDitError
 from safe_dit.inspection.environment import environment
 from safe_dit.bench.quality import REFERENCE, prompt_set
-from safe_dit.bench.peers import PEERS, available_hooks
+from safe_dit.bench.peers import available_hooks
 from safe_dit.bench.report import emit
 # the parts, re-exported: settings and analysis, the two runs, the outputs
 from safe_dit.bench.pareto_settings import CORE, FAMILIES, Setting, analyse, default_settings, pareto_front, verdicts
@@ -59,20 +58,7 @@ def run(args) -> int:
             plot_ablation(result, args.ablation_plot)
         return emit(result, table(result), args, plot_pareto)
 
-    if args.quick:
-        args.single, args.two, args.steps = 1, 1, 6
-        args.scaled_tokens = 64 if args.scaled_tokens else 0
-        args.scaled_subset = True
-    if args.single < 0 or args.two < 0 or args.single + args.two == 0:
-        raise SafeDitError("--single and --two must be >= 0 and not both 0")
-    if args.steps < 1:
-        raise SafeDitError("--steps must be >= 1")
-    if args.scaled_tokens < 0:
-        raise SafeDitError("--scaled-tokens must be >= 0")
-    if args.scaled_repeats < 1:
-        raise SafeDitError("--scaled-repeats must be >= 1")
-    if args.threads < 0:
-        raise SafeDitError("--threads must be >= 0")
+    # --quick's sizes and the argument checks: safe_dit.commands.pareto.prepare, before this module loads
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

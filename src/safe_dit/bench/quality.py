@@ -29,7 +29,7 @@ from safe_dit.embedded import grader
 
 from safe_dit.embedded import world
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
-from safe_dit.config import MODES, SafeConfig, SafeDitError
+from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.inspection.environment import environment
 from safe_dit.bench.report import emit, pyplot
 from safe_dit.bench.runs import schedule_kwargs, selective_free
@@ -286,12 +286,7 @@ def save_grid(result: dict, images: dict, path: str, max_rows: int = 12) -> None
 def run(args) -> int:
     from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
-    if args.quick:
-        args.single, args.two, args.steps = 4, 2, 12
-    if args.single < 0 or args.two < 0 or args.single + args.two == 0:
-        raise SafeDitError("--single and --two must be >= 0 and not both 0")
-    if args.steps < 1:
-        raise SafeDitError("--steps must be >= 1")
+    # --quick's sizes and the argument checks: safe_dit.commands.eval.prepare, before this module loads
     modes = list(dict.fromkeys(args.modes))
     if REFERENCE not in modes:
         modes.insert(0, REFERENCE)

@@ -11,7 +11,7 @@ from safe_dit.commands.options import (
     docstring,
     runner,
 )
-from safe_dit.config import MODES
+from safe_dit.config import MODES, SafeDitError
 from safe_dit.testing import catalog
 
 WORK = "safe_dit.bench.e2e"
@@ -19,6 +19,15 @@ WORK = "safe_dit.bench.e2e"
 
 def description() -> str:
     return docstring(WORK)
+
+
+def prepare(args) -> None:
+    """--quick's sizes, then the checks that need no model (one-line SafeDitErrors)."""
+    if args.quick:
+        args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
+        args.hidden_size = args.heads = None
+    if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens):
+        raise SafeDitError("--steps, --layers, --repeats and --tokens must be >= 1")
 
 
 def configure_parser(p) -> None:
@@ -57,4 +66,4 @@ def configure_parser(p) -> None:
     p.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 64 and 256 tokens, 6 steps")
     add_output_arguments(p)
     add_parallel_argument(p)
-    p.set_defaults(func=runner(WORK))
+    p.set_defaults(func=runner(WORK, prepare=prepare))

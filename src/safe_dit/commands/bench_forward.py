@@ -4,12 +4,21 @@ description)."""
 from __future__ import annotations
 
 from safe_dit.commands.options import DTYPE_NAMES, add_output_arguments, docstring, runner
+from safe_dit.config import SafeDitError
 
 WORK = "safe_dit.bench.forward"
 
 
 def description() -> str:
     return docstring(WORK)
+
+
+def prepare(args) -> None:
+    """--quick's sizes, then the checks that need no torch (one-line SafeDitErrors)."""
+    if args.quick:
+        args.tokens, args.preset, args.layers, args.repeats = [64, 256], "tiny", 2, 3
+    if any(t < 1 for t in args.tokens) or args.layers < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SafeDitError("--tokens, --layers, --batch and --repeats must be >= 1, --warmup >= 0")
 
 
 def configure_parser(p) -> None:
@@ -24,4 +33,4 @@ def configure_parser(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     p.add_argument("--quick", action="store_true", help="CI-sized run: tiny model, 64 and 256 tokens")
     add_output_arguments(p)
-    p.set_defaults(func=runner(WORK))
+    p.set_defaults(func=runner(WORK, prepare=prepare))

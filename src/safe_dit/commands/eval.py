@@ -9,13 +9,23 @@ from safe_dit.commands.options import (
     docstring,
     runner,
 )
-from safe_dit.config import MODES
+from safe_dit.config import MODES, SafeDitError
 
 WORK = "safe_dit.bench.quality"
 
 
 def description() -> str:
     return docstring(WORK)
+
+
+def prepare(args) -> None:
+    """--quick's sizes, then the checks that need no model (one-line SafeDitErrors)."""
+    if args.quick:
+        args.single, args.two, args.steps = 4, 2, 12
+    if args.single < 0 or args.two < 0 or args.single + args.two == 0:
+        raise SafeDitError("--single and --two must be >= 0 and not both 0")
+    if args.steps < 1:
+        raise SafeDitError("--steps must be >= 1")
 
 
 def configure_parser(p) -> None:
@@ -36,4 +46,4 @@ def configure_parser(p) -> None:
     p.add_argument("--quick", action="store_true", help="6 prompts, 12 steps (CI-sized)")
     p.add_argument("--grid", metavar="PATH", help="write the prompts x modes image grid PNG here")
     add_output_arguments(p, plot_help="same as --grid")
-    p.set_defaults(func=runner(WORK))
+    p.set_defaults(func=runner(WORK, prepare=prepare))

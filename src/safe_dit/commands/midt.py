@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from safe_dit.bench.choices import MIDT_MASKS
 from safe_dit.commands.options import DTYPE_NAMES, add_output_arguments, docstring, runner
+from safe_dit.config import SafeDitError
 
 WORK = "safe_dit.bench.midt"
 
 
 def description() -> str:
     return docstring(WORK)
+
+
+def prepare(args) -> None:
+    """--quick's sizes (a CPU sweep), then the checks that need no torch (one-line SafeDitErrors)."""
+    if args.quick:
+        args.seq_lens, args.head_dims, args.dtypes, args.repeats = [256, 512, 1024], [64, 72], ["float32"], 3
+        args.devices = [d for d in args.devices or ["cpu"] if d == "cpu"] or args.devices
+    if any(n < 1 for n in args.seq_lens) or any(h < 1 for h in args.head_dims):
+        raise SafeDitError("--seq-lens and --head-dims must be >= 1")
+    if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or (args.heads is not None and args.heads < 1):
+        raise SafeDitError("--batch, --heads and --repeats must be >= 1, --warmup >= 0")
 
 
 def configure_parser(p) -> None:
@@ -26,4 +38,4 @@ def configure_parser(p) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first")
     p.add_argument("--quick", action="store_true", help="a small sweep for a first look (< 1 minute on 2 CPU cores)")
     add_output_arguments(p, "write a PNG of tax vs sequence length here")
-    p.set_defaults(func=runner(WORK))
+    p.set_defaults(func=runner(WORK, prepare=prepare))

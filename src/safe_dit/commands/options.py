@@ -35,12 +35,15 @@ def add_guidance_weights(parser) -> None:
                         help="safe-sw: the guidance scale on sensitive tokens")
 
 
-def runner(module: str, name: str = "run"):
-    """A command body that imports ``module`` (torch, diffusers, ...) only when the command runs."""
+def runner(module: str, name: str = "run", prepare=None):
+    """A command body that imports ``module`` (torch, diffusers, ...) only when the command runs; ``prepare(args)``
+    first (--quick's sizes, the checks that need no torch), so a bad argument is refused before that import."""
 
     def run(args):
         import importlib
 
+        if prepare is not None:
+            prepare(args)
         return getattr(importlib.import_module(module), name)(args)
 
     run.__qualname__ = f"{module}.{name}"

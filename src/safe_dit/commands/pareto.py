@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from safe_dit.bench.choices import PARETO_FAMILIES
 from safe_dit.commands.options import add_output_arguments, docstring, runner
+from safe_dit.config import SafeDitError
 
 WORK = "safe_dit.bench.pareto"
 
@@ -23,6 +24,26 @@ def peer_method(name: str) -> str:
     if name not in methods:
         raise argparse.ArgumentTypeError(f"unknown peer {name!r}; choose from {', '.join(methods)}")
     return name
+
+
+def prepare(args) -> None:
+    """--quick's sizes, then the checks that need no model (one-line SafeDitErrors); nothing for --from-json."""
+    if args.from_json:
+        return
+    if args.quick:
+        args.single, args.two, args.steps = 1, 1, 6
+        args.scaled_tokens = 64 if args.scaled_tokens else 0
+        args.scaled_subset = True
+    if args.single < 0 or args.two < 0 or args.single + args.two == 0:
+        raise SafeDitError("--single and --two must be >= 0 and not both 0")
+    if args.steps < 1:
+        raise SafeDitError("--steps must be >= 1")
+    if args.scaled_tokens < 0:
+        raise SafeDitError("--scaled-tokens must be >= 0")
+    if args.scaled_repeats < 1:
+        raise SafeDitError("--scaled-repeats must be >= 1")
+    if args.threads < 0:
+        raise SafeDitError("--threads must be >= 0")
 
 
 def configure_parser(p) -> None:
@@ -63,4 +84,4 @@ def configure_parser(p) -> None:
                         "timing again, e.g. after the embedded model was retrained; the quality part runs anew")
     p.add_argument("--from-json", metavar="PATH", help="redraw table and plots from an earlier --json result (no run)")
     add_output_arguments(p, plot_help="write the Pareto plot PNG here")
-    p.set_defaults(func=runner(WORK))
+    p.set_defaults(func=runner(WORK, prepare=prepare))
