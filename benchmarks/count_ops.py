@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 from safe_dit.testing.kits import build_flux, build_lumina_next, flux_inputs, lumina_inputs
 
 

@@ -15,7 +15,7 @@ from safe_dit import SafeConfig, apply_safe_dit
 from safe_dit.bench.quality import generate, prompt_set, psnr
 from safe_dit.embedded import world
 from safe_dit.embedded.model import load_default_pipeline
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import torch
 import safe_dit
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.engine.schedule import StepPlan
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 from safe_dit.testing.kits import build_flux, build_lumina_next, flux_inputs, lumina_inputs
 
 

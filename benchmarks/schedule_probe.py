@@ -30,7 +30,7 @@ from safe_dit.bench.quality import generate, prompt_set, psnr
 from safe_dit.embedded import world
 from safe_dit.embedded.model import load_default_pipeline
 from safe_dit.engine.schedule import REUSE, SELECTIVE, StepPlan
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 
 
 def parse_candidate(text: str) -> tuple[str, dict]:

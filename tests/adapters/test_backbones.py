@@ -1,6 +1,6 @@
-"""What every backbone's tiny pipeline must do through its whole sampling loop (Lumina-Next, PixArt, SD3,
-FLUX): dense-fp reproduces dense; safe-core with keep_ratio 1 reproduces dense-fp; safe-core at its
-defaults' shape is token-sparse, hands SDPA no mask, follows the prompt, and releases its state.
+"""What every backbone (one per kit in ``KITS``) must do through its whole sampling loop: dense-fp reproduces
+dense; safe-core with keep_ratio 1 reproduces dense-fp; safe-core at its defaults' shape is token-sparse, hands
+SDPA no mask, follows the prompt, and releases its state; and removing safe-dit restores the stock model exactly.
 Backbone-specific behaviour (mask provenance, CFG order, refusals) is tested in each backbone's module."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-from helpers import RUNS, SdpaSpy
 
+from helpers import RUNS, SdpaSpy, forward, processors
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import KITS
@@ -61,8 +61,8 @@ def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
     second = rt.last_index.clone()
     remove_safe_dit(pipe)
     assert spy.masks and all(m is None for m in spy.masks)  # every SDPA call of every step kind is mask-free
-    assert report["steps"] == ["warmup"] * 2 + ["selective", "reuse", "selective", "anchor", "selective", "reuse", "tail",
-                                               "selective"]  # the final step after the tail: sensitive rows only
+    assert report["steps"] == ["warmup"] * 2 + ["selective", "reuse", "selective", "anchor", "selective", "reuse",
+                                               "tail", "selective"]  # the final step after the tail: sensitive rows
     n = math.prod(grid)  # (h, w) or (frames, h, w)
     assert report["tokens_per_step"][0] == n and report["sensitive_tokens"] == -(-n // 4)
     assert [t for t, k in zip(report["tokens_per_step"], report["steps"]) if k == "reuse"] == [0, 0]
@@ -72,3 +72,29 @@ def test_safe_core_is_token_sparse_mask_free_and_prompt_driven(backbone):
     if first.shape[0] == 2:  # a CFG batch: both halves use the cond half's partition
         assert torch.equal(first[0], first[1])
     assert torch.isfinite(out).all() and not torch.allclose(out, dense_fp, atol=1e-4)
+
+
+def _equal(a, b) -> bool:
+    """Outputs bit-identical (a tensor, or a list of per-sample tensors as Z-Image returns)."""
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("name", list(KITS))
+def test_remove_restores_the_stock_model_exactly(name):
+    """apply then remove, in each mode that patches: the same processor objects, no hook left on any module, and a
+    bit-identical forward on a CFG batch of different caption lengths."""
+    kit = KITS[name]
+    model = kit.build("tiny")
+    before = processors(model)
+    inputs = kit.inputs(model, 3, 4, batch=2, text_len=12, valid_lens=[11, 3])
+    ref = forward(model, inputs)
+    for mode in ("dense-fp", "safe-core"):
+        apply_safe_dit(model, SafeConfig(mode))
+        remove_safe_dit(model)
+        after = processors(model)
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+        hooked = [n for n, m in model.named_modules() if m._forward_pre_hooks or m._forward_hooks]
+        assert not hooked, f"{mode}: hooks left on {hooked}"
+    assert _equal(forward(model, inputs), ref)

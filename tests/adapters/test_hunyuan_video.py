@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.audit import trace_forward
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
 from safe_dit.testing.hunyuan_video import build_hunyuan_video, build_hunyuan_video_pipeline, hunyuan_video_inputs
 from safe_dit.testing.hunyuan_video15 import (

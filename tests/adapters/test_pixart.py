@@ -8,7 +8,7 @@ import torch
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.audit import audit, trace_forward
+from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.engine.masks import DISCARD_BIAS, KeyPaddingPlan, key_padding_from_bias
 from safe_dit.testing.kits import build_pixart, build_pixart_pipeline, pixart_inputs

@@ -2,7 +2,7 @@
 
 import torch
 
-from safe_dit.census import RECIPES, census_one, mask_kind
+from safe_dit.inspection.census import census_one, mask_kind, recipe_for
 
 Q, K = (2, 4, 6, 8), (2, 4, 5, 8)  # [B, H, Lq, d], [B, H, Lk, d]
 
@@ -29,7 +29,7 @@ def _kinds(row, setting):
 
 
 def test_lumina2_passes_key_padding_in_three_of_four_calls_for_a_cfg_batch():
-    row = census_one(next(r for r in RECIPES if r.cls == "Lumina2Transformer2DModel"), grid=(4, 4))
+    row = census_one(recipe_for("Lumina2Transformer2DModel"), grid=(4, 4))
     assert "error" not in row
     assert _kinds(row, 0) == ["all-valid", "none", "none", "none"]  # batch 1: the caption refiner's all-ones mask
     assert _kinds(row, 2) == ["key-padding", "none", "key-padding", "key-padding"]  # CFG batch, different captions
@@ -37,7 +37,7 @@ def test_lumina2_passes_key_padding_in_three_of_four_calls_for_a_cfg_batch():
 
 
 def test_qwen_image_masks_only_when_captions_differ():
-    row = census_one(next(r for r in RECIPES if r.cls == "QwenImageTransformer2DModel"), grid=(4, 4))
+    row = census_one(recipe_for("QwenImageTransformer2DModel"), grid=(4, 4))
     assert set(_kinds(row, 0)) == {"none"} and set(_kinds(row, 2)) == {"key-padding"}
 
 
@@ -45,7 +45,7 @@ def test_chroma_and_z_image_need_no_mask_under_safe_dit():
     """Chroma's float m_i m_j is a rank-1 bias (exactly removable), Z-Image's key padding; safe-dit's dense-fp leaves
     no masked call on either, and both take safe-core."""
     for cls, kind in (("ChromaTransformer2DModel", "rank-1 bias"), ("ZImageTransformer2DModel", "key-padding")):
-        row = census_one(next(r for r in RECIPES if r.cls == cls), grid=(4, 4))
+        row = census_one(recipe_for(cls), grid=(4, 4))
         assert "error" not in row and kind in _kinds(row, 2)
         assert [s["dense_fp_masked_calls"] for s in row["settings"]] == [0, 0, 0]
         assert "safe-core" in row["safe_dit_modes"]

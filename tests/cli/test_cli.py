@@ -39,7 +39,8 @@ def test_audit_rejects_bad_lengths(capsys):
 
 def test_bench_forward_quick(tmp_path, capsys):
     png = tmp_path / "fwd.png"
-    assert main(["bench", "forward", "--quick", "--no-progress", "--json", str(tmp_path / "f.json"), "--plot", str(png)]) == 0
+    assert main(["bench", "forward", "--quick", "--no-progress", "--json", str(tmp_path / "f.json"),
+                 "--plot", str(png)]) == 0
     result, table = _last_json(capsys)
     assert {r["mode"] for r in result["rows"]} == {"dense", "dense-fp", "maskless-oracle"}
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in result["rows"])
@@ -51,7 +52,8 @@ def test_bench_forward_quick(tmp_path, capsys):
 
 def test_bench_e2e_quick(tmp_path, capsys):
     png = tmp_path / "e2e.png"
-    assert main(["bench", "e2e", "--quick", "--no-progress", "--json", str(tmp_path / "e.json"), "--plot", str(png)]) == 0
+    assert main(["bench", "e2e", "--quick", "--no-progress", "--json", str(tmp_path / "e.json"),
+                 "--plot", str(png)]) == 0
     result, _ = _last_json(capsys)
     rows = result["rows"]
     assert {(r["tokens"], r["mode"]) for r in rows} == {(t, m) for t in (64, 256)

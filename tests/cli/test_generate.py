@@ -19,23 +19,36 @@ def _gen(tmp_path, *extra):
 def test_safe_core_writes_image_overlay_and_summary(tmp_path, capsys):
     code, out = _gen(tmp_path)
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads((tmp_path / "img.json").read_text())
+    assert lines == [f"wrote {path}  ({what})" for path, what in zip(summary["files"].values(), (
+        f"safe-core, 64x96, 6 steps, {summary['seconds']:.2f} s, {summary['flop_ratio_vs_dense']:.0%} of dense token "
+        "work", "the prompt's sensitivity map over the image", "the JSON summary"))]  # one human line per file
     assert out.stat().st_size > 0
     assert (tmp_path / "img.sensitivity.png").stat().st_size > 0
-    assert json.loads((tmp_path / "img.json").read_text()) == summary
     assert summary["mode"] == "safe-core" and summary["seconds"] > 0 and summary["peak_memory_mb"] > 0
     n = summary["tokens_per_step"][0]
     assert summary["step_kinds"][:2] == ["warmup", "warmup"]
     selective = [t for t, k in zip(summary["tokens_per_step"], summary["step_kinds"]) if k == "selective"]
     assert selective and all(t == math.ceil(n * SafeConfig().keep_ratio) for t in selective)  # the default keep ratio
     assert 0 < summary["flop_ratio_vs_dense"] < 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.json", "img.png", "img.sensitivity.png"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.json", "img.png", "img.sensitivity.png"]  # no temps
+
+
+def test_json_dash_prints_the_summary_alone_on_stdout(tmp_path, capsys):
+    code, out = _gen(tmp_path, "--json", "-")
+    assert code == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)  # stdout is the JSON and nothing else
+    assert summary["mode"] == "safe-core" and "summary" not in summary["files"]
+    assert captured.err.count("wrote ") == 2  # the image and its map, on stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png", "img.sensitivity.png"]
 
 
 def test_dense_fp_has_no_map_and_full_work(tmp_path, capsys):
     code, out = _gen(tmp_path, "--mode", "dense-fp")
     assert code == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "img.json").read_text())
     assert summary["flop_ratio_vs_dense"] == 1.0 and summary["tokens_per_step"] is None
     assert "sensitivity_overlay" not in summary["files"]
 
@@ -76,7 +89,7 @@ def test_other_backbones_generate_with_their_map(tmp_path, capsys, model, backbo
     code = main(["generate", "a red circle at the top left", "--model", model, "--height", "64", "--width", "64",
                  "--steps", "6", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "img.json").read_text())
     assert summary["backbone"] == backbone and summary["mode"] == "safe-core"
     n = summary["tokens_per_step"][0]
     selective = [t for t, k in zip(summary["tokens_per_step"], summary["step_kinds"]) if k == "selective"]
@@ -97,10 +110,10 @@ def test_a_saved_pipeline_directory_loads_offline(tmp_path, capsys):
 
     build_pixart_text_pipeline().save_pretrained(tmp_path / "pixart")
     out = tmp_path / "img.png"
-    code = main(["generate", "a red circle", "--model", str(tmp_path / "pixart"), "--mode", "dense-fp", "--height", "64",
-                 "--width", "64", "--steps", "2", "--out", str(out)])
+    code = main(["generate", "a red circle", "--model", str(tmp_path / "pixart"), "--mode", "dense-fp",
+                 "--height", "64", "--width", "64", "--steps", "2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["backbone"] == "pixart"
+    assert json.loads(out.with_suffix(".json").read_text())["backbone"] == "pixart"
     assert out.stat().st_size > 0
 
 
@@ -124,7 +137,8 @@ def test_128_pixels_pick_the_1024_token_embedded_model(tmp_path, capsys, micro_1
 
     from safe_dit.embedded.model import size_for
 
-    assert size_for(128, 128) == 128 and size_for(None, None) == 64 and size_for(128, 64) == 64 and size_for(96, 96) == 64
+    assert size_for(128, 128) == 128 and size_for(None, None) == 64
+    assert size_for(128, 64) == 64 and size_for(96, 96) == 64
     out = tmp_path / "img.png"
     assert main(["generate", "a red circle at the center on a gray background", "--height", "128", "--width", "128",
                  "--steps", "3", "--out", str(out)]) == 0

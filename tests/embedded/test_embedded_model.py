@@ -106,7 +106,7 @@ def test_readme_main_command_writes_a_correct_image(tmp_path, capsys):
     out = tmp_path / "triangle.png"
     prompt = "a blue triangle at the bottom right on a white background"
     assert main(["generate", prompt, "--out", str(out)]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["model"] == "default" and summary["height"] == summary["width"] == 64
     from PIL import Image
 

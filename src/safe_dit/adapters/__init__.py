@@ -8,7 +8,9 @@ import importlib
 import logging
 import pkgutil
 
-from safe_dit.adapters.contract import Adapter, SafeProcessor, adapter_for, register, supported_classes  # noqa: F401
+from safe_dit.adapters.contract import (  # noqa: F401
+    Adapter, SafeProcessor, adapter_for, register, registered_adapters, supported_classes,
+)
 from safe_dit.engine.runtime import Handle, Runtime  # noqa: F401
 
 logger = logging.getLogger(__name__)

@@ -166,6 +166,11 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
     raise SafeDitError(f"safe-dit has no adapter for {type(model).__name__}; supported model classes: {supported}")
 
 
+def registered_adapters() -> tuple[Adapter, ...]:
+    """Every registered adapter, in registration order."""
+    return tuple(_REGISTRY)
+
+
 def supported_classes() -> list[str]:
     return [c.__name__ for a in _REGISTRY for c in a.model_classes]
 

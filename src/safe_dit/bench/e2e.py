@@ -1,11 +1,9 @@
 """End-to-end benchmark: dense, dense-fp, safe-core and safe-sw side by side, in one process.
 
-Runs a real diffusers sampling loop with random weights and the real model's attention shape:
-``--model lumina-next`` (``LuminaPipeline``, CFG batch of 2, padded captions, head dim 72),
-``pixart`` (``PixArtSigmaPipeline``, CFG batch of 2, 300 padded T5 tokens, 16 heads of 72),
-``sd3`` (``StableDiffusion3Pipeline``, CFG batch of 2, 77 + 256 caption tokens, SD3-Medium's
-24 heads of 64) or ``flux`` (``FluxPipeline``, guidance-distilled: batch 1, 512 caption tokens,
-FLUX.1's 24 heads of 128; safe-sw does not exist there). Latents are returned (no VAE decode) so
+Runs one backbone's real diffusers sampling loop (``--model``: the kit's pipeline) with random weights
+and the real model's attention shape (the kit's real preset), with as many caption tokens as the real
+pipeline makes; a CFG batch of 2 where the pipeline batches the negative prompt, batch 1 where the
+backbone is guidance-distilled (there safe-sw does not exist). Latents are returned (no VAE decode) so
 the transformer is what is timed. Modes alternate repeat by repeat; each is warmed up with a short
 call first, and dense-fp's short-call latents are checked against dense's before any timing.
 Medians are reported. Peak memory is measured on a separate call. A mode that runs
@@ -20,6 +18,7 @@ of 1024², 1536², 2048², 2560² images (VAE factor 8, patch 2) on every backbo
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import sys
@@ -29,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
+from safe_dit.bench.choices import E2E_PROMPT_VALID
 from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.environment import environment, peak_memory_mb
+from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.bench.midt import _kernels as attention_kernels
-from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
-from safe_dit.cli_args import add_parallel_argument, add_schedule_arguments, context_parallel_setup, schedule_kwargs
-from safe_dit.testing.kits import KITS, kit_for
+from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
+from safe_dit.bench.runs import context_parallel_setup, schedule_kwargs, selective_free
+from safe_dit.testing.kits import kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
 
@@ -52,7 +52,7 @@ def _configs(args, cp=None) -> dict[str, SafeConfig]:
 
 
 # valid caption tokens of the (prompt, negative prompt) pair where a backbone pads captions
-PROMPT_VALID = (20, 3)
+PROMPT_VALID = E2E_PROMPT_VALID
 
 
 class _Backbone:
@@ -292,66 +292,19 @@ def plot(result: dict, path: str) -> None:
     save_figure(plt, fig, result, path, f"{result['settings']['steps']} steps, ")
 
 
-def configure_parser(p) -> None:
-    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 9216, 16384],
-                   help="image token counts, square grids (4096 = 1024², 9216 = 1536², 16384 = 2048²)")
-    p.add_argument("--model", default="lumina-next", choices=list(KITS),
-                   help="backbone and its diffusers pipeline: LuminaPipeline, PixArtSigmaPipeline (CFG batch, 300 "
-                        "T5 tokens, padded), StableDiffusion3Pipeline (CFG batch, "
-                        "333 caption tokens) or FluxPipeline (guidance-distilled, batch 1, 512 caption tokens; no "
-                        "safe-sw) (default: lumina-next)")
-    p.add_argument("--preset", default=None,
-                   help="transformer preset: the real attention shape by default (lumina-next-2b, pixart-sigma: 1152 = "
-                        "16 heads x 72, sd3-medium: "
-                        "1536 = 24 heads x 64, flux-dev: 3072 = 24 heads x 128), or tiny")
-    p.add_argument("--layers", type=int, default=1,
-                   help="transformer blocks (real: Lumina 24, PixArt-Sigma 28, SD3-Medium 24, FLUX 19 double + 38 single; "
-                        "FLUX: this many of each; default 1 on CPU)")
-    p.add_argument("--hidden-size", type=int, default=None, help="Lumina: override width (keep hidden/heads = 72)")
-    p.add_argument("--heads", type=int, default=None,
-                   help="attention heads (Lumina: with --hidden-size; SD3/FLUX: width = heads x the real head dim)")
-    p.add_argument("--kv-heads", type=int, default=None, help="KV heads, with --hidden-size")
-    p.add_argument("--prompts", type=int, default=1, choices=(1, 2),
-                   help="prompts per pipeline call: 2 batches a second prompt with another caption length "
-                        f"({PROMPT_VALID[0]} and {PROMPT_VALID[1]} valid tokens), where Lumina-Image-2.0 and Qwen-Image "
-                        "mask their joint attention (default 1)")
-    p.add_argument("--frames", type=int, default=None,
-                   help="video backbones (wan): latent frames per call; --tokens counts frames x side x side "
-                        "(default: 16 for wan, so 16384 = 16 x 32 x 32; --quick: 1)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--guidance", type=float, default=4.0, help="CFG scale; safe-sw uses guidance±1")
-    add_schedule_arguments(p)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
-                   help="a subset of the modes (default: all the backbone has); the ratios need dense, dense-fp "
-                        "and safe-core, so those three are always run")
-    p.add_argument("--time-up-to", type=int, default=9216, metavar="TOKENS",
-                   help="larger token counts are only probed (runs or OOM, peak memory), not timed (default 9216)")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory call")
-    p.add_argument("--kernels", action="store_true",
-                   help="record the attention kernels one sampling step of dense and dense-fp ran (profiler)")
-    p.add_argument("--quick", action="store_true", help="CI-sized: tiny model, 64 and 256 tokens, 6 steps")
-    add_output_arguments(p)
-    add_parallel_argument(p)
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
-    if args.quick:
-        args.tokens, args.preset, args.layers, args.steps, args.repeats = [64, 256], "tiny", 2, 6, 1
-        args.frames = 1
-        args.hidden_size = args.heads = None
+    # --quick's sizes and the argument checks that need no model: safe_dit.commands.bench_e2e.prepare
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.hidden_size and not (kit_for(args.model).bench_hidden_size and args.heads and args.kv_heads):
         raise SafeDitError("--hidden-size needs --heads and --kv-heads")
-    if args.steps < 1 or args.layers < 1 or args.repeats < 1 or any(t < 1 for t in args.tokens) \
-            or (args.frames is not None and args.frames < 1):
-        raise SafeDitError("--steps, --layers, --repeats, --frames and --tokens must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
     if args.modes is not None:
         args.modes = sorted(set(args.modes) | {"dense", "dense-fp", "safe-core"}, key=MODES.index)
+    for config in _configs(args).values():
+        warning = selective_free(config, args.steps)
+        if warning:
+            logging.getLogger(__name__).warning("%s", warning)
     cp, rank = context_parallel_setup(args)
     result = run_e2e(args, progress=not args.no_progress and rank == 0, cp=cp)
     if rank:  # every rank ran the same benchmark in lockstep; rank 0 alone prints and writes

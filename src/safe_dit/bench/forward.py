@@ -25,8 +25,8 @@ from tqdm import tqdm
 from safe_dit.adapters.lumina_next import SafeLuminaAttnProcessor
 from safe_dit.api import apply_safe_dit, remove_safe_dit
 from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.environment import environment, peak_memory_mb
-from safe_dit.bench.report import DTYPES, add_output_arguments, emit, is_oom, memory_axis, pyplot, save_figure
+from safe_dit.inspection.environment import environment, peak_memory_mb
+from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "maskless-oracle")
 
@@ -193,26 +193,9 @@ def plot(result: dict, path: str) -> None:
     save_figure(plt, fig, result, path, "")
 
 
-def configure_parser(p) -> None:
-    p.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 9216],
-                   help="image token counts (grid ~sqrt x sqrt); default 1024 4096 9216")
-    p.add_argument("--preset", default="lumina-next-2b", help="model preset: lumina-next-2b or tiny")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2 on CPU; real model: 24)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (2 = the CFG batch)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="CI-sized run: tiny model, 64 and 256 tokens")
-    add_output_arguments(p)
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
-    if args.quick:
-        args.tokens, args.preset, args.layers, args.repeats = [64, 256], "tiny", 2, 3
-    if any(t < 1 for t in args.tokens) or args.layers < 1 or args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        raise SafeDitError("--tokens, --layers, --batch and --repeats must be >= 1, --warmup >= 0")
+    # --quick's sizes and the argument checks: safe_dit.commands.bench_forward.prepare, before this module loads
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SafeDitError("--device cuda requested but CUDA is not available")
     if args.dtype == "float16" and not args.device.startswith("cuda"):

@@ -44,7 +44,7 @@ import torch
 
 from safe_dit.bench import e2e
 from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 from safe_dit.testing.kits import KITS
 
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
@@ -186,8 +186,10 @@ def _batch(kit, prompts: int) -> int:
 
 def _e2e_defaults() -> argparse.Namespace:
     """bench e2e's own defaults, whatever options it has."""
+    from safe_dit.commands import bench_e2e  # noqa: the options live with the command  # TODO layering
+
     p = argparse.ArgumentParser()
-    e2e.configure_parser(p)
+    bench_e2e.configure_parser(p)
     return p.parse_args([])
 
 

@@ -31,11 +31,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from safe_dit.bench.choices import MIDT_MASKS
 from safe_dit.config import SafeDitError
-from safe_dit.environment import environment, peak_memory_mb, quiet_profiler, synchronize
-from safe_dit.bench.report import DTYPES, add_output_arguments, emit, pyplot
+from safe_dit.inspection.environment import environment, peak_memory_mb, quiet_profiler, synchronize
+from safe_dit.bench.report import DTYPES, emit, pyplot
 
-MASKS = ("bool-full", "bool-expanded", "additive-zero", "additive-rowconst", "key-padding")
+MASKS = MIDT_MASKS
 REDUNDANT = {m: m != "key-padding" for m in MASKS}
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 KERNEL_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn")
@@ -221,34 +222,10 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def configure_parser(p) -> None:
-    cuda = torch.cuda.is_available()
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="sequence lengths N")
-    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 72, 80, 128], help="head dims (Lumina-Next: 72)")
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES),
-                   help="float16 only on CUDA")
-    p.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if cuda else ["cpu"], choices=["cpu", "cuda"])
-    p.add_argument("--heads", type=int, default=None, help="attention heads (default: 2 on CPU, 24 on CUDA)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--masks", nargs="+", default=list(MASKS), help=f"subset of: {', '.join(MASKS)}")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="a small sweep for a first look (< 1 minute on 2 CPU cores)")
-    add_output_arguments(p, "write a PNG of tax vs sequence length here")
-    p.set_defaults(func=run)
-
-
 def run(args) -> int:
-    if args.quick:
-        args.seq_lens, args.head_dims, args.dtypes, args.repeats = [256, 512, 1024], [64, 72], ["float32"], 3
-        args.devices = [d for d in args.devices if d == "cpu"] or args.devices
-    bad = [m for m in args.masks if m not in MASKS]
-    if bad:
-        raise SafeDitError(f"unknown mask(s) {bad}; choose from {', '.join(MASKS)}")
-    if any(n < 1 for n in args.seq_lens) or any(h < 1 for h in args.head_dims):
-        raise SafeDitError("--seq-lens and --head-dims must be >= 1")
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0 or (args.heads is not None and args.heads < 1):
-        raise SafeDitError("--batch, --heads and --repeats must be >= 1, --warmup >= 0")
+    # --quick's sizes and the argument checks: safe_dit.commands.midt.prepare, before this module loads
+    if args.devices is None:
+        args.devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     if "cuda" in args.devices and not torch.cuda.is_available():
         raise SafeDitError("--devices cuda requested but CUDA is not available")
     if "float16" in args.dtypes and args.devices != ["cuda"]:

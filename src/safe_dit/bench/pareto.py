@@ -35,57 +35,17 @@ import json
 
 import torch
 
-from safe_dit.config import SafeDitError
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 from safe_dit.bench.quality import REFERENCE, prompt_set
-from safe_dit.bench.peers import PEERS, available_hooks
-from safe_dit.bench.report import add_output_arguments, emit
+from safe_dit.bench.peers import available_hooks
+from safe_dit.bench.report import emit
 # the parts, re-exported: settings and analysis, the two runs, the outputs
 from safe_dit.bench.pareto_settings import CORE, FAMILIES, Setting, analyse, default_settings, pareto_front, verdicts
 from safe_dit.bench.pareto_runs import reuse_scaled, run_quality, run_scaled
 from safe_dit.bench.pareto_report import plot_ablation, plot_pareto, table
 
-__all__ = ["CORE", "FAMILIES", "Setting", "analyse", "configure_parser", "default_settings", "pareto_front",
+__all__ = ["CORE", "FAMILIES", "Setting", "analyse", "default_settings", "pareto_front",
            "plot_ablation", "plot_pareto", "reuse_scaled", "run", "run_quality", "run_scaled", "table", "verdicts"]
-
-
-def configure_parser(p) -> None:
-    p.add_argument("--model", default=None, help="directory of a shapes transformer (default: the embedded one)")
-    p.add_argument("--size", type=int, choices=(64, 128), default=None,
-                   help="the embedded model trained at this image side: 64 (256 tokens, the default) or 128 (1024 tokens)")
-    p.add_argument("--single", type=int, default=18, help="one-object prompts (default 18; the first of eval's set)")
-    p.add_argument("--two", type=int, default=12, help="two-object prompts (default 12)")
-    p.add_argument("--steps", type=int, default=30, help="sampling steps for every setting but step reduction")
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
-                   help="which groups of settings to run (dense and dense-fp always run)")
-    p.add_argument("--peers", nargs="+", metavar="METHOD", choices=[f.method for f in PEERS], default=None,
-                   help="with the peer family, only these diffusers hooks, every setting of each (default: all of "
-                        f"them: {', '.join(f.method for f in PEERS)})")
-    p.add_argument("--scaled-tokens", type=int, default=4096,
-                   help="image tokens of the latency-only run on a random-weight model (0 = skip; default 4096)")
-    p.add_argument("--scaled-subset", action="store_true",
-                   help="time only a subset at scale (dense, dense-fp, safe-core, no-fast-path, one setting per peer, "
-                        "steps x0.5) instead of every setting")
-    p.add_argument("--scaled-repeats", type=int, default=1,
-                   help="timed calls per setting at scale, the median reported (default 1; single calls vary 5-20%% "
-                        "on a 2-core VM)")
-    p.add_argument("--scaled-layers", type=int, default=2, help="blocks (default 2: FirstBlockCache needs a second)")
-    p.add_argument("--scaled-hidden", type=int, default=288, help="width (default 288 = 4 heads x 72)")
-    p.add_argument("--scaled-heads", type=int, default=4)
-    p.add_argument("--scaled-kv-heads", type=int, default=1)
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0 = torch's default); 1 is steadier on a shared, oversubscribed machine")
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory calls")
-    p.add_argument("--quick", action="store_true", help="CI-sized: 2 prompts, 6 steps, a tiny model at 64 tokens")
-    p.add_argument("--ablation-plot", metavar="PATH", help="write the ablation bar chart PNG here")
-    p.add_argument("--scaled-from", metavar="PATH",
-                   help="reuse the scaled-model timings (random weights) of an earlier --json result instead of "
-                        "timing again, e.g. after the embedded model was retrained; the quality part runs anew")
-    p.add_argument("--from-json", metavar="PATH", help="redraw table and plots from an earlier --json result (no run)")
-    add_output_arguments(p, plot_help="write the Pareto plot PNG here")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -98,20 +58,7 @@ def run(args) -> int:
             plot_ablation(result, args.ablation_plot)
         return emit(result, table(result), args, plot_pareto)
 
-    if args.quick:
-        args.single, args.two, args.steps = 1, 1, 6
-        args.scaled_tokens = 64 if args.scaled_tokens else 0
-        args.scaled_subset = True
-    if args.single < 0 or args.two < 0 or args.single + args.two == 0:
-        raise SafeDitError("--single and --two must be >= 0 and not both 0")
-    if args.steps < 1:
-        raise SafeDitError("--steps must be >= 1")
-    if args.scaled_tokens < 0:
-        raise SafeDitError("--scaled-tokens must be >= 0")
-    if args.scaled_repeats < 1:
-        raise SafeDitError("--scaled-repeats must be >= 1")
-    if args.threads < 0:
-        raise SafeDitError("--threads must be >= 0")
+    # --quick's sizes and the argument checks: safe_dit.commands.pareto.prepare, before this module loads
     previous = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -16,14 +16,14 @@ from tqdm.auto import tqdm
 from safe_dit.embedded import world
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.config import SafeDitError
-from safe_dit.environment import peak_memory_mb
+from safe_dit.inspection.environment import peak_memory_mb
 from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, run_interleaved, summarize
 from safe_dit.bench.peers import PeerUnsupported, apply_peer, calibrate_mag_ratios, peer_family
 from safe_dit.bench.pareto_settings import Setting
 from safe_dit.bench.replay import BlockRecorder, apply_replay
 
 
-class _Harness:
+class Harness:
     """Turns settings into runs on one pipeline; calibrates MagCache once per step count (on a
     held-out prompt for the embedded model); remembers which settings are unsupported and why."""
 
@@ -94,7 +94,7 @@ class _Harness:
 def run_quality(pipe, settings: list[Setting], scenes, args, progress: bool) -> dict:
     first = world.caption(scenes[0])
     calib = world.caption(world.sample_scene(random.Random(10_000), two_object_prob=0.5))
-    h = _Harness(pipe, args.steps, lambda n: generate(pipe, calib, 10_000, n, args.guidance))
+    h = Harness(pipe, args.steps, lambda n: generate(pipe, calib, 10_000, n, args.guidance))
     memory = {}
     bar = tqdm(settings, desc="probe + memory", disable=not progress, file=sys.stderr)
     for s in bar:
@@ -145,7 +145,7 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
                     output_type="latent").images
 
     repeats = getattr(args, "scaled_repeats", 1)
-    h = _Harness(pipe, args.steps, lambda n: call(n, seed=1))
+    h = Harness(pipe, args.steps, lambda n: call(n, seed=1))
     short = min(args.steps, 6)
     rows = {}
     todo = [s for s in settings if s.scaled or not args.scaled_subset]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from safe_dit.bench.choices import PARETO_FAMILIES
 from safe_dit.config import SafeConfig
 from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
 
-FAMILIES = ("safe-dit", "ablation", "peer", "steps")
+FAMILIES = PARETO_FAMILIES
 #: The scheduling knobs of SafeConfig's safe-core defaults (read from the dataclass, never copied by hand).
 SCHEDULE_FIELDS = ("keep_ratio", "warmup_steps", "anchor_interval", "anchor_growth", "tail_dense_steps",
                    "final_selective_steps", "context_forecast", "reuse_every", "reuse_order")

@@ -1,5 +1,5 @@
-"""What every benchmark command shares: dtype names, output options, and how results are emitted
-(table for people, PNG, JSON file, and the same JSON object as the last stdout line)."""
+"""What every benchmark command shares: dtypes, and how results are emitted (table for people, PNG, JSON file,
+and the same JSON object as the last stdout line; the output options are ``commands.options.add_output_arguments``)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,6 @@ from typing import Callable
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def add_output_arguments(p, plot_help: str = "write a PNG plot here") -> None:
-    p.add_argument("--json", metavar="PATH", help="write the result JSON here")
-    p.add_argument("--plot", metavar="PATH", help=plot_help)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def emit(result: dict, table: str, args, plot: Callable[[dict, str], None]) -> int:

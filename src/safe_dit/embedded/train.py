@@ -30,7 +30,7 @@ from safe_dit.embedded import world
 from safe_dit.embedded.model import (
     TRANSFORMER_CONFIG, WEIGHTS_DIR, encode_prompts, load_text_encoder, proportional_attention_kwargs,
 )
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 
 
 def build_transformer(seed: int, **overrides) -> LuminaNextDiT2DModel:

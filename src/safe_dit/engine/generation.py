@@ -83,10 +83,7 @@ class Generation:
         self.valid: torch.Tensor | None = None  # [B, K] (None: every row real)
         self.global_index: torch.Tensor | None = None  # [B, K] over all N tokens
         self.local_tokens: int | None = None  # image tokens of this rank (N without context parallelism)
-        self.plan = StepPlan(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
-                             srsu=config.srsu, car=config.car, anchor_steps=config.anchor_steps,
-                             reuse_every=config.reuse_every, anchor_growth=config.anchor_growth,
-                             final_selective_steps=config.final_selective_steps)
+        self.plan = StepPlan.of(config, num_steps)
         self.step = -1
         self.kind = WARMUP
         self.accumulator = SensitivityAccumulator()

@@ -23,7 +23,7 @@ class Runtime:
         self.config = config
         self.installed: list = []  # (attention module, the safe-dit processor put there)
         self.state: ForwardState | None = None
-        # Set to a list by `safe_dit.audit` to collect (module name, verdict) per attention call.
+        # Set to a list by `safe_dit.inspection.audit` to collect (module name, verdict) per attention call.
         self.trace: list[tuple[str, str]] | None = None
         # safe-core / safe-sw: the running generation, where its steps come from, its last report.
         self.generation = None

@@ -36,6 +36,14 @@ class StepPlan:
     anchor_growth: float = 0.0
     final_selective_steps: int = 0
 
+    @classmethod
+    def of(cls, config, num_steps: int) -> StepPlan:
+        """The plan a ``SafeConfig`` gives a sampling run of ``num_steps`` steps."""
+        return cls(num_steps, config.warmup_steps, config.anchor_interval, config.tail_dense_steps,
+                   srsu=config.srsu, car=config.car, anchor_steps=config.anchor_steps,
+                   reuse_every=config.reuse_every, anchor_growth=config.anchor_growth,
+                   final_selective_steps=config.final_selective_steps)
+
     def anchors(self) -> tuple[int, ...]:
         return self._anchors
 

@@ -147,7 +147,7 @@ def configure_parser(p) -> None:
     p.add_argument("--out", metavar="DIR", help="the study folder (new or empty; --overwrite replaces a study "
                                                 "without votes)")
     p.add_argument("--list", action="store_true", help="print every setting name --a/--b take, then exit")
-    p.add_argument("--prompts", metavar="FILE", help="one prompt a line (default on the embedded model: its "
+    p.add_argument("--prompts", metavar="FILE", help="one prompt a line (None: on the embedded model, its "
                                                      "world's seeded prompt set)")
     p.add_argument("--single", type=int, default=12, help="world prompts with one object (no --prompts)")
     p.add_argument("--two", type=int, default=12, help="world prompts with two objects (no --prompts)")
@@ -160,7 +160,7 @@ def configure_parser(p) -> None:
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (None: the model's native size)")
     p.add_argument("--steps", type=int, default=30, help="sampling steps of a side without @STEPS")
     p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale, both sides")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace the study in --out (refused if it has votes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
@@ -177,13 +177,13 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise SafeDitError(f"--out {str(out)!r} already holds a study: --overwrite replaces it, or choose another folder")
         if not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise SafeDitError(f"--out {str(out)!r} is not empty and holds no study: choose a new or empty folder")
-    from safe_dit.generate import check_creatable
+    from safe_dit.bench.files import check_creatable
 
     check_creatable(out, out)
 
 
 def _check(args) -> None:
-    from safe_dit.generate import EMBEDDED_MAX_SIDE, SEED_MAX, _check_size
+    from safe_dit.bench.pipelines import EMBEDDED_MAX_SIDE, SEED_MAX, check_size
 
     if not args.a or not args.b or not args.out:
         raise SafeDitError("--a, --b and --out are required (e.g. --a dense-fp --b safe-core --out studies/mine)")
@@ -197,7 +197,7 @@ def _check(args) -> None:
         raise SafeDitError(f"a study takes at most {MAX_PROMPTS} prompts")
     if not 0 <= args.seed <= SEED_MAX - MAX_PROMPTS:
         raise SafeDitError(f"--seed must be in 0..{SEED_MAX - MAX_PROMPTS} (prompt i takes seed SEED + i)")
-    _check_size(args)
+    check_size(args)
     if _is_shapes_model(args.model) and max(args.height or 0, args.width or 0) > EMBEDDED_MAX_SIDE:
         raise SafeDitError(f"--height and --width must be at most {EMBEDDED_MAX_SIDE} pixels for a shapes model")
     if args.model != "default" and not _is_shapes_model(args.model) and args.prompts is None:
@@ -214,7 +214,7 @@ def _is_shapes_model(model: str) -> bool:
 def _load(model: str, device: str):
     import torch
     from safe_dit.embedded.model import load_default_pipeline, weights_identity
-    from safe_dit.generate import load_pipeline
+    from safe_dit.bench.pipelines import load_pipeline
 
     if _is_shapes_model(model):
         path = None if model == "default" else model
@@ -226,7 +226,7 @@ def _draw(pipe, prompt: str, seed: int, steps: int, height: int, width: int, gui
     """One image as ``safe-dit generate`` calls the pipeline (uint8 HxWx3) and its seconds."""
     import numpy as np
     import torch
-    from safe_dit.generate import call_kwargs
+    from safe_dit.bench.pipelines import call_kwargs
 
     kwargs = call_kwargs(pipe, SimpleNamespace(height=height, width=width, steps=steps, guidance=guidance, seed=seed,
                                                negative_prompt=""))
@@ -254,11 +254,12 @@ def run(args, pipe=None, weights: dict | None = None) -> int:
     from tqdm.auto import tqdm
 
     from safe_dit.bench.peers import PeerUnsupported
-    from safe_dit.bench.pareto_runs import _Harness
+    from safe_dit.bench.pareto_runs import Harness
     from safe_dit.bench.quality import prompt_set, psnr
     from safe_dit.embedded import world
-    from safe_dit.environment import environment
-    from safe_dit.generate import native_size, write_together
+    from safe_dit.bench.files import write_together
+    from safe_dit.bench.pipelines import native_size
+    from safe_dit.inspection.environment import environment
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = _is_shapes_model(args.model)
@@ -278,7 +279,7 @@ def run(args, pipe=None, weights: dict | None = None) -> int:
     height = args.height or native_size(pipe, "default" if shapes else args.model)
     width = args.width or native_size(pipe, "default" if shapes else args.model)
     calibration = world.caption(world.sample_scene(random.Random(CALIBRATION_SEED))) if shapes else prompts[0]
-    harnesses = {k: _Harness(pipe, side.steps, lambda n: _draw(pipe, calibration, CALIBRATION_SEED, n, height, width,
+    harnesses = {k: Harness(pipe, side.steps, lambda n: _draw(pipe, calibration, CALIBRATION_SEED, n, height, width,
                                                                args.guidance))
                  for k, side in sides.items()}
     out = Path(args.out)

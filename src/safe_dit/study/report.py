@@ -195,18 +195,18 @@ def plot(r: dict):
 
 def configure_parser(p) -> None:
     p.add_argument("study", metavar="DIR", help="a study folder (its votes in DIR/votes.sqlite unless --db)")
-    p.add_argument("--db", metavar="PATH", help="the votes database (default DIR/votes.sqlite)")
+    p.add_argument("--db", metavar="PATH", help="the votes database (None: DIR/votes.sqlite)")
     p.add_argument("--margin", type=float, default=0.10,
                    help="non-inferiority margin on B's win rate: B may lose by at most this much to 0.5")
     p.add_argument("--confidence", type=float, default=0.95,
                    help="level of the intervals; the test's alpha is 1 - confidence (one-sided)")
-    p.add_argument("--json", metavar="PATH", help="the result JSON (default DIR/report.json)")
-    p.add_argument("--plot", metavar="PATH", help="the PNG plot (default DIR/report.png)")
+    p.add_argument("--json", metavar="PATH", help="the result JSON (None: DIR/report.json)")
+    p.add_argument("--plot", metavar="PATH", help="the PNG plot (None: DIR/report.png)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from safe_dit.generate import write_together
+    from safe_dit.bench.files import write_together
 
     if not (math.isfinite(args.margin) and 0 <= args.margin < 0.5):
         raise SafeDitError(f"--margin must be in [0, 0.5), got {args.margin}")

@@ -138,7 +138,7 @@ def configure_parser(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; anything but loopback lets other "
                                                        "machines rate (and vote)")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 takes any free one (the URL is printed)")
-    p.add_argument("--db", metavar="PATH", help="the votes database (default DIR/votes.sqlite)")
+    p.add_argument("--db", metavar="PATH", help="the votes database (None: DIR/votes.sqlite)")
     p.set_defaults(func=run)
 
 

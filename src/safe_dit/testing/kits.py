@@ -1,13 +1,16 @@
 """One kit per backbone: what tests, benchmarks, the audit and the tiny demos need to know about it.
 
 ``KITS`` is the one registry: ``safe-dit generate --model tiny-random...``, ``safe-dit audit --model``,
-``safe-dit bench e2e --model`` and the backbone-wide tests are derived from it. It is collected from this
-package's backbone modules: a new backbone adds its adapter (``safe_dit.adapters.<backbone>``) and one module
-here, ``safe_dit.testing.<backbone>``, with its builders and ``KIT = Kit(...)`` (see ``safe_dit.testing.kit``).
+``safe-dit bench e2e --model``, the mask census and the backbone-wide tests are derived from it (the command
+line's parsers read the same modules' declarations without importing them: ``safe_dit.testing.catalog``). It is
+collected from this package's backbone modules: a new backbone adds its adapter (``safe_dit.adapters.<backbone>``)
+and one module here, ``safe_dit.testing.<backbone>``, with its builders and ``KIT = Kit(...)`` (see
+``safe_dit.testing.kit``).
 
 Every transformer is randomly initialised from a config (no hub): the ``tiny`` preset is for unit tests,
-each kit's ``real_preset`` is the real model's attention shape with as many layers as asked. The builders
-are re-exported here under their historical names (``from safe_dit.testing.kits import build_pixart``).
+each kit's ``real_preset`` is the real model's attention shape with as many layers as asked. The builders of
+Lumina-Next, PixArt, SD3 and FLUX can also be imported from here (``from safe_dit.testing.kits import
+build_pixart``).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _discover() -> dict[str, Kit]:
     return {kit.name: kit for kit in sorted(kits, key=lambda k: (k.rank, k.name))}
 
 
-_NOT_BACKBONES = {"kit", "kits", "tiny"}
+_NOT_BACKBONES = {"catalog", "kit", "kits", "tiny"}
 KITS: dict[str, Kit] = _discover()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import sys
 import statistics
+import sys
 import time
 from typing import Callable
 

@@ -1,21 +1,14 @@
-"""Audit every SDPA call of one model forward, stock and with safe-dit, side by side.
+"""Audit every SDPA call of one model forward, stock and with safe-dit, side by side (``safe-dit audit``).
 
 For each call to torch.nn.functional.scaled_dot_product_attention: the attention module that
 made it, the q/k/v shapes, the mask that reached SDPA (kind, shape, whether it is a broadcast
 view), what safe-dit decided and why (elided by provenance, kept as semantic, rewritten
-exactly), and the SDPA kernel that ran (from the PyTorch profiler).
-
-Default model: a small randomly initialised Lumina-Next built from a config (no download),
-with a CFG-like batch of 2 whose captions have different padded lengths; ``--model pixart``,
-``sd3`` and ``flux`` audit small random PixArt, SD3 and FLUX transformers the same way, and a
-closing line says where each backbone's masks come from (SD3 and FLUX: none reach SDPA in the stock
-model, so there is nothing to elide and dense-fp equals dense).
+exactly), and the SDPA kernel that ran (from the PyTorch profiler). The report closes with the
+adapter's note on where the backbone's masks come from.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from contextlib import ExitStack
 
 import torch
@@ -24,9 +17,8 @@ from torch.overrides import TorchFunctionMode
 from torch.profiler import record_function
 
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
-from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.environment import quiet_profiler
-from safe_dit.testing.kits import KITS, kit_for
+from safe_dit.config import SafeConfig
+from safe_dit.inspection.environment import quiet_profiler
 
 _TAG = "safe_dit.sdpa#"
 KERNEL_PREFIXES = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention", "aten::_cudnn")
@@ -192,7 +184,8 @@ def format_table(report: dict) -> str:
     for label in ("stock", "safe"):
         title = "stock (dense)" if label == "stock" else f"safe-dit ({report['mode']})"
         lines.append(f"== {title}: {report['model']} ==")
-        lines.append(f"{'#':>3} {'module':<{mw}} {'q':<18} {'k':<18} {'mask to SDPA':<28} {'kernel (+mask ops)':<34} verdict")
+        lines.append(f"{'#':>3} {'module':<{mw}} {'q':<18} {'k':<18} {'mask to SDPA':<28} "
+                     f"{'kernel (+mask ops)':<34} verdict")
         for i, c in enumerate(report[label]):
             lines.append(
                 f"{i:>3} {c['module']:<{mw}} {str(c['q']):<18} {str(c['k']):<18} "
@@ -207,80 +200,3 @@ def format_table(report: dict) -> str:
         f"safe-dit {s['safe_masked_calls']}/{s['safe_calls']}"
     )
     return "\n".join(lines)
-
-
-def configure_parser(p) -> None:
-    p.add_argument("--model", default="lumina-next", choices=list(BACKBONES),
-                   help="backbone to audit, a small random model built from a config: Lumina-Next "
-                        "(LuminaNextDiT2DModel), PixArt-Sigma/Alpha (PixArtTransformer2DModel), "
-                        "SD3/SD3.5 (SD3Transformer2DModel) or FLUX.1 (FluxTransformer2DModel)")
-    p.add_argument("--preset", default="tiny",
-                   help="model size preset: tiny, or the real shape: lumina-next-2b, sd3-medium, flux-dev "
-                        "(default: tiny)")
-    p.add_argument("--layers", type=int, default=2, help="number of transformer blocks (default: 2)")
-    p.add_argument("--height-tokens", type=int, default=8, help="image token rows (default: 8)")
-    p.add_argument("--width-tokens", type=int, default=8, help="image token columns (default: 8)")
-    p.add_argument("--batch", type=int, default=2, help="batch size; 2 is the CFG batch (default: 2)")
-    p.add_argument("--text-len", type=int, default=8, help="caption tokens incl. padding (default: 8)")
-    p.add_argument("--valid-lens", type=int, nargs="+", default=None,
-                   help="valid caption tokens per sample (default: text-len, then text-len-3, ...)")
-    p.add_argument("--mode", default="dense-fp", choices=["dense-fp"], help="safe-dit mode to compare")
-    p.add_argument("--no-rewrite-padding", action="store_true",
-                   help="keep caption padding masks instead of rewriting them exactly")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    p.add_argument("--zoo", action="store_true",
-                   help="the mask census instead: every image-generation transformer class of the installed diffusers "
-                        "with a tiny offline recipe, batch 1 / 2 / CFG batch with different caption lengths; which "
-                        "masks reach SDPA and their estimated tax (with --json, --plot, --table)")
-    p.add_argument("--plot", metavar="PATH", help="--zoo: write the census plot (PNG) here")
-    p.add_argument("--table", metavar="PATH", help="--zoo: write the census table (Markdown) here")
-    p.add_argument("--results", default="benchmarks/results", metavar="DIR",
-                   help="--zoo: where the midt-{gpu,cpu}.json the tax estimate uses are (default: benchmarks/results)")
-    p.set_defaults(func=run)
-
-
-BACKBONES = tuple(KITS)
-
-
-def run_zoo(args) -> int:
-    from safe_dit.census import format_census, plot_census, run_census
-
-    result = run_census(args.results, progress=lambda name: print(f"census: {name}", file=sys.stderr))
-    table = format_census(result)
-    print(table)
-    if args.table:
-        with open(args.table, "w") as f:
-            f.write(table + "\n")
-    if args.plot:
-        plot_census(result, args.plot)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    sys.stdout.write(json.dumps(result["summary"]) + "\n")
-    return 0
-
-
-def run(args) -> int:
-    if args.zoo:
-        return run_zoo(args)
-    for name in ("layers", "height_tokens", "width_tokens", "batch", "text_len"):
-        if getattr(args, name) < 1:
-            raise SafeDitError(f"--{name.replace('_', '-')} must be >= 1")
-    valid = args.valid_lens or [max(1, args.text_len - 3 * i) for i in range(args.batch)]
-    if len(valid) != args.batch or any(not 1 <= v <= args.text_len for v in valid):
-        raise SafeDitError(f"--valid-lens needs {args.batch} values in [1, {args.text_len}]")
-    kit = kit_for(args.model)
-    try:
-        model = kit.build(args.preset, num_layers=args.layers)
-    except ValueError as e:
-        raise SafeDitError(str(e)) from None
-    inputs = kit.inputs(model, args.height_tokens, args.width_tokens, batch=args.batch,
-                        text_len=args.text_len, valid_lens=valid)
-    report = audit(model, inputs, SafeConfig(args.mode, rewrite_padding=not args.no_rewrite_padding))
-    report["settings"] = {k: v for k, v in vars(args).items() if k != "func"} | {"valid_lens": valid}
-    print(format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    sys.stdout.write(json.dumps(report["summary"]) + "\n")
-    return 0

@@ -1,5 +1,7 @@
-"""The scheduling flags shared by ``generate``, ``eval`` and ``bench e2e``: one table, so every command
-offers the same knobs with the same help and SafeConfig's defaults."""
+"""What a run takes from its command line (shared by ``generate``, ``eval`` and ``bench e2e``): the scheduling
+fields set (one table, ``SCHEDULE_FLAGS``, from which ``safe_dit.commands.options`` builds the flags with
+SafeConfig's defaults), a warning for a schedule with no selective step, and the context-parallel setup under
+torchrun. Torch-free at import."""
 
 from __future__ import annotations
 
@@ -13,22 +15,11 @@ SCHEDULE_FLAGS = (
     ("anchor_growth", float, "the gap between anchors grows by this after each anchor (0: periodic)"),
     ("tail_dense_steps", int, "dense steps at the end, before the final selective steps"),
     ("final_selective_steps", int, "the last steps update only the sensitive rows, after the dense tail"),
-    ("context_forecast", int, "0: sensitive rows attend to the anchor's context K/V; 1/2: its linear/quadratic forecast"),
+    ("context_forecast", int,
+     "0: sensitive rows attend to the anchor's context K/V; 1/2: its linear/quadratic forecast"),
     ("reuse_every", int, "every n-th step after an anchor skips the model and forecasts its output (0: never)"),
     ("reuse_order", int, "a reuse step's forecast: 0 the last output, 1 the line through the last two"),
 )
-
-
-def add_schedule_arguments(parser, with_defaults: bool = True) -> None:
-    """``--keep-ratio`` ... ``--reuse-order``; defaults SafeConfig's (or None: the mode's own)."""
-    import argparse
-
-    d = SafeConfig("safe-core")
-    shows_defaults = issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter) and with_defaults
-    for field, kind, text in SCHEDULE_FLAGS:
-        default = getattr(d, field)
-        parser.add_argument("--" + field.replace("_", "-"), type=kind, default=default if with_defaults else None,
-                            help=text if shows_defaults else f"{text} (default {default})")
 
 
 def schedule_kwargs(args) -> dict:
@@ -36,18 +27,30 @@ def schedule_kwargs(args) -> dict:
     return {f: getattr(args, f) for f, _, _ in SCHEDULE_FLAGS if getattr(args, f, None) is not None}
 
 
+def selective_free(config: SafeConfig, steps: int) -> str | None:
+    """For a scheduled mode whose ``steps``-step schedule has no selective (or reuse) step, the one line saying so
+    (every step then computes every token: the mode costs what dense-fp does); None otherwise."""
+    from safe_dit.engine.schedule import REUSE, SELECTIVE, StepPlan
+
+    if not config.scheduled or steps < 1:
+        return None
+    def sparse(n):
+        kinds = StepPlan.of(config, n).kinds()
+        return SELECTIVE in kinds or REUSE in kinds
+
+    if sparse(steps):
+        return None
+    fewest = next((n for n in range(steps + 1, steps + 1000) if sparse(n)), None)
+    advice = f"; this schedule has one from --steps {fewest}" if fewest else ""
+    return (f"{config.mode} with {steps} step{'s' if steps != 1 else ''} has no selective step (the schedule: "
+            f"{', '.join(StepPlan.of(config, steps).kinds())}): every step computes every token, as dense-fp "
+            f"does{advice}")
+
+
 CP_KINDS = ("ulysses", "ring", "ulysses_anything", "ring_anything")
-NOT_UNDER_TORCHRUN = ("--context-parallel needs one process per rank with an initialised process group: run the command "
-                      "under torchrun, e.g. `torchrun --nproc-per-node 2 -m safe_dit.cli generate ... --context-parallel "
-                      "ulysses:2`")
-
-
-def add_parallel_argument(parser) -> None:
-    """``--context-parallel MODE:DEGREE`` (generate, bench e2e)."""
-    parser.add_argument("--context-parallel", default=None, metavar="MODE:DEGREE",
-                        help=f"split the image (and joint text) tokens over torchrun's processes with diffusers' "
-                             f"context parallelism: {', '.join(k + ':2' for k in CP_KINDS)}; run under torchrun "
-                             "--nproc-per-node DEGREE; progress bars and files come from rank 0 only")
+NOT_UNDER_TORCHRUN = ("--context-parallel needs one process per rank with an initialised process group: run the "
+                      "command under torchrun, e.g. `torchrun --nproc-per-node 2 -m safe_dit.cli generate ... "
+                      "--context-parallel ulysses:2`")
 
 
 def parse_context_parallel(spec: str):

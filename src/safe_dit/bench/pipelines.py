@@ -1,0 +1,109 @@
+"""The pipelines a ``--model`` names (the embedded default, a kit's tiny random pipeline, a local diffusers
+pipeline), their native size, the size limits, and the keywords each pipeline's ``__call__`` takes. Shared by
+``safe-dit generate`` and ``safe-dit study make``; torch and diffusers load only when a pipeline does."""
+
+from __future__ import annotations
+
+import inspect
+
+from safe_dit.config import SafeDitError
+
+DEFAULT_MODEL = "default"
+ROPE_TOKENS = 384  # LuminaPipeline builds its 2-D RoPE table for 384 x 384 tokens
+MAX_SIDE = ROPE_TOKENS * 16  # patch 2 over a VAE of factor 8: the most pixels per token side of any shipped pipeline
+EMBEDDED_MAX_SIDE = ROPE_TOKENS * 4  # the embedded model: patch 4 on pixels (no VAE), 4 pixels a token side
+SEED_MAX = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: larger ones repeat smaller ones
+
+
+def tiny_pipelines() -> dict:
+    """Tiny-pipeline name -> builder, one per kit: offline, randomly initialised, every code path in seconds, but
+    they draw noise."""
+    from safe_dit.testing.kits import KITS
+
+    return {kit.tiny_name: kit.text_pipeline for kit in KITS.values()}
+
+
+def load_pipeline(model: str, dtype, device: str, height: int | None = None, width: int | None = None):
+    """The embedded default (the one trained at the requested size, 64 or 128 px), a tiny random pipeline, or a local
+    diffusers pipeline of a supported backbone."""
+    from safe_dit.adapters import adapter_for, supported_classes
+
+    if model == DEFAULT_MODEL:
+        from safe_dit.embedded.model import load_default_pipeline, size_for
+
+        return load_default_pipeline(dtype=dtype, size=size_for(height, width)).to(device)
+    tiny = tiny_pipelines()
+    if model in tiny:
+        return tiny[model]().to(device, dtype)
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise SafeDitError(
+            f"could not load a diffusers pipeline from {model!r} without downloading ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0][:200]}). Pass a local pipeline directory (model classes: "
+            f"{', '.join(supported_classes())}), '{DEFAULT_MODEL}', or one of {', '.join(tiny)}"
+        ) from err
+    if getattr(pipe, "transformer", None) is None:
+        raise SafeDitError(f"{model!r} loads a {type(pipe).__name__} without a transformer: safe-dit accelerates DiT "
+                           f"pipelines ({', '.join(supported_classes())})")
+    adapter_for(pipe.transformer)  # a clear error naming the supported classes, before any work
+    return pipe.to(device)
+
+
+def native_size(pipe, model: str) -> int:
+    """The pipeline's own default image side in pixels (the embedded models': 64 or 128, their training size)."""
+    if model == DEFAULT_MODEL:
+        return int(pipe.default_sample_size)  # pixel space: the size they were trained at
+    sample = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.get("sample_size")
+    if sample is None:  # no sample size in its config (ZImagePipeline defaults to 1024 pixels)
+        return 1024
+    return int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def call_kwargs(pipe, args) -> dict:
+    """What this pipeline's ``__call__`` takes: backbones differ in caption cleaning, negative prompts, binning."""
+    import torch
+
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  generator=torch.Generator().manual_seed(args.seed))
+    if "true_cfg_scale" in params:  # FLUX: guidance-distilled; a negative prompt would need true CFG
+        if args.negative_prompt:
+            raise SafeDitError("FLUX is guidance-distilled (--guidance sets its guidance embedding): FluxPipeline "
+                               "ignores a negative prompt unless true CFG runs two transformer calls per step, which "
+                               "safe-dit's scheduled modes refuse. Drop --negative-prompt")
+    else:
+        kwargs["negative_prompt"] = args.negative_prompt
+    if "clean_caption" in params:
+        kwargs["clean_caption"] = False  # needs bs4/ftfy; the prompt is used as typed
+    if "use_resolution_binning" in params and pipe.transformer.config.sample_size not in (32, 64, 128, 256):
+        kwargs["use_resolution_binning"] = False  # PixArt has aspect-ratio bins only for its real sample sizes
+    return kwargs
+
+
+def check_size(args) -> None:
+    """``args.height``/``args.width`` (None: the model's native size) are positive multiples of 16 within
+    ``MAX_SIDE`` (a one-line SafeDitError otherwise)."""
+    if any(v is not None and (v < 16 or v % 16) for v in (args.height, args.width)):
+        raise SafeDitError("--height and --width must be positive multiples of 16")
+    if any(v is not None and v > MAX_SIDE for v in (args.height, args.width)):
+        raise SafeDitError(f"--height and --width must be at most {MAX_SIDE} pixels (Lumina-Next's RoPE table covers "
+                           f"{ROPE_TOKENS} tokens a side; larger sizes fail inside diffusers or on allocation)")
+
+
+def rope_side(pipe) -> int | None:
+    """Largest image side in pixels Lumina's pipeline has RoPE rows for (None: no such table)."""
+    from diffusers import LuminaNextDiT2DModel
+
+    if not isinstance(pipe.transformer, LuminaNextDiT2DModel):
+        return None
+    return ROPE_TOKENS * pipe.transformer.config.patch_size * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def check_rope(pipe, args) -> None:
+    side = rope_side(pipe)
+    if side is not None and max(args.height, args.width) > side:
+        raise SafeDitError(f"--height and --width must be at most {side} pixels for this model: its pipeline has RoPE "
+                           f"rows for {ROPE_TOKENS} tokens a side")
