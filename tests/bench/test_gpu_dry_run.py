@@ -3,6 +3,7 @@ the printed H200 budget comes first and fits 9 minutes; the estimate scales the 
 that agrees with torch's own counts."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -107,6 +108,21 @@ def test_a_step_past_the_budget_is_skipped_with_its_reason(tmp_path):
     assert status["sd3-1024"]["status"] == "ok"
     assert status["flux-1024"]["status"] == "skipped" and "exceeds" in status["flux-1024"]["reason"]
     assert (tmp_path / "e2e-t-sd3-1024.json").is_file() and not (tmp_path / "e2e-t-flux-1024.json").exists()
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_every_step_asks_bench_e2e_for_a_grid_it_takes(dry):
+    """bench e2e's --tokens counts all frames' tokens (frames x side x side, side a multiple of 8); the plan's token
+    count is the same number."""
+    rows = {r["step"]: r for r in gpu_budget.plan(gpu_steps.STEPS, gpu_steps.RESULTS, "gpu")}
+    for step in gpu_steps.STEPS:
+        if isinstance(step, gpu_steps.MidtStep):
+            continue
+        tokens, frames = gpu_steps.run_shape(step, dry)
+        side = math.isqrt(tokens // frames)
+        assert frames * side * side == tokens and side % 8 == 0, (step.name, tokens, frames)
+        if not dry:
+            assert rows[step.name]["tokens"] == tokens
 
 
 def _ref_seconds(name, tokens):

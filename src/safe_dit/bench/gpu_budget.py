@@ -87,13 +87,14 @@ def _batch(kit, prompts: int) -> int:
 
 def _step_flops(step: Step) -> float:
     kit = KITS[step.model]
-    tokens, frames = run_shape(step)
-    return forward_flops(step.model, step.preset or kit.real_preset, _overrides(kit, step.layers), tokens * frames,
+    tokens = run_shape(step)[0]
+    return forward_flops(step.model, step.preset or kit.real_preset, _overrides(kit, step.layers), tokens,
                          kit.bench_text_len, _batch(kit, step.prompts))
 
 
 def _ref_per_step(path: Path, tokens: int) -> dict[str, tuple[float, float]]:
-    """mode -> (seconds per sampling step, FLOPs per sampling step) of one committed ``bench e2e`` run."""
+    """mode -> (seconds per sampling step, FLOPs per sampling step) of a ``bench e2e`` run's rows of ``tokens``
+    (all frames' tokens together, as bench e2e counts them)."""
     result = json.loads(path.read_text())
     st = result["settings"]
     kit = KITS[st["model"]]
@@ -106,8 +107,7 @@ def _ref_per_step(path: Path, tokens: int) -> dict[str, tuple[float, float]]:
     if blocks.get("num_single_layers") is not None:
         over["num_single_layers"] = blocks["num_single_layers"]
     batch = 2 * (1 if kit.guidance_distilled else 2) if "2 prompts" in st.get("batch", "") else _batch(kit, 1)
-    frames = st.get("frames") or 1
-    flops = forward_flops(st["model"], preset, over, tokens * frames, st.get("text_len", kit.bench_text_len), batch)
+    flops = forward_flops(st["model"], preset, over, tokens, st.get("text_len", kit.bench_text_len), batch)
     return {r["mode"]: (r["seconds"] / st["steps"], flops) for r in result["rows"]
             if r["tokens"] == tokens and r.get("seconds")}
 
@@ -182,8 +182,8 @@ def plan(steps, results: Path, tag: str, budget: float = BUDGET_S) -> list[dict]
     """Each step's H200 estimate (or why it cannot run), and whether it fits the budget after the steps before it."""
     out, total = [], PROCESS_S
     for step in steps:
-        tokens, frames = run_shape(step) if isinstance(step, Step) else (max(step.seq_lens), 1)
-        row = {"step": step.name, "what": step.what, "tokens": tokens * frames, "steps": step.steps,
+        tokens = run_shape(step)[0] if isinstance(step, Step) else max(step.seq_lens)
+        row = {"step": step.name, "what": step.what, "tokens": tokens, "steps": step.steps,
                "repeats": step.repeats if step.timed else 0, "optional": step.optional, "admitted": False}
         reason = skip_reason(step)
         if reason is None:

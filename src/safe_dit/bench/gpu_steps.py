@@ -87,12 +87,15 @@ def e2e_defaults() -> argparse.Namespace:
 
 
 def run_shape(step: Step, dry: bool = False) -> tuple[int, int]:
-    """(tokens per grid, frames) the step's bench e2e call makes."""
+    """(tokens, frames) of the step's bench e2e call: its ``--tokens``, all frames' tokens together as bench e2e
+    counts them (frames x side x side), and its ``--frames``."""
+    takes_frames = hasattr(e2e_defaults(), "frames")
     if dry:
-        return step.dry_tokens, min(step.frames, 2) if hasattr(e2e_defaults(), "frames") else 1
-    if step.frames > 1 and not hasattr(e2e_defaults(), "frames"):
+        frames = min(step.frames, 2) if takes_frames else 1
+        return step.dry_tokens * frames, frames
+    if step.frames > 1 and not takes_frames:
         return step.flat_tokens or step.tokens * step.frames, 1
-    return step.tokens, step.frames
+    return step.tokens * step.frames, step.frames
 
 
 def skip_reason(step: Step) -> str | None:

@@ -124,7 +124,8 @@ def run_suite(steps, out: Path, tag: str, budget: float | None, dry: bool, devic
 def _run_step(step: Step, row: dict, out: Path, tag: str, dry: bool, device: str, log) -> None:
     args = _e2e_args(step, dry, device)
     frames = getattr(args, "frames", 1)
-    log(f"== {step.name}: {step.what} ({args.tokens[0]} tokens{f' x {frames} frames' if frames > 1 else ''}, "
+    per_frame = f" ({frames} frames of {args.tokens[0] // frames})" if frames > 1 else ""
+    log(f"== {step.name}: {step.what} ({args.tokens[0]} tokens{per_frame}, "
         f"{args.steps} steps x {args.repeats}, H200 estimate {row['estimate_s']:.0f} s)")
     t0 = time.perf_counter()
     try:
