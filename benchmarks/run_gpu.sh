@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite: every headline GPU figure measured again, side by side in one process, sized for one ~9-minute call
-# on one H100/H200 (src/safe_dit/bench/gpu_suite.py says what each step runs and how its printed budget is estimated).
+# on one H100/H200 (src/safe_dit/commands/gpu_suite.py says what each step runs and how its printed budget is estimated).
 #   bash benchmarks/run_gpu.sh [--out DIR] [--tag gpu] [--budget 540] [--only STEP ...]   on the GPU machine
 #   bash benchmarks/run_gpu.sh --dry-run     every step at tiny shapes on the CPU, into a temp dir (a test runs this)
 #   bash benchmarks/run_gpu.sh --plan        the H200 time budget only
@@ -28,4 +28,4 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-exec python3 -m safe_dit.bench.gpu_suite "$@"
+exec python3 -m safe_dit.commands.gpu_suite "$@"
