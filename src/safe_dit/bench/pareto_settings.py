@@ -11,7 +11,7 @@ from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
 FAMILIES = ("safe-dit", "ablation", "peer", "steps")
 #: The scheduling knobs of SafeConfig's safe-core defaults (read from the dataclass, never copied by hand).
 SCHEDULE_FIELDS = ("keep_ratio", "warmup_steps", "anchor_interval", "anchor_growth", "tail_dense_steps",
-                   "final_selective_steps", "context_forecast", "reuse_every", "reuse_order")
+                   "final_selective_steps", "context_forecast", "reuse_every", "reuse_order", "anchor_drift")
 CORE = {f: getattr(SafeConfig(), f) for f in SCHEDULE_FIELDS}
 #: The schedule as published (arXiv 2606.29360) and shipped before: periodic anchors, frozen context, no reuse.
 PUBLISHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=5, anchor_growth=0.0, tail_dense_steps=1,
