@@ -85,6 +85,12 @@ class SafeConfig:
     reuse_order:
         The forecast of a reuse step: the last computed model output (0) or the line through the last
         two (1), in the timestep.
+    anchor_drift:
+        Drift-triggered anchors: a step planned selective or reuse runs as a dense anchor when, at the last
+        selective step, the fresh sensitive rows' keys and values differed from what the context cache (or its
+        forecast) held for those rows by more than this relative amount (RMS error over RMS, all layers). The
+        sensitive rows are computed anyway, so the estimate is nearly free; it stands in for the forecast error
+        of the context rows, which cannot be checked (0: off).
     sw_map:
         ``safe-sw`` only. ``False`` replaces the per-token map by its per-image mean: the same
         average guidance, without the spatial weighting.
@@ -120,6 +126,7 @@ class SafeConfig:
     anchor_steps: tuple[int, ...] | None = None
     reuse_every: int = 2
     reuse_order: int = 1
+    anchor_drift: float = 0.0
     context_parallel: object | None = None  # diffusers.ContextParallelConfig
 
     def __post_init__(self) -> None:
@@ -159,6 +166,8 @@ class SafeConfig:
         _check(_real(self.anchor_growth) and self.anchor_growth >= 0,
                f"anchor_growth must be a number >= 0, got {self.anchor_growth!r}")
         _check(_int(self.reuse_every) and self.reuse_every >= 0, f"reuse_every must be an int >= 0, got {self.reuse_every!r}")
+        _check(_real(self.anchor_drift) and self.anchor_drift >= 0,
+               f"anchor_drift must be a number >= 0 (0: off), got {self.anchor_drift!r}")
         _check(_int(self.reuse_order) and self.reuse_order in (0, 1),
                f"reuse_order must be 0 (last output) or 1 (linear), got {self.reuse_order!r}")
         if self.context_parallel is not None:

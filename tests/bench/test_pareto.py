@@ -104,7 +104,7 @@ def test_default_settings_cover_the_issue():
     assert {"dense", "dense-fp", "safe-core", "safe-sw", "no-fast-path", "no-srsu", "no-car", "uniform-partition",
             "random-partition", "safe-sw flat-map"} <= set(names)
     assert {x.peer.method for x in s if x.peer} == {"first-block-cache", "taylorseer", "faster-cache", "mag-cache",
-                                                   "pab", "sea-cache", "text-kv-cache"}
+                                                   "pab", "sea-cache", "text-kv-cache", "cache-dit"}
     assert sum(x.family == "steps" for x in s) == 3 and sum(x.is_safe_core for x in s) >= 5
     # same steps, guidance and dtype for everyone but step reduction
     assert all(x.steps(30) == 30 for x in s if x.family != "steps" and not x.name.endswith(" steps"))
@@ -135,7 +135,11 @@ def test_pareto_cli_contract(micro_dir, tmp_path, capsys):
     assert q["summary"]["steps x0.50"]["token_fraction"] == 1.0
     rows = result["scaled"]["rows"]
     assert rows["dense"]["status"] == "ok" and rows["safe-core"]["token_fraction"] < 1
-    assert all(k in result["analysis"] for k in ("embedded / psnr_vs_dense_fp", "64 tokens / accuracy"))
+    assert all(k in result["analysis"] for k in ("embedded / psnr_vs_dense_fp", "64 tokens / accuracy",
+                                                 "embedded / psnr_min"))
+    core = q["summary"]["safe-core"]  # the per-prompt tails, in order
+    assert core["psnr_min"] <= core["psnr_p10"] <= core["psnr_median"] <= 100.0
+    assert " med " in out[0] and " p10 " in out[0] and " min " in out[0]  # the table's header shows them
     assert {"torch", "diffusers"} <= set(result["environment"])
     # the table and plots can be redrawn from the JSON alone
     png2 = tmp_path / "p2.png"

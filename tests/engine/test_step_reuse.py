@@ -143,3 +143,33 @@ def test_reuse_order_zero_repeats_the_last_computed_output(pipe):
     assert runtime_of(pipe).last_report["steps"][3] == "reuse"
     assert torch.equal(outputs[3], outputs[2])
     remove_safe_dit(pipe)
+
+
+def test_drift_triggered_anchors_off_or_unreachable_change_nothing_and_a_low_threshold_adds_anchors(pipe):
+    """anchor_drift: a threshold no drift reaches gives the plain schedule bit for bit; a threshold every drift
+    exceeds turns each planned selective or reuse step after the first selective one into an anchor."""
+    base = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=4, anchor_growth=0.0, tail_dense_steps=1,
+                final_selective_steps=0, reuse_every=2)
+
+    def sample(**kw):
+        apply_safe_dit(pipe, SafeConfig("safe-core", **base, **kw))
+        try:
+            return _run(pipe, steps=12), runtime_of(pipe).last_report
+        finally:
+            remove_safe_dit(pipe)
+
+    plain, plain_report = sample()
+    unreachable, report = sample(anchor_drift=1e9)
+    assert torch.equal(plain, unreachable) and report["steps"] == plain_report["steps"]
+    assert report["drift_anchors"] == [] and plain_report["drift_anchors"] == []
+    eager, report = sample(anchor_drift=1e-9)
+    planned = plain_report["steps"]
+    first = planned.index("selective")
+    assert report["steps"][: first + 1] == planned[: first + 1]  # no drift is known before a selective step ran
+    # every later step that was planned selective/reuse follows a selective step or is one: they alternate
+    inserted = report["drift_anchors"]
+    assert inserted and all(planned[s] in ("selective", "reuse") and report["steps"][s] == "anchor" for s in inserted)
+    assert report["steps"].count("anchor") > planned.count("anchor")
+    assert not torch.equal(eager, plain)
+    with pytest.raises(SafeDitError, match="anchor_drift"):
+        SafeConfig("safe-core", anchor_drift=-0.1)

@@ -8,7 +8,8 @@ One process, same prompts, seeds, steps, guidance and dtype for every setting:
   of the same size; safe-sw with a flat map (its mean guidance everywhere);
 * peers: diffusers' own cache hooks on the same transformer (FirstBlockCache, TaylorSeer,
   FasterCache, MagCache, PyramidAttentionBroadcast, SeaCache, TextKVCache) at a few settings each,
-  and plain step reduction. Peers run on the dense-fp model (the exact fast path on, so the
+  cache-dit's DBCache (alone, with TaylorSeer or FoCa; the optional extra ``safe-dit[peers]``, skipped with
+  one line when it is missing), and plain step reduction. Peers run on the dense-fp model (the exact fast path on, so the
   comparison is between schedules; dense/dense-fp is its own row). A method that fails on the
   model, or attaches no hook to it, is listed as unsupported with the reason.
 
@@ -18,7 +19,7 @@ images: these latency ratios are noisy), peak memory of one call. Part 2, latenc
 (``--scaled-tokens``, default 4096 = a 1024² image): every setting (``--scaled-subset``: a short
 list) on a random-weight Lumina-Next with the real head dim 72, one timed call each (``--scaled-repeats``: the median
 of several); quality is not measured
-there (random weights). Adaptive caches (FirstBlockCache, MagCache, SeaCache) would decide what to
+there (random weights). Adaptive caches (FirstBlockCache, MagCache, SeaCache, cache-dit) would decide what to
 skip from random activations, which mean nothing: at scale they replay the per-step share of blocks
 they computed on the trained embedded model in part 1 (each scaled row's JSON field ``decisions``, the
 table's 'replayed' column, says which was done).
@@ -32,12 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import torch
 
 from safe_dit.inspection.environment import environment
 from safe_dit.bench.quality import REFERENCE, prompt_set
-from safe_dit.bench.peers import available_hooks
+from safe_dit.bench.peers import available_hooks, peer_family
 from safe_dit.bench.report import emit
 # the parts, re-exported: settings and analysis, the two runs, the outputs
 from safe_dit.bench.pareto_settings import CORE, FAMILIES, Setting, analyse, default_settings, pareto_front, verdicts
@@ -46,6 +48,23 @@ from safe_dit.bench.pareto_report import plot_ablation, plot_pareto, table
 
 __all__ = ["CORE", "FAMILIES", "Setting", "analyse", "default_settings", "pareto_front",
            "plot_ablation", "plot_pareto", "reuse_scaled", "run", "run_quality", "run_scaled", "table", "verdicts"]
+
+
+def skip_missing_peers(settings: list[Setting]) -> tuple[list[Setting], dict[str, str]]:
+    """The settings whose peer library is installed; each missing family is named once on stderr, with why."""
+    skipped: dict[str, str] = {}
+    kept = []
+    for s in settings:
+        family = peer_family(s.peer.method) if s.peer is not None else None
+        reason = family.missing_reason() if family is not None else None
+        if reason is None:
+            kept.append(s)
+        elif family.method not in skipped:
+            skipped[family.method] = reason
+    for method, reason in skipped.items():
+        n = sum(1 for s in settings if s.peer is not None and s.peer.method == method)
+        print(f"safe-dit pareto: {method} skipped ({n} settings): {reason}", file=sys.stderr)
+    return kept, skipped
 
 
 def run(args) -> int:
@@ -73,6 +92,7 @@ def _run(args) -> int:
 
     settings = [s for s in default_settings() if (s.family in args.families or s.name in ("dense", REFERENCE))
                 and (s.peer is None or args.peers is None or s.peer.method in args.peers)]
+    settings, skipped = skip_missing_peers(settings)
     torch.manual_seed(args.seed)
     pipe = load_default_pipeline(args.model, size=args.size)
     pipe.set_progress_bar_config(disable=True)
@@ -94,7 +114,7 @@ def _run(args) -> int:
                              guidance=args.guidance, seed=args.seed, dtype="float32",
                              model=args.model or weights["path"], size=int(pipe.default_sample_size), weights=weights,
                              peers_run_on="dense-fp (the exact fast path on)",
-                             diffusers_cache_hooks=available_hooks()),
+                             diffusers_cache_hooks=available_hooks(), peers_skipped=skipped),
         quality=part1, scaled=part2, analysis=analyse(settings, part1, part2), rows=rows,
         environment=environment("cpu"),
     )

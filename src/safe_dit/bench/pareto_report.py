@@ -16,11 +16,16 @@ def _tokens(settings_common: dict) -> int:
     return (settings_common.get("size", 64) // 4) ** 2
 
 
+def _tail(entry: dict, key: str) -> str:
+    """A per-prompt PSNR statistic, or '-' in a result written before it was recorded."""
+    return f"{entry[key]:6.2f}" if key in entry else f"{'-':>6}"
+
+
 def table(result: dict) -> str:
     p1, p2 = result["quality"], result.get("scaled")
     tok = f"x@{p2['tokens']}" if p2 else ""
-    head = (f"{'setting':34} {'family':8} {'steps':>5} {'x dense':>7} {tok:>7} {'peakMB':>7} {'PSNR':>6} {'SSIM':>6} "
-            f"{'acc':>6} {'1-obj':>6} {'2-obj':>6} {'tokens':>6}")
+    head = (f"{'setting':34} {'family':8} {'steps':>5} {'x dense':>7} {tok:>7} {'peakMB':>7} {'PSNR':>6} {'med':>6} "
+            f"{'p10':>6} {'min':>6} {'SSIM':>6} {'acc':>6} {'1-obj':>6} {'2-obj':>6} {'tokens':>6}")
     lines = [head]
     for s in result["settings"]:
         name = s["name"]
@@ -34,18 +39,20 @@ def table(result: dict) -> str:
             sc = f"{r['speedup']:6.2f}x" if r["status"] == "ok" else "unsup."
         mem = f"{e['peak_memory_mb']:7.1f}" if e.get("peak_memory_mb") is not None else f"{'-':>7}"
         lines.append(f"{name:34} {s['family']:8} {s['steps']:5d} {e['speedup']:6.2f}x {sc:>7} {mem} "
-                     f"{e['psnr_vs_dense_fp']:6.2f} {e['ssim_vs_dense_fp']:6.4f} {e['accuracy']:6.1%} "
+                     f"{e['psnr_vs_dense_fp']:6.2f} {_tail(e, 'psnr_median')} {_tail(e, 'psnr_p10')} "
+                     f"{_tail(e, 'psnr_min')} {e['ssim_vs_dense_fp']:6.4f} {e['accuracy']:6.1%} "
                      f"{e.get('accuracy_single_object', float('nan')):6.1%} {e.get('accuracy_two_object', float('nan')):6.1%} "
                      f"{e['token_fraction']:6.3f}")
     st = result["settings_common"]
     lines.append(f"{st['prompts']} prompts ({st['single']} one-object, {st['two']} two-object), {st['steps']} steps, "
-                 f"guidance {st['guidance']}, seed {st['seed']}, float32; PSNR/SSIM paired vs dense-fp (identical: 100); "
+                 f"guidance {st['guidance']}, seed {st['seed']}, float32; PSNR/SSIM paired vs dense-fp (identical: 100; "
+                 "PSNR = mean over prompts, med/p10/min its median, 10th percentile and minimum); "
                  f"'x dense' = median s/image of dense over the setting's, on the embedded model ({_tokens(st)} tokens, "
                  "noisy)")
     if p2:
         lines.append(f"x@{p2['tokens']}: latency ratio vs dense at {p2['tokens']} tokens ({p2['resolution']}²), "
                      f"Lumina-Next {p2['hidden_size']}w/{p2['layers']}L/{p2['heads']}h x {p2['head_dim']}, random weights, "
-                     f"{_timed_calls(p2)}; adaptive caches (first-block-cache, mag-cache, sea-cache) replay the share of "
+                     f"{_timed_calls(p2)}; adaptive caches (first-block-cache, mag-cache, sea-cache, cache-dit) replay the share of "
                      "blocks per step they computed on the trained embedded model (column 'replayed')")
         lines.append(f"{'scaled setting':34} {'seconds':>8} {'x dense':>8} {'x dense-fp':>10} {'peak MB':>8} replayed")
         for name, r in p2["rows"].items():
@@ -84,17 +91,20 @@ def plot_pareto(result: dict, path: str) -> None:
         panels.append((f"{p2['tokens']} tokens", {n: r["speedup"] for n, r in p2["rows"].items() if r["status"] == "ok"},
                        f"speedup vs dense at {p2['tokens']} tokens (random-weight Lumina-Next, latency only)"))
     metrics = (("psnr_vs_dense_fp", "paired PSNR vs dense-fp (dB, embedded model; >= 60 drawn at 60)"),
+               ("psnr_min", "worst prompt: minimum paired PSNR vs dense-fp (dB; >= 60 drawn at 60)"),
                ("accuracy", "prompt alignment: all attributes right (embedded model)"))
-    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(7.5 * len(panels), 10), squeeze=False)
+    metrics = tuple(m for m in metrics if all(m[0] in e for e in q.values()))  # results written before psnr_min
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(7.5 * len(panels), 5 * len(metrics)), squeeze=False)
     settings = {s["name"]: s for s in result["settings"]}
     # name the peers' points too when there are few enough to stay readable (a short run beside a peer or two)
     name_peers = sum(s["family"] in ("peer", "steps") for s in result["settings"]) <= 8
     for j, (where, sp, xlabel) in enumerate(panels):
         for i, (metric, ylabel) in enumerate(metrics):
             ax = axes[i][j]
-            cap = 60.0 if metric == "psnr_vs_dense_fp" else None  # identical images score 100: keep the scale readable
+            cap = 60.0 if metric.startswith("psnr") else None  # identical images score 100: keep the scale readable
             pts = {n: (v, min(q[n][metric], cap) if cap else q[n][metric]) for n, v in sp.items() if n in q}
-            front = result["analysis"][f"{where} / {metric}"]["front"]
+            key = f"{where} / {metric}"
+            front = result["analysis"][key]["front"] if key in result["analysis"] else []
             fx = [pts[n][0] for n in front]
             fy = [pts[n][1] for n in front]
             ax.step(fx, fy, where="post", color="red", lw=0.8, alpha=0.5, label="Pareto front")
@@ -121,7 +131,7 @@ def plot_pareto(result: dict, path: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     env, st = result["environment"], result["settings_common"]
-    fig.suptitle(f"SAFE-DiT vs diffusers cache hooks and step reduction: {st['prompts']} prompts x {st['steps']} steps, "
+    fig.suptitle(f"SAFE-DiT vs diffusers cache hooks, cache-dit and step reduction: {st['prompts']} prompts x {st['steps']} steps, "
                  f"same seeds; {env['device']} ({env['processor'][:30]}), torch {env['torch']}, diffusers {env['diffusers']}",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

@@ -12,7 +12,7 @@ from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
 FAMILIES = PARETO_FAMILIES
 #: The scheduling knobs of SafeConfig's safe-core defaults (read from the dataclass, never copied by hand).
 SCHEDULE_FIELDS = ("keep_ratio", "warmup_steps", "anchor_interval", "anchor_growth", "tail_dense_steps",
-                   "final_selective_steps", "context_forecast", "reuse_every", "reuse_order")
+                   "final_selective_steps", "context_forecast", "reuse_every", "reuse_order", "anchor_drift")
 CORE = {f: getattr(SafeConfig(), f) for f in SCHEDULE_FIELDS}
 #: The schedule as published (arXiv 2606.29360) and shipped before: periodic anchors, frozen context, no reuse.
 PUBLISHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=5, anchor_growth=0.0, tail_dense_steps=1,
@@ -82,7 +82,8 @@ def default_settings() -> list[Setting]:
                        note="safe-sw with the map's mean guidance on every token"))
     for p in DEFAULT_PEERS:
         out.append(Setting(p.name, "peer", fp, peer=p, scaled=peer_family(p.method).scaled == p.params,
-                           note="diffusers hook on dense-fp"))
+                           note=f"{peer_family(p.method).library} on dense-fp" if peer_family(p.method).library
+                           != "diffusers" else "diffusers hook on dense-fp"))
     for frac in (2 / 3, 1 / 2, 1 / 3):
         out.append(Setting(f"steps x{frac:.2f}", "steps", fp, step_fraction=frac, scaled=frac == 1 / 2,
                            note="fewer sampling steps, dense-fp"))
@@ -132,7 +133,9 @@ def analyse(settings: list[Setting], part1: dict, part2: dict | None) -> dict:
         speeds[f"{part2['tokens']} tokens"] = {n: r["speedup"] for n, r in part2["rows"].items()
                                                if r["status"] == "ok" and n in q}
     for where, sp in speeds.items():
-        for metric in ("psnr_vs_dense_fp", "accuracy"):
-            pts = {n: (v, q[n][metric]) for n, v in sp.items() if n in q}
+        for metric in ("psnr_vs_dense_fp", "psnr_min", "accuracy"):
+            pts = {n: (v, q[n][metric]) for n, v in sp.items() if n in q and metric in q[n]}
+            if not pts:
+                continue
             out[f"{where} / {metric}"] = dict(front=pareto_front(pts), verdicts=verdicts(settings, q, sp, metric))
     return out

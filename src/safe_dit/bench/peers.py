@@ -2,6 +2,8 @@
 
 * diffusers' own cache hooks (``diffusers.hooks.apply_*``): FirstBlockCache, TaylorSeer, FasterCache,
   MagCache, PyramidAttentionBroadcast, SeaCache, TextKVCache, each at a few settings;
+* cache-dit's DBCache with no calibrator, TaylorSeer or FoCa (``safe_dit.bench.cache_dit_peer``; the optional
+  extra ``pip install 'safe-dit[peers]'``: without it that family is skipped, and says so);
 * plain step reduction (fewer sampling steps), handled by the caller (see ``pareto``).
 
 diffusers wires these hooks into the pipelines it lists as supported; ``LuminaPipeline`` is not
@@ -161,9 +163,20 @@ class PeerFamily:
     no_hook_reason: str = ""  # why it attaches no hook to Lumina, when it cannot
     calibrated: bool = False  # needs ``mag_ratios`` from ``calibrate_mag_ratios``, once per step count
     adaptive: bool = False  # skips by its activations: timed at scale by replaying its trained-weight decisions
+    library: str = "diffusers"  # "cache-dit": applied through safe_dit.bench.cache_dit_peer, not a diffusers hook
+
+    def missing_reason(self) -> str | None:
+        """Why this family cannot run in this environment (its optional library is missing); None if it can."""
+        if self.library == "cache-dit":
+            from safe_dit.bench import cache_dit_peer
+
+            return cache_dit_peer.missing_reason()
+        return None
 
     def hooks(self) -> tuple[str, ...]:
-        """The hook-name constants' values in the installed diffusers."""
+        """The hook-name constants' values in the installed diffusers (none for a family of another library)."""
+        if self.library != "diffusers":
+            return ()
         module = importlib.import_module(f"diffusers.hooks.{self.hook_module}")
         return tuple(getattr(module, n) for n in self.hook_names)
 
@@ -229,6 +242,17 @@ PEERS: tuple[PeerFamily, ...] = (
                color="tab:olive",
                no_hook_reason="apply_text_kv_cache hooks NucleusMoEImageTransformerBlock only (LuminaNextDiTBlock "
                               "computes its caption K/V inside the attention processor, which the hook cannot reach)"),
+    # cache-dit's DBCache (Fn first / Bn last blocks always computed, the middle skipped below a residual-diff
+    # threshold), alone and with its TaylorSeer (order 1, 2) and FoCa calibrators; optional extra [peers]
+    PeerFamily("cache-dit", "", (), "", lambda c: dict(c.params), "",
+               settings=({"Fn": 1, "Bn": 0, "rdt": 0.08}, {"Fn": 1, "Bn": 0, "rdt": 0.12},
+                         {"Fn": 1, "Bn": 0, "rdt": 0.24}, {"Fn": 2, "Bn": 1, "rdt": 0.12},
+                         {"Fn": 1, "Bn": 0, "rdt": 0.12, "calibrator": "taylorseer", "order": 1},
+                         {"Fn": 1, "Bn": 0, "rdt": 0.24, "calibrator": "taylorseer", "order": 1},
+                         {"Fn": 1, "Bn": 0, "rdt": 0.12, "calibrator": "taylorseer", "order": 2},
+                         {"Fn": 1, "Bn": 0, "rdt": 0.12, "calibrator": "foca"}),
+               scaled={"Fn": 1, "Bn": 0, "rdt": 0.12, "calibrator": "taylorseer", "order": 1}, color="teal",
+               adaptive=True, library="cache-dit"),
 )
 
 _BY_METHOD = {f.method: f for f in PEERS}
@@ -313,6 +337,9 @@ def apply_peer(pipe, setting: PeerSetting, num_steps: int, mag_ratios=None) -> C
 
     Raises ``PeerUnsupported`` (with the reason) if the method raises or attaches no hook."""
     model = pipe.transformer
+    family = peer_family(setting.method)
+    if family is not None and family.library == "cache-dit":
+        return _apply_cache_dit(pipe, family, setting, num_steps)
     register_lumina_block()
     clock = _SchedulerClock(pipe)
     names = _hook_names(setting.method)
@@ -335,6 +362,22 @@ def apply_peer(pipe, setting: PeerSetting, num_steps: int, mag_ratios=None) -> C
         _remove(model, names)
 
     return undo
+
+
+def _apply_cache_dit(pipe, family: PeerFamily, setting: PeerSetting, num_steps: int) -> Callable[[], None]:
+    from safe_dit.bench import cache_dit_peer
+
+    reason = family.missing_reason()
+    if reason:
+        raise PeerUnsupported(reason)
+    try:
+        return cache_dit_peer.apply(pipe, setting.params, num_steps)
+    except Exception as err:  # noqa: BLE001 - the reason is what the report needs
+        with contextlib.suppress(Exception):
+            import cache_dit
+
+            cache_dit.disable_cache(pipe)
+        raise PeerUnsupported(f"{type(err).__name__}: {err}") from err
 
 
 def calibrate_mag_ratios(pipe, num_steps: int, generate: Callable[[], Any]) -> list[float]:

@@ -164,9 +164,16 @@ def pair_with_reference(rows: list[dict], images: dict, reference: str = REFEREN
         r["psnr_vs_dense_fp"], r["ssim_vs_dense_fp"] = psnr(img, ref), ssim(img, ref)
 
 
+def psnr_tails(values: list[float]) -> dict[str, float]:
+    """Median, 10th percentile (linear interpolation) and minimum of per-prompt PSNRs, each capped at 100."""
+    v = np.minimum(np.asarray(values, dtype=float), 100.0)
+    return dict(psnr_median=float(np.median(v)), psnr_p10=float(np.percentile(v, 10)), psnr_min=float(v.min()))
+
+
 def summarize(rows: list[dict], names: list[str], baseline: str) -> dict[str, dict]:
     """Per run: accuracy (all attributes right), per attribute and per object count, mean paired
-    PSNR (capped at 100 for identical images) and SSIM, median seconds, speedup vs ``baseline``."""
+    PSNR (capped at 100 for identical images) with its median / p10 / min over prompts, SSIM, median
+    seconds, speedup vs ``baseline``."""
     summary = {}
     base_s = statistics.median(r["seconds"] for r in rows if r["mode"] == baseline)
     for m in names:
@@ -176,6 +183,7 @@ def summarize(rows: list[dict], names: list[str], baseline: str) -> dict[str, di
             accuracy=float(np.mean([r["grade"]["all"] for r in mr])),
             attributes={a: float(np.mean([r["grade"][a] for r in mr])) for a in ATTRIBUTES},
             psnr_vs_dense_fp=float(np.mean([min(r["psnr_vs_dense_fp"], 100.0) for r in mr])),
+            **psnr_tails([r["psnr_vs_dense_fp"] for r in mr]),
             ssim_vs_dense_fp=float(np.mean([r["ssim_vs_dense_fp"] for r in mr])),
             seconds=sec, speedup=base_s / sec, speedup_baseline=baseline,
             token_fraction=float(np.mean([r["token_fraction"] for r in mr])),

@@ -59,8 +59,9 @@ def configure_parser(p) -> None:
     p.add_argument("--families", nargs="+", choices=PARETO_FAMILIES, default=list(PARETO_FAMILIES),
                    help="which groups of settings to run (dense and dense-fp always run)")
     p.add_argument("--peers", nargs="+", metavar="METHOD", default=None, type=peer_method,
-                   help="with the peer family, only these diffusers hooks, every setting of each (None: all of them; "
-                        "an unknown name is refused with the list)")
+                   help="with the peer family, only these methods (diffusers hooks, cache-dit), every setting of "
+                        "each (None: all of them; an unknown name is refused with the list; cache-dit without the "
+                        "peers extra is skipped with one line)")
     p.add_argument("--scaled-tokens", type=int, default=4096,
                    help="image tokens of the latency-only run on a random-weight model (0 = skip)")
     p.add_argument("--scaled-subset", action="store_true",

@@ -120,6 +120,11 @@ class Generation:
         self.batch = 1
         self.device: torch.device | None = None  # where the latents live; prompt-free partitions are made there
         self._memo: dict = {}  # values fixed with the partition (joint row positions)
+        # anchor_drift > 0: the sensitive rows' relative change at the last selective step (a 0-d tensor, read in
+        # the next begin_step), and the steps that became anchors because of it
+        self.drift: torch.Tensor | None = None
+        self.drift_sums: torch.Tensor | None = None  # [1, 2]: this step's squared error and squared norm so far
+        self.drift_anchors: list[int] = []
 
     # -- step control -------------------------------------------------------------------------
     def begin_step(self, step: int, num_tokens: int, grid: tuple[int, ...], batch: int = 1,
@@ -139,6 +144,8 @@ class Generation:
         else:
             start, stop = self.parallel.local(num_tokens, "image tokens")
             self.local_tokens = stop - start
+        if self.config.anchor_drift:
+            self._close_drift()
         kind = self.plan.kind(step)
         if kind != WARMUP and self.index is None:
             self._finish_partition()
@@ -147,6 +154,9 @@ class Generation:
             kind = ANCHOR  # no anchor cache yet (e.g. anchor_interval larger than the run): stay dense
         if kind == REUSE and not self.model_outputs:
             kind = SELECTIVE if self.output is not None and self.kv else ANCHOR
+        if kind in (SELECTIVE, REUSE) and self.drift is not None and float(self.drift) > self.config.anchor_drift:
+            kind = ANCHOR  # the context has drifted too far since the last refresh
+            self.drift_anchors.append(step)
         self.kind = kind
         self.kinds.append(kind)
         self.refresh = kind in (ANCHOR, TAIL) or (kind == WARMUP and step == self.plan.warmup_steps - 1)
@@ -154,6 +164,7 @@ class Generation:
         order = self.config.context_forecast
         if self.refresh:
             self.anchor_step = step
+            self.drift = None
             if order:  # this step's K/V become the newest forecast node
                 self.kv_steps = (self.kv_steps + [step])[-(order + 1):]
         elif len(self.kv_steps) > 1:
@@ -277,6 +288,8 @@ class Generation:
             keep = valid.view(*valid.shape, *([1] * (key_rows.dim() - 2)))  # [B, n, 1, 1]
             key_rows = torch.where(keep, key_rows.to(k.dtype), gather_rows(k, at))
             value_rows = torch.where(keep, value_rows.to(v.dtype), gather_rows(v, at))
+        if self.config.anchor_drift:
+            self._measure_drift([key_rows, value_rows], [gather_rows(k, at), gather_rows(v, at)])
         k.scatter_(1, _row_index(at, key_rows), key_rows.to(k.dtype))
         v.scatter_(1, _row_index(at, value_rows), value_rows.to(v.dtype))
         return k, v
@@ -326,6 +339,25 @@ class Generation:
             rows = torch.where(keep, rows.to(self.output.dtype), gather_rows(self.output, self.index))
         return scatter_rows(self.output, self.index, rows)
 
+    def _measure_drift(self, fresh: list[torch.Tensor], guess: list[torch.Tensor]) -> None:
+        """Add one layer's fresh rows' K and V and what the context cache (or its forecast) held for those rows to
+        this step's sums of squared error and squared norm: the forecast error on the rows that can be checked,
+        standing in for the context rows' that cannot."""
+        err = sum((f.float() - g.float()).pow(2).sum() for f, g in zip(fresh, guess))
+        norm = sum(f.float().pow(2).sum() for f in fresh)
+        sums = torch.stack([err, norm]).view(1, 2)  # [1, 2]
+        self.drift_sums = sums if self.drift_sums is None else self.drift_sums + sums
+
+    def _close_drift(self) -> None:
+        """The last selective step's relative K/V forecast error (summed over every rank under context
+        parallelism, so all ranks decide alike), as a 0-d tensor for the next step's decision."""
+        sums, self.drift_sums = self.drift_sums, None
+        if sums is None:
+            return
+        if self.parallel is not None:
+            sums = self.parallel.gather(sums, 0).sum(0, keepdim=True)
+        self.drift = (sums[0, 0] / sums[0, 1].clamp_min(1e-30)).sqrt()
+
     def store_output(self, out: torch.Tensor) -> None:
         if self.refreshes_cache:
             self.output = out  # anchor_step is set in begin_step
@@ -370,4 +402,5 @@ class Generation:
             "token_fraction": (sum(self.tokens_per_step) / (n * len(self.tokens_per_step))) if n else 1.0,
             "sensitive_tokens": None if self.global_index is None else int(self.global_index.shape[1]),
             "cache_mb": self.cache_bytes() / 2**20,
+            "drift_anchors": list(self.drift_anchors),
         }
