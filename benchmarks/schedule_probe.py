@@ -72,7 +72,7 @@ def fit_costs(path: str) -> dict:
         if s["mode"] == "dense-fp":
             mix = dict(dense=steps, selective=0)
         else:
-            mix = step_mix(SafeConfig("safe-core", **{k: cfg[k] for k in SCHEDULE_FIELDS}), steps)
+            mix = step_mix(SafeConfig("safe-core", **{k: cfg[k] for k in SCHEDULE_FIELDS if k in cfg}), steps)
         xs.append([mix["dense"], mix["selective"], mix["selective"] * cfg["keep_ratio"]])
         ys.append(r["seconds"])
         names.append(s["name"])

@@ -1,6 +1,6 @@
 """safe-dit: SAFE-DiT for PyTorch/diffusers (arXiv 2606.29360)."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from safe_dit.config import MODES, SafeConfig, SafeDitError  # noqa: E402  (no torch import)
 

@@ -46,11 +46,11 @@ VARIANTS = (
     ("safe-core quality", dict(reuse_every=0), "defaults without step reuse"),
     ("safe-core k0.15 a3", dict(keep_ratio=0.15, anchor_interval=3, anchor_growth=0.0, reuse_every=0),
      "keep 0.15, anchor every 3, context forecast"),
-    ("safe-core gaps+1", dict(anchor_growth=1.0), "the defaults with anchor gaps 2, 3, 4, ... (more anchors)"),
-    # the next two were chosen on the held-out seed-23 prompts (benchmarks/results/schedule-probe-cpu-128.*)
-    ("safe-core gaps+0.5", dict(anchor_growth=0.5), "the defaults with anchor gaps growing by 0.5 (more anchors still)"),
-    ("safe-core gaps+1 k0.25", dict(anchor_growth=1.0, keep_ratio=0.25), "gaps+1 at keep 0.25"),
-    ("safe-core fast", dict(keep_ratio=0.1), "the defaults at keep 0.10"),
+    ("safe-core gaps+0.5", dict(anchor_growth=0.5), "the defaults with anchor gaps growing by 0.5 (more anchors)"),
+    ("safe-core k0.25", dict(keep_ratio=0.25), "the defaults at keep 0.25"),
+    ("safe-core drift0.2", dict(anchor_drift=0.2), "the defaults with drift-triggered anchors at 0.2"),
+    ("safe-core 0.4", dict(keep_ratio=0.15, anchor_growth=2.0), "the 0.4 defaults: keep 0.15, anchor gaps 2, 4, 6, ..."),
+    ("safe-core fast", dict(keep_ratio=0.1, anchor_growth=2.0), "keep 0.10, anchor gaps 2, 4, 6, ..."),
 )
 
 
@@ -74,7 +74,7 @@ def default_settings() -> list[Setting]:
         ("uniform-partition", dict(partition="uniform"), False, "strided tokens instead of PCSP"),
         ("random-partition", dict(partition="random"), False, "seeded random tokens instead of PCSP"),
         ("no-context-forecast", dict(context_forecast=0), True, "sensitive rows attend to the anchor's context K/V"),
-        ("periodic-anchors", dict(anchor_interval=4, anchor_growth=0.0), True, "as many anchors, evenly spaced"),
+        ("periodic-anchors", dict(anchor_interval=5, anchor_growth=0.0), True, "as many anchors, evenly spaced"),
     )
     for name, kw, scaled, note in ablations:
         out.append(Setting(name, "ablation", SafeConfig("safe-core", **(CORE | kw)), scaled=scaled, note=note))
