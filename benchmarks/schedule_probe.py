@@ -2,7 +2,8 @@
 model, on a prompt set that is neither the eval set nor the Pareto set (default seed 23), with each candidate's
 step mix and its latency at 4096 tokens *estimated* from the per-step-kind costs fitted to an earlier Pareto run's
 scaled timings (``--costs-from``: seconds = a x dense steps + (b + c x keep ratio) x selective steps; reuse
-steps cost nothing). The estimate is a guide for what to put into the Pareto, which then measures it.
+steps cost nothing; a drift-triggered anchor counts as a dense step). The estimate is a guide for what to put into
+the Pareto, which then measures it. Per candidate: median, mean, 10th percentile and minimum PSNR.
 
     python3 benchmarks/schedule_probe.py --size 128 --prompts 8 --steps 30 \\
         --costs-from benchmarks/results/pareto-cpu-128.json --json benchmarks/results/schedule-probe-cpu-128.json \\
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit
+from safe_dit.api import runtime_of
 from safe_dit.bench.pareto_settings import CORE, SCHEDULE_FIELDS
 from safe_dit.bench.quality import generate, prompt_set, psnr
 from safe_dit.embedded import world
@@ -104,6 +106,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     scenes = prompt_set(args.prompts // 2, args.prompts - args.prompts // 2, args.seed)
     psnrs: dict[str, list[float]] = {n: [] for n in configs}
+    dense_run: dict[str, list[int]] = {n: [] for n in configs}  # dense steps each call ran (drift anchors included)
     for i, scene in enumerate(tqdm(scenes, desc="prompts", file=sys.stderr)):  # settings interleaved per prompt
         caption = world.caption(scene)
         apply_safe_dit(pipe, SafeConfig("dense-fp"))
@@ -111,23 +114,27 @@ def main() -> None:
         for name, cfg in configs.items():
             apply_safe_dit(pipe, cfg)
             psnrs[name].append(psnr(generate(pipe, caption, 1000 + i, args.steps, args.guidance)[0], reference))
+            kinds = runtime_of(pipe).last_report["steps"]
+            dense_run[name].append(sum(k in ("warmup", "anchor", "tail") for k in kinds))
     rows = {}
     for name, cfg in configs.items():
         v = psnrs[name]
         mix = step_mix(cfg, args.steps)
-        row = dict(overrides=candidates[name], median=statistics.median(v), mean=statistics.fmean(v), min=min(v),
-                   per_prompt=v, **mix)
-        if costs:
-            est = (costs["dense_step_s"] * mix["dense"] + costs["selective_step_s"] * mix["selective"]
+        row = dict(overrides=candidates[name], median=statistics.median(v), mean=statistics.fmean(v),
+                   p10=float(np.percentile(v, 10)), min=min(v), per_prompt=v, **mix,
+                   dense_steps_run=statistics.fmean(dense_run[name]))
+        if costs:  # drift anchors replace planned selective or reuse steps: the dense steps that ran count
+            extra = row["dense_steps_run"] - mix["dense"]
+            est = (costs["dense_step_s"] * (mix["dense"] + extra) + costs["selective_step_s"] * mix["selective"]
                    + costs["selective_step_s_per_keep"] * mix["selective"] * cfg.keep_ratio)
             row.update(estimated_s=est, estimated_speedup=costs["dense_s"] / est)
         rows[name] = row
     print(f"{len(scenes)} prompts (seed {args.seed}), {args.steps} steps, size {args.size or 64}; PSNR vs dense-fp")
-    print(f"{'candidate':28s} {'median':>7s} {'mean':>7s} {'min':>7s} dense sel reuse  est. x@4096")
+    print(f"{'candidate':28s} {'median':>7s} {'mean':>7s} {'p10':>7s} {'min':>7s} dense (ran) sel reuse  est. x@4096")
     for name, r in rows.items():
         est = f"{r['estimated_speedup']:.2f}x" if costs else "-"
-        print(f"{name:28s} {r['median']:7.2f} {r['mean']:7.2f} {r['min']:7.2f} {r['dense']:5d} {r['selective']:3d} "
-              f"{r['reuse']:5d}  {est}")
+        print(f"{name:28s} {r['median']:7.2f} {r['mean']:7.2f} {r['p10']:7.2f} {r['min']:7.2f} {r['dense']:5d} "
+              f"({r['dense_steps_run']:4.1f}) {r['selective']:3d} {r['reuse']:5d}  {est}")
     result = dict(prompts=len(scenes), steps=args.steps, seed=args.seed, size=args.size or 64, guidance=args.guidance,
                   costs=costs, candidates=rows, environment=environment("cpu"))
     if args.json:
