@@ -21,6 +21,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # safe-core defaults by version: the fields whose values tell the versions apart (CHANGELOG.md)
 DEFAULTS = (
+    ("0.5", {"keep_ratio": 0.2, "anchor_growth": 1.0, "tail_dense_steps": 1, "final_selective_steps": 1}),
     ("0.4", {"keep_ratio": 0.15, "anchor_growth": 2.0, "final_selective_steps": 1}),
     ("0.3", {"keep_ratio": 0.2, "anchor_growth": 2.0, "final_selective_steps": 1}),
     ("0.2", {"keep_ratio": 0.2, "anchor_growth": 1.0, "tail_dense_steps": 2}),
