@@ -101,7 +101,28 @@ def cases(rank: int, world: int) -> dict:
             out[f"pipe-tokens/{name}/{spec}"] = report["tokens_per_step"]
         remove_safe_dit(pipe)
         out[f"pipe/{name}"] = _delta(results["ulysses:2"], results[None])
+    _image_to_video_cases(out)
     return out
+
+
+def _image_to_video_cases(out: dict) -> None:
+    """The image-to-video inputs dense-fp runs exactly, under the split too: HunyuanVideo 1.5's image-embed slots
+    valid (non-zero ``image_embeds``), HunyuanVideo's latent concatenation."""
+    from safe_dit.testing.hunyuan_video import build_hunyuan_video, hunyuan_video_inputs
+    from safe_dit.testing.hunyuan_video15 import build_hunyuan_video15, hunyuan_video15_inputs
+
+    for name, model in [
+        ("hunyuan-video-1.5", build_hunyuan_video15()),
+        ("hunyuan-video", build_hunyuan_video(image_condition_type="latent_concat", in_channels=9)),
+    ]:
+        x = hunyuan_video15_inputs(model, 4, 4, batch=2, text_len=TEXT, valid_lens=VALID, image=True) \
+            if name == "hunyuan-video-1.5" else hunyuan_video_inputs(model, 4, 4, batch=2, text_len=TEXT,
+                                                                     valid_lens=VALID)
+        apply_safe_dit(model, SafeConfig("dense-fp"))
+        one = _forward(model, x)
+        apply_safe_dit(model, SafeConfig("dense-fp", context_parallel=_cp("ulysses:2")))
+        out[f"i2v/{name}"] = _delta(_forward(model, x), one)
+        remove_safe_dit(model)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +160,11 @@ def test_safe_core_through_the_pipelines_two_cfg_calls_equals_one_process(result
     assert {"warmup", "anchor", "selective"} <= set(results[f"pipe-kinds/{name}/ulysses:2"])
     tokens = results[f"pipe-tokens/{name}/ulysses:2"]
     assert tokens == results[f"pipe-tokens/{name}/None"] and min(tokens) < max(tokens)  # the global top-K
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_to_video_under_dense_fp_equals_one_process(results, name):
+    assert results[f"i2v/{name}"] <= TOL
 
 
 def test_token_replace_image_to_video_is_refused_under_context_parallelism():
