@@ -16,6 +16,14 @@ anchor's joint K/V in place. At a selective step the forward builds its mask ove
 caption part is the same, so the keys [N; text] are masked by it. PCSP reads the video-query x caption-key block
 of each sample's softmax over its valid keys (warm-up only).
 
+Context parallelism: the video tokens are split after ``x_embedder`` with their rows of the RoPE table, so the
+forward builds its key mask over this rank's rows and the caption; every rank holds the whole caption and runs the
+token refiner locally. Each dual- and single-stream attention attends the caption keys locally (the mask's caption
+part rewritten exactly, decided once per forward) and the video keys of every rank through the sequence-parallel
+call, merged by log-sum-exp; PCSP normalises by that joint log-sum-exp and its top-K is global. Gathered after
+``proj_out``. Refused under it: ``image_condition_type='token_replace'`` (its first-frame modulation is positional
+in the unsplit sequence).
+
 Guidance: HunyuanVideo is guidance-distilled (``guidance_scale`` is an embedding; one conditional call per step),
 so ``safe-sw`` is refused. ``true_cfg_scale`` with a negative prompt makes a conditional, then an unconditional
 call per step (the pipeline encodes the negative prompt only then): under safe-core both follow one step plan and
@@ -35,7 +43,14 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 )
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
-from safe_dit.adapters.hunyuan_video15 import SafeRefinerAttnProcessor, _heads, collect_prefix, rotate_video
+from safe_dit.adapters.hunyuan_video15 import (
+    SafeRefinerAttnProcessor,
+    _heads,
+    collect_prefix,
+    rotate_video,
+    sharded_joint_attention,
+    video_split_hooks,
+)
 from safe_dit.config import SafeDitError
 from safe_dit.engine.attend import attend
 from safe_dit.engine.hooks import caption_mask_check, layer_of
@@ -52,6 +67,10 @@ NO_SW_CFG = ("safe-sw is not available for HunyuanVideo: it is guidance-distille
 
 IMAGE_TO_VIDEO = ("safe-core/safe-sw on HunyuanVideo support text-to-video only: this model is configured for "
                   "image-to-video (image_condition_type={kind!r}); it runs exactly under dense-fp")
+
+TOKEN_REPLACE_CP = ("context_parallel on HunyuanVideo supports image_condition_type None or 'latent_concat': "
+                    "'token_replace' modulates the first latent frame's tokens apart, by position in the unsplit "
+                    "sequence. Run this image-to-video model on one device")
 
 UNKNOWN_MASK = ("{where} got an attention mask of shape {shape}: safe-dit knows only the [B, 1, 1, N + T] key mask "
                 "the HunyuanVideo forward hands every block. Run custom masks on the stock model (remove_safe_dit)")
@@ -106,10 +125,16 @@ class SafeHunyuanVideoAttnProcessor(SafeProcessor):
                                            gen.joint_valid(n_text, False))  # [B, N + T, H, d]
             elif gen.refreshes_cache:
                 gen.store_kv(self.name, key, value)
-            if n_text and gen.wants_probs(self.layer):
+            if n_text and gen.wants_probs(self.layer) and self.runtime.parallel is None:
                 collect_prefix(self.runtime, gen, query, key, n_text, text_valid)
 
         lk = key.shape[1]
+        if self.runtime.parallel is not None:  # the caption on every rank, the video tokens sharded: the key mask's
+            # caption part on the caption keys (the video keys are all valid by construction)
+            compact = None if mask is None else (lambda m: m[:, 0, 0, m.shape[3] - n_text:])
+            out = sharded_joint_attention(self, gen, query, key, value, n_text, mask, text_valid, compact,
+                                          zero_padding_rows=False)
+            return self._out(attn, out, n_text, query.dtype, encoder_hidden_states is None)
 
         def compact(m):  # [B, N + T]: every video key (valid by construction), then the mask's caption part
             return torch.cat([m.new_ones(batch, lk - n_text), m[:, 0, 0, m.shape[3] - n_text:]], dim=1)
@@ -117,8 +142,13 @@ class SafeHunyuanVideoAttnProcessor(SafeProcessor):
         out = attend(self.runtime, self.name, query, key, value, mask, None, rewrite=self.rewrite_padding,
                      stock_mask=lambda: compact(mask)[:, None, None, :], compact=compact,
                      processor=self)  # [B, Lq, H, d]
-        out = out.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
+        return self._out(attn, out, n_text, query.dtype, encoder_hidden_states is None)
+
+    @staticmethod
+    def _out(attn, out, n_text: int, dtype, no_text: bool):
+        """[B, n + T, H, d] joint attention output -> (video, text) through the output projections, as stock."""
+        out = out.flatten(2, 3).to(dtype)
+        if no_text:
             return out, None
         video, text = out[:, :-n_text], out[:, -n_text:]
         if getattr(attn, "to_out", None) is not None:
@@ -146,6 +176,12 @@ class HunyuanVideoAdapter(Adapter):
     tokens_in = "x_embedder"
     tokens_out = "proj_out"
     cfg_pairs = False  # guidance-distilled: a batch of 2 is two prompts, never [cond; uncond]
+    context_parallel = True  # video tokens split after x_embedder with their RoPE rows (the forward builds its key
+    # mask over the local rows); the caption on every rank, its padding rewritten on the caption keys; gathered
+    # after proj_out
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        return video_split_hooks(model, runtime, parallel)
 
     def token_grid(self, model):
         """(frames, h, w) of a [B, C, F, H, W] latent: the temporal and spatial patch sizes."""
@@ -157,6 +193,8 @@ class HunyuanVideoAdapter(Adapter):
             raise SafeDitError(NO_SW_CFG)
         if config.scheduled and model.config.image_condition_type is not None:
             raise SafeDitError(IMAGE_TO_VIDEO.format(kind=model.config.image_condition_type))
+        if config.context_parallel is not None and model.config.image_condition_type == "token_replace":
+            raise SafeDitError(TOKEN_REPLACE_CP)
 
     def hooks(self, model, runtime, handle) -> list:
         hooks = [model.register_forward_pre_hook(caption_mask_check("encoder_attention_mask", "encoder_hidden_states",

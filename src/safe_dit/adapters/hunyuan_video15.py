@@ -24,6 +24,12 @@ CFG: the pipeline's guider (``ClassifierFreeGuidance``) makes a conditional, the
 both follow one step plan and the prompt's partition, each with its own caches (the engine's separate CFG calls),
 and safe-sw returns the unconditional call's output such that the guider's u + g (c - u) becomes u + gamma_i (c - u).
 
+Context parallelism: the video tokens are split after ``x_embedder`` with their rows of the RoPE table; every rank
+holds the whole (valid-first) caption and runs the token refiner locally. Each joint attention attends the caption
+keys locally (their padding rewritten exactly as above, padding query rows 0) and the video keys of every rank
+through the sequence-parallel call, merged by log-sum-exp; PCSP normalises by that joint log-sum-exp and its top-K
+is global. Gathered after ``proj_out``.
+
 Refused: image-to-video conditioning in the scheduled modes (non-zero ``image_embeds``; dense-fp runs it
 exactly), other guiders or a CFG on for part of the trajectory in the scheduled modes, a rescaled or original-
 formulation CFG under safe-sw, and a mask the processor does not know.
@@ -46,6 +52,8 @@ from safe_dit.engine.attend import attend
 from safe_dit.engine.generation import gather_rows
 from safe_dit.engine.guidance import SeparateCallGuidance, sensitivity_weighted
 from safe_dit.engine.hooks import caption_mask_check, layer_of
+from safe_dit.engine.joint import collect_replicated_text_probs, replicated_text_attention
+from safe_dit.engine.parallel import split_tokens
 from safe_dit.engine.partition import joint_image_to_text_probs
 from safe_dit.engine.schedule import SELECTIVE
 
@@ -152,10 +160,12 @@ class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
                                            gen.joint_valid(n_text, False))  # [B, N + T, H, d]
             elif gen.refreshes_cache:
                 gen.store_kv(self.name, key, value)
-            if n_text and gen.wants_probs(self.layer):
+            if n_text and gen.wants_probs(self.layer) and self.runtime.parallel is None:
                 collect_prefix(self.runtime, gen, query, key, n_text, text_mask)
 
-        if text_mask is None:  # the stock processor cannot run without it; nothing to rewrite
+        if self.runtime.parallel is not None:  # the caption on every rank, the video tokens sharded
+            out = sharded_joint_attention(self, gen, query, key, value, n_text, text_mask, text_mask, None)
+        elif text_mask is None:  # the stock processor cannot run without it; nothing to rewrite
             out = attend(self.runtime, self.name, query, key, value, None, None, rewrite=self.rewrite_padding,
                          stock_mask=lambda: None, processor=self)
         else:
@@ -179,6 +189,28 @@ class SafeHunyuanVideo15AttnProcessor(SafeProcessor):
         if getattr(attn, "to_add_out", None) is not None:
             text = attn.to_add_out(text)
         return video, text
+
+
+def sharded_joint_attention(proc, gen, query, key, value, n_text: int, mask, text_valid, compact,
+                            zero_padding_rows: bool = True) -> torch.Tensor:
+    """A joint [video; text] attention call under context parallelism: this rank's video rows (or its sensitive
+    rows) and every caption row, q [B, n + T, H, d], k/v [B, n' + T, H, d] -> [B, n + T, H, d]. The caption keys are
+    attended locally with their padding rewritten exactly (``mask``, decided once per forward; ``compact`` gives its
+    [B, T] valid-key form, default ``mask.bool()``), the video keys of every rank through the sequence-parallel call,
+    the two merged by log-sum-exp (``engine.joint.replicated_text_attention``). ``zero_padding_rows``: padding
+    caption query rows are 0, as SDPA answers the all-False rows of HunyuanVideo 1.5's pair mask. PCSP (warm-up)
+    normalises by the joint log-sum-exp of every rank's keys. ``text_valid`` [B, T] or None: the valid captions."""
+    n_video = key.shape[1] - n_text
+    out, lse = replicated_text_attention(proc, query, key, value, text=slice(n_video, None),
+                                         image=slice(0, n_video), text_mask=mask, compact=compact)
+    valid = None if text_valid is None else text_valid.bool()  # [B, T]
+    if gen is not None and n_text and gen.wants_probs(proc.layer):
+        rows = query.shape[1] - n_text
+        collect_replicated_text_probs(proc.runtime, gen, query[:, :rows], key[:, n_video:], lse[:, :rows], valid)
+    if zero_padding_rows and valid is not None:
+        rows = torch.cat([valid.new_ones(valid.shape[0], query.shape[1] - n_text), valid], dim=1)  # [B, n + T]
+        out = _zero_rows(out, rows)
+    return out
 
 
 class SafeRefinerAttnProcessor(SafeProcessor):
@@ -240,6 +272,17 @@ def _refiner_keys(mask: torch.Tensor) -> torch.Tensor | None:
 POSITIONAL = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
 
 
+def video_split_hooks(model, runtime, parallel) -> list:
+    """Context parallelism's split points: the patch embedder's video tokens [B, N, D] and the rows of the 3-D RoPE
+    table (cos, sin) [N, d] that go with them, both as this rank's shard (the token refiner's captions stay whole)."""
+
+    def split_rope(_module, _inputs, rope):  # (cos, sin) [N, d] -> [N_local, d]
+        return tuple(parallel.shard(t, 0, "video tokens") for t in rope)
+
+    return [model.x_embedder.register_forward_hook(split_tokens(runtime, parallel, "video tokens")),
+            model.rope.register_forward_hook(split_rope)]
+
+
 def _make_processor(runtime, name, model, config):
     kind = SafeRefinerAttnProcessor if name.startswith("context_embedder.") else SafeHunyuanVideo15AttnProcessor
     return kind(runtime, name, model, config)
@@ -254,11 +297,16 @@ class HunyuanVideo15Adapter(Adapter):
     replaces = (HunyuanVideo15AttnProcessor2_0, AttnProcessor2_0)
     tokens_in = "x_embedder"
     tokens_out = "proj_out"
+    context_parallel = True  # video tokens split after x_embedder with their rows of the RoPE table; the caption
+    # (valid-first) on every rank, its padding rewritten exactly on the caption keys; gathered after proj_out
 
     def token_grid(self, model):
         """(frames, h, w) of a [B, C, F, H, W] latent: the temporal and spatial patch sizes."""
         cfg = model.config
         return cfg.patch_size_t, cfg.patch_size, cfg.patch_size
+
+    def parallel_hooks(self, model, runtime, parallel) -> list:
+        return video_split_hooks(model, runtime, parallel)
 
     def guidance(self, model, runtime, handle):
         separate = SeparateCallGuidance(lambda: getattr(getattr(runtime.pipe, "guider", None), "guidance_scale", None))
