@@ -49,3 +49,78 @@ def test_chroma_and_z_image_need_no_mask_under_safe_dit():
         assert "error" not in row and kind in _kinds(row, 2)
         assert [s["dense_fp_masked_calls"] for s in row["settings"]] == [0, 0, 0]
         assert "safe-core" in row["safe_dit_modes"]
+
+
+def test_pair_mask_kind():
+    """HunyuanVideo's m_i & m_j (its refiner also lets padding rows see key 0) is a pair mask; a mask whose padding
+    row sees a padding key, or whose valid rows differ, is not."""
+    v = torch.tensor([[True, True, True, False, False], [True] * 5])  # [B, S]
+    pair = v[:, None, :, None] & v[:, None, None, :]  # [B, 1, S, S]
+    sq = (2, 4, 5, 8)
+    assert mask_kind(pair, sq, K) == "pair"
+    refiner = pair.clone()
+    refiner[..., 0] = True
+    assert mask_kind(refiner, sq, K) == "pair"
+    leaky = pair.clone()
+    leaky[0, 0, 4, 3] = True  # a padding query reads a padding key
+    assert mask_kind(leaky, sq, K) == "other"
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert mask_kind(causal, sq, K) == "other"
+
+
+NAMED_VIDEO = ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "HunyuanVideo15Transformer3DModel",
+               "LTXVideoTransformer3DModel", "CogVideoXTransformer3DModel", "MochiTransformer3DModel",
+               "SkyReelsV2Transformer3DModel")
+
+
+def test_every_video_class_is_built_or_listed_with_its_reason():
+    from safe_dit.inspection.recipes import recipes
+    from safe_dit.inspection.recipes_video import WHY_NOT_BUILT, video_transformer_classes
+
+    video = set(video_transformer_classes())
+    built = {r.cls for r in recipes()} & video
+    assert set(NAMED_VIDEO) <= built
+    assert video - built == set(WHY_NOT_BUILT)  # the rest, each with a reason
+    assert all(WHY_NOT_BUILT[c] for c in WHY_NOT_BUILT)
+
+
+def test_committed_census_covers_the_video_classes():
+    import json
+    import pathlib
+
+    import diffusers
+    import pytest
+
+    from safe_dit.inspection.recipes import recipes
+    from safe_dit.inspection.recipes_video import WHY_NOT_BUILT, video_transformer_classes
+
+    path = pathlib.Path(__file__).parents[2] / "benchmarks" / "results" / "census.json"
+    result = json.loads(path.read_text())
+    if result["environment"]["diffusers"] != diffusers.__version__:
+        pytest.skip(f"the committed census is of diffusers {result['environment']['diffusers']}")
+    summary = {s["class"]: s for s in result["summary"]}
+    with_recipe = {r.cls for r in recipes()}
+    for cls in video_transformer_classes():
+        s = summary[cls]
+        assert s["video"], cls
+        if cls in with_recipe:  # built: its three settings recorded
+            assert s["error"] is None and len(s["settings"]) == 3, cls
+        else:
+            assert s["error"] == f"not built: {WHY_NOT_BUILT[cls]}", cls
+    assert all(summary[cls]["settings"] for cls in NAMED_VIDEO)
+
+
+def test_video_masks_stock_and_under_dense_fp():
+    """Stock HunyuanVideo 1.5 passes [B, 1, S, S] pair masks, HunyuanVideo 1.0 [B, 1, 1, N] key padding, LTX-Video its
+    caption key-padding bias to cross-attention, Wan none; safe-dit's dense-fp leaves no masked call."""
+    expect = {"HunyuanVideo15Transformer3DModel": {"pair"}, "HunyuanVideoTransformer3DModel": {"key-padding", "pair"},
+              "LTXVideoTransformer3DModel": {"none", "key-padding"}, "WanTransformer3DModel": {"none"}}
+    for cls, kinds in expect.items():
+        row = census_one(recipe_for(cls), grid=(4, 4))
+        assert "error" not in row, row.get("error")
+        assert set(_kinds(row, 2)) == kinds, cls
+        fp = [s["dense_fp_masked_calls"] for s in row["settings"]]
+        assert fp == ([None] * 3 if cls.startswith("LTX") else [0, 0, 0]), cls
+    pair = [c for c in census_one(recipe_for("HunyuanVideo15Transformer3DModel"), grid=(4, 4))["settings"][2]["calls"]
+            if c["mask_shape"] and c["mask_shape"][2] == c["q"][2] and c["mask_shape"][1] == 1]
+    assert pair and all(c["kind"] == "pair" for c in pair)

@@ -9,7 +9,8 @@ The model is a small randomly initialised transformer of one backbone ({labels})
 a config (no download), with a CFG-like batch of 2 whose captions have different padded lengths
 (default: {default}). A closing line says where the backbone's masks come from (some pass none
 to SDPA in the stock model: then there is nothing to elide and dense-fp equals dense).
---zoo runs the mask census over every image transformer class of the installed diffusers instead.
+--zoo runs the mask census over every image and video transformer class of the installed diffusers
+instead.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def configure_parser(p) -> None:
                    help="keep caption padding masks instead of rewriting them exactly")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--zoo", action="store_true",
-                   help="the mask census instead: every image-generation transformer class of the installed diffusers "
-                        "with a tiny offline recipe, batch 1 / 2 / CFG batch with different caption lengths; which "
-                        "masks reach SDPA and their estimated tax (with --json, --plot, --table)")
+                   help="the mask census instead: every image and video transformer class of the installed diffusers "
+                        "with a tiny offline recipe (the others listed with the reason), batch 1 / 2 / CFG batch with "
+                        "different caption lengths; which masks reach SDPA and their estimated tax (with --json, "
+                        "--plot, --table)")
     p.add_argument("--plot", metavar="PATH", help="--zoo: write the census plot (PNG) here")
     p.add_argument("--table", metavar="PATH", help="--zoo: write the census table (Markdown) here")
     p.add_argument("--results", default="benchmarks/results", metavar="DIR",

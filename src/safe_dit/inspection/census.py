@@ -1,7 +1,9 @@
-"""The mask census of diffusers' image DiTs (``safe-dit audit --zoo``): which attention calls get which mask.
+"""The mask census of diffusers' image and video DiTs (``safe-dit audit --zoo``): which attention calls get which
+mask.
 
-For every backbone kit, and every image-generation transformer class of the installed diffusers for which a
-tiny offline recipe exists (``safe_dit.inspection.recipes``), one seeded random model is built and run in
+For every backbone kit, and every image-generation and video transformer class of the installed diffusers for which
+a tiny offline recipe exists (``safe_dit.inspection.recipes``, ``recipes_video``: video classes get 2 latent frames
+of the grid), one seeded random model is built and run in
 three settings: batch 1, a batch of 2 with equal caption lengths, and the CFG batch of 2 whose captions have
 different valid lengths (what a prompt and an empty negative prompt give). Every call to
 ``torch.nn.functional.scaled_dot_product_attention`` (what diffusers' native dispatcher ends in) is
@@ -25,6 +27,7 @@ import torch
 
 from safe_dit.inspection.masks import SdpaCensus, describe_call, mask_kind  # noqa: F401  (the census's spy)
 from safe_dit.inspection.recipes import Recipe, image_transformer_classes, recipe_for, recipes  # noqa: F401
+from safe_dit.inspection.recipes_video import FRAMES, WHY_NOT_BUILT, video_transformer_classes
 
 SETTINGS = (("batch 1", 1, "full"), ("batch 2, equal captions", 2, "full"),
             ("CFG batch 2, different captions", 2, "cfg"))
@@ -112,7 +115,7 @@ def _dense_fp_masked(model, kwargs) -> int | None:
 _MIDT_CASE = {"all-valid bool": "bool-expanded", "all-valid float": "additive-zero",
               "row-constant": "additive-rowconst",
               "key-padding": "key-padding", "other bool": "bool-expanded", "other float": "additive-zero",
-              "rank-1 bias float": "additive-zero"}
+              "rank-1 bias float": "additive-zero", "pair bool": "bool-full"}
 
 
 def midt_taxes(results_dir: str, device: str, seq_len: int = 4096) -> dict[str, float]:
@@ -154,7 +157,7 @@ def summarize_row(row: dict, taxes: dict[str, dict[str, float]]) -> dict:
         work = sum(_work(c) for c in s["calls"]) or 1.0
         est = {dev: sum(_work(c) * _charge(c, t) for c in s["calls"]) / work for dev, t in taxes.items() if t}
         removable = sum(_work(c) for c in s["calls"]
-                        if c["kind"] in ("all-valid", "row-constant", "key-padding", "rank-1 bias"))
+                        if c["kind"] in ("all-valid", "row-constant", "key-padding", "pair", "rank-1 bias"))
         unmasked = sum(_work(c) for c in s["calls"] if c["kind"] == "none")
         out.append({"setting": s["setting"], "calls": len(s["calls"]),
                     "masked": len(s["calls"]) - kinds.get("none", 0),
@@ -175,38 +178,44 @@ def run_census(results_dir: str = "benchmarks/results", grid=(16, 16), progress=
     by_class = {r.cls: r for r in known}
     rows = []
     kit_classes = {r.cls for r in known if r.kit is not None}  # every kit's class (video backbones too)
-    classes = sorted(kit_classes | set(image_transformer_classes()))
+    video = set(video_transformer_classes())
+    classes = sorted(kit_classes | set(image_transformer_classes()) | video)
     for name in classes:
         if progress:
             progress(name)
-        if name not in by_class:
+        if name in by_class:
+            rows.append(census_one(by_class[name], grid))
+        elif name in WHY_NOT_BUILT:
+            rows.append({"class": name, "pipeline": None, "settings": [], "error": f"not built: {WHY_NOT_BUILT[name]}",
+                         "why": WHY_NOT_BUILT[name]})
+        else:
             rows.append({"class": name, "pipeline": None, "settings": [],
                          "error": "not built: no tiny recipe yet (model-specific inputs)",
                          "why": "the census has no tiny config and inputs for this class yet: its forward takes "
                                 "inputs specific to its pipeline that the census does not synthesise"})
-            continue
-        rows.append(census_one(by_class[name], grid))
     supported = set(supported_classes())
     summary = []
     for row in rows:
         s = summarize_row(row, taxes)
         s["safe_dit_adapter"] = row["class"] in supported
         s["safe_dit_modes"] = row.get("safe_dit_modes", [])
+        s["video"] = row["class"] in video
         summary.append(s)
     return {"benchmark": "census", "environment": environment("cpu"), "settings": {
-        "grid": list(grid), "image_tokens": grid[0] * grid[1], "text_len": {r.cls: r.text_len for r in known},
+        "grid": list(grid), "image_tokens": grid[0] * grid[1], "video_latent_frames": FRAMES,
+        "text_len": {r.cls: r.text_len for r in known},
         "tax_source": {dev: f"midt-{dev}.json, median over head dims at N=4096" for dev, t in taxes.items() if t},
         "midt_taxes": taxes}, "rows": rows, "summary": summary}
 
 
-def format_census(result: dict) -> str:
+def _table(summary: list[dict]) -> list[str]:
     lines = ["| class | pipeline | attention calls with a mask (batch 1 / equal / CFG different) "
              "| mask kinds (CFG batch) | est. attention-time factor, CFG batch (GPU MIDT) | exactly removable work "
              "| safe-dit dense-fp: masked calls | safe-dit |",
              "|---|---|---|---|---|---|---|---|"]
-    for s in result["summary"]:
+    for s in summary:
         if s["error"]:
-            lines.append(f"| `{s['class']}` | {s['pipeline'] or '–'} | – | {s['error'][:60]} | – | – | – | – |")
+            lines.append(f"| `{s['class']}` | {s['pipeline'] or '–'} | – | {s['error'][:160]} | – | – | – | – |")
             continue
         counts = " / ".join(f"{x['masked']}/{x['calls']}" for x in s["settings"])
         cfg = s["settings"][-1]
@@ -219,20 +228,30 @@ def format_census(result: dict) -> str:
         lines.append(f"| `{s['class']}` | {s['pipeline']} | {counts} | {kinds}{shapes} | "
                      f"{factor} | {cfg['exactly_removable_work_fraction']:.0%} | {fp} | "
                      f"{adapter_status(s.get('safe_dit_modes', []))} |")
-    return "\n".join(lines)
+    return lines
+
+
+def format_census(result: dict) -> str:
+    """The census as Markdown: the image classes' table, then the video classes' (each class built, or listed with
+    the reason it is not)."""
+    frames = result["settings"].get("video_latent_frames", FRAMES)
+    image = [s for s in result["summary"] if not s.get("video")]
+    video = [s for s in result["summary"] if s.get("video")]
+    return "\n".join(["## Image classes", ""] + _table(image) + [
+        "", f"## Video classes ({frames} latent frames of the same grid)", ""] + _table(video))
 
 
 def plot_census(result: dict, path: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
 
     rows = [s for s in result["summary"] if not s["error"]]
-    names = [s["class"].replace("Transformer2DModel", "").replace("2DModel", "")
+    names = [s["class"].replace("Transformer2DModel", "").replace("Transformer3DModel", "").replace("2DModel", "")
              + f"  [{adapter_status(s.get('safe_dit_modes', []))}]" for s in rows]  # what safe-dit runs on it
     fig = Figure(figsize=(12, 0.45 * len(rows) + 1.8))
     ax1, ax2 = fig.subplots(1, 2, sharey=True)
-    kinds = ("all-valid", "row-constant", "key-padding", "rank-1 bias", "other")
+    kinds = ("all-valid", "row-constant", "key-padding", "pair", "rank-1 bias", "other")
     colours = {"all-valid": "tab:green", "row-constant": "tab:olive", "key-padding": "tab:orange",
-               "rank-1 bias": "tab:purple", "other": "tab:red"}
+               "pair": "tab:brown", "rank-1 bias": "tab:purple", "other": "tab:red"}
     left = [0.0] * len(rows)
     for kind in kinds:
         vals = [s["settings"][-1]["kinds"].get(kind, 0) / max(1, s["settings"][-1]["calls"]) for s in rows]
@@ -250,7 +269,9 @@ def plot_census(result: dict, path: str) -> None:
     ax2.set_xlabel("estimated attention-time factor from its masks\n(MIDT at N=4096)")
     ax2.legend(fontsize=8)
     env = result["environment"]
-    fig.suptitle(f"Mask census of diffusers {env['diffusers']} image DiTs (tiny random models, "
-                 f"{result['settings']['image_tokens']} image tokens), torch {env['torch']}", fontsize=9)
+    frames = result["settings"].get("video_latent_frames", FRAMES)
+    fig.suptitle(f"Mask census of diffusers {env['diffusers']} image and video DiTs (tiny random models, "
+                 f"{result['settings']['image_tokens']} image tokens; video: {frames} frames of them), "
+                 f"torch {env['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

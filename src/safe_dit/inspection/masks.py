@@ -4,6 +4,9 @@
 * ``row-constant`` (every query row adds one finite constant): removable exactly;
 * ``key-padding`` (the same valid keys for every head and query of a sample): rewritable exactly into
   mask-free calls (slice keys, split the batch by length);
+* ``pair`` (a bool self-attention mask [B, 1|H, S, S] built from one validity vector v: every valid query row
+  sees exactly the valid keys v, a padding query row a subset of them or none, as HunyuanVideo's m_i & m_j):
+  rewritable exactly, the valid rows are key padding and no valid row reads a padding row's output;
 * ``rank-1 bias`` (u_i v_j, e.g. Chroma's float m_i m_j): removable exactly, one extra q/k channel carries it;
 * ``other`` (anything else: query x key masks, biases that are no padding, a 0/1 float mask used as a
   bias): semantic, kept.
@@ -33,7 +36,7 @@ class SdpaCensus(TorchFunctionMode):
 
 
 def mask_kind(mask: torch.Tensor | None, q_shape, k_shape) -> str:
-    """none / all-valid / row-constant / key-padding / rank-1 bias / other, for a mask as SDPA receives it
+    """none / all-valid / row-constant / key-padding / pair / rank-1 bias / other, for a mask as SDPA receives it
     (q [B, H, Lq, d], k [B, Hk, Lk, d]). Reads values: for the census, never on a hot path. A rank-1 bias
     u_i v_j (Chroma's float m_i m_j) is exactly removable too: one extra q/k channel carries it."""
     if mask is None:
@@ -44,7 +47,9 @@ def mask_kind(mask: torch.Tensor | None, q_shape, k_shape) -> str:
         if bool(m.all()):
             return "all-valid"
         first = m[:, :1, :1, :]
-        return "key-padding" if bool((m == first).all()) and bool(first.any(-1).all()) else "other"
+        if bool((m == first).all()) and bool(first.any(-1).all()):
+            return "key-padding"
+        return "pair" if _pair(m) else "other"
     m = m.float()
     if not bool(torch.isfinite(m).all()) and bool(torch.isnan(m).any()):
         return "other"
@@ -60,6 +65,18 @@ def mask_kind(mask: torch.Tensor | None, q_shape, k_shape) -> str:
     if bool(finite) and _rank_one_per_sample(m):
         return "rank-1 bias"
     return "other"
+
+
+def _pair(m: torch.Tensor) -> bool:
+    """m bool [B, h, S, S]: the same for every head, and per sample one validity vector v = diag(m) such that the
+    valid rows equal v (at least one valid key) and the padding rows are subsets of v."""
+    if m.shape[-1] != m.shape[-2] or not bool((m == m[:, :1]).all()):
+        return False
+    for sample in m[:, 0]:  # [S, S]
+        v = sample.diagonal()
+        if not bool(v.any()) or not bool((sample[v] == v).all()) or bool((sample[~v] & ~v).any()):
+            return False
+    return True
 
 
 def _rank_one_per_sample(m: torch.Tensor) -> bool:

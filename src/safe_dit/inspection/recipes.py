@@ -131,10 +131,11 @@ OTHER_RECIPES = [
 
 def recipes() -> list[Recipe]:
     """Every kit's recipe (in the kits' order, named by the first class its adapter serves), then the recipes of
-    classes without an adapter."""
+    image and video classes without an adapter."""
+    from safe_dit.inspection.recipes_video import VIDEO_RECIPES
     from safe_dit.testing.kits import KITS
 
-    return [kit_recipe(kit) for kit in KITS.values()] + OTHER_RECIPES
+    return [kit_recipe(kit) for kit in KITS.values()] + OTHER_RECIPES + VIDEO_RECIPES
 
 
 def recipe_for(cls: str) -> Recipe:
@@ -145,8 +146,8 @@ def recipe_for(cls: str) -> Recipe:
     raise KeyError(cls)
 
 
-# Image-generation transformers in diffusers: 2-D/image classes (video, audio, protein and 3-D classes are out of
-# scope here; a video backbone with a kit is in the census through its kit).
+# Image-generation transformers in diffusers: 2-D/image classes (the video and 3-D classes are listed by
+# ``recipes_video.video_transformer_classes``; audio and protein classes are out of scope).
 _NOT_IMAGE = ("3D", "1D", "Audio", "Video", "Proteina", "Temporal", "Music", "Prior", "T5Film", "Cosmos3Omni",
               "Wan", "Kandinsky", "LTX", "MiniMax", "Helios", "SkyReels", "Mochi", "Allegro", "ChronoEdit", "Latte",
               "EasyAnimate", "ConsisID", "CogVideoX", "SanaWM", "AnyFlow", "JoyImageEdit")
