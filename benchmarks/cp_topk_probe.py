@@ -11,11 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from diffusers import ContextParallelConfig
+
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.engine.generation import Generation
 from safe_dit.engine.partition import select_sensitive
 from safe_dit.testing.kits import kit_for
+
 from helpers import RUNS
+
 
 def per_shard(self, index):
     self.global_index = index

@@ -1,8 +1,15 @@
 """FLUX dense-fp vs stock per forward as many alternating pairs (the order flips every pair), the low-noise
 form of the hot-path comparison: python3 benchmarks/flux_pairs.py SIDE PAIRS (e.g. 32 41: 1024 image + 512 text tokens)."""
-import statistics, time, json, sys, torch
+import json
+import statistics
+import sys
+import time
+
+import torch
+
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.testing.kits import build_flux, flux_inputs
+
 side, pairs = int(sys.argv[1]), int(sys.argv[2])
 m = build_flux("flux-dev", num_layers=1, num_attention_heads=12)
 x = flux_inputs(m, side, side, batch=1, text_len=512)

@@ -19,9 +19,9 @@ import torch
 
 import safe_dit
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+from safe_dit.engine.schedule import StepPlan
 from safe_dit.inspection.environment import environment
 from safe_dit.testing.kits import build_flux, build_sd3, flux_inputs, sd3_inputs
-from safe_dit.engine.schedule import StepPlan
 
 
 def timed(fn, repeats):

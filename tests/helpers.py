@@ -108,9 +108,10 @@ run_flux = RUNS["flux"]  # batch 1 (guidance-distilled), joint text
 def steps_vs_dense_fp(model, inputs, num_steps=4):
     """dense-fp output, then ``num_steps`` safe-core forwards (keep 0.3, warm-up 1, anchor every 2, no tail) on
     the flash kernel only; returns (dense-fp output, the generation, the safe-core outputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     import safe_dit
     from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense = forward(model, inputs)
@@ -123,9 +124,10 @@ def steps_vs_dense_fp(model, inputs, num_steps=4):
 
 def selective_flops(model, inputs, keep_ratios=(1.0, 0.25)) -> dict:
     """FLOPs of one selective safe-core forward per keep ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     import safe_dit
     from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-    from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
     for keep in keep_ratios:

@@ -16,9 +16,10 @@ from torch.overrides import TorchFunctionMode
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.adapters.chroma import _rank_one
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.chroma import build_chroma, build_chroma_pipeline, build_chroma_text_pipeline, chroma_inputs
+
 from helpers import RUNS, SdpaSpy, forward, selective_flops
 
 run = RUNS["chroma"]

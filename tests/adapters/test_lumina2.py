@@ -10,9 +10,10 @@ import torch
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.lumina2 import build_lumina2, build_lumina2_pipeline, lumina2_inputs
+
 from helpers import RUNS, SdpaSpy, forward, selective_flops, stock_vs_dense_fp
 
 run = RUNS["lumina2"]

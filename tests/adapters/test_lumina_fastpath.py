@@ -9,8 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.engine.masks import KeyPaddingPlan
+from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.testing.kits import build_lumina_next, lumina_inputs
 
 # Documented tolerances for dense-fp vs stock dense (max abs error relative to max |output|):

@@ -8,11 +8,13 @@ import torch
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.engine.masks import DISCARD_BIAS, KeyPaddingPlan, key_padding_from_bias
+from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.testing.kits import build_pixart, build_pixart_pipeline, pixart_inputs
-from helpers import SdpaSpy, forward, processors, run_pixart as _run
+
+from helpers import SdpaSpy, forward, processors
+from helpers import run_pixart as _run
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # max abs error relative to max |output|, as for Lumina
 
@@ -165,9 +167,8 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     """What the scheduler receives is u + gamma_i (c - u) on the latent channels (learned sigma split off)."""
-    from safe_dit.engine.guidance import SchedulerGuidance
-    from safe_dit.engine.guidance import guide, token_guidance
     from safe_dit.engine.generation import Generation
+    from safe_dit.engine.guidance import SchedulerGuidance, guide, token_guidance
 
     class Scheduler:
         def step(self, model_output, timestep, sample, generator=None, return_dict=True):

@@ -8,9 +8,10 @@ import torch
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.qwen_image import build_qwen_image, build_qwen_image_pipeline, qwen_image_inputs
+
 from helpers import RUNS, SdpaSpy, forward, selective_flops, stock_vs_dense_fp
 
 run = RUNS["qwen-image"]

@@ -12,9 +12,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.recipes import recipe_for
 from safe_dit.cli import main
+from safe_dit.inspection.recipes import recipe_for
 from safe_dit.testing.z_image import build_z_image, build_z_image_pipeline, build_z_image_text_pipeline, z_image_inputs
+
 from helpers import RUNS, SdpaSpy, forward, processors, selective_flops
 
 RECIPE = recipe_for("ZImageTransformer2DModel")

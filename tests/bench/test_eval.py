@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from safe_dit.bench import quality
-
-from safe_dit.embedded import world
 from safe_dit.cli import main
+from safe_dit.embedded import world
 from safe_dit.embedded.model import file_sha256
 
 

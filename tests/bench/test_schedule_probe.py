@@ -4,10 +4,11 @@ recovers the costs of fabricated Pareto timings exactly."""
 import json
 
 import pytest
-from helpers import load_benchmark_script
 
 from safe_dit import SafeConfig, SafeDitError
 from safe_dit.bench.pareto_settings import CORE, SCHEDULE_FIELDS
+
+from helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")

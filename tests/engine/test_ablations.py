@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.engine.guidance import config_guidance
-from safe_dit.testing.kits import build_lumina_pipeline
 from safe_dit.engine.partition import prompt_free_partition, sensitive_count
 from safe_dit.engine.schedule import ANCHOR, DENSE, SELECTIVE, TAIL, StepPlan
+from safe_dit.testing.kits import build_lumina_pipeline
+
+from helpers import SdpaSpy
 
 STEPS = 8
 

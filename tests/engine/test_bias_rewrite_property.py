@@ -3,7 +3,6 @@ refused: never silently wrong, whatever the spread of the logits (the hardening 
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy, run_lumina as _run
 from torch.utils.flop_counter import FlopCounterMode
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import build_lumina_next, build_lumina_pipeline, lumina_inputs
+
+from helpers import SdpaSpy
+from helpers import run_lumina as _run
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,8 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_matches_the_per_token_formula():
     """The rewritten cond prediction makes the pipeline's scalar guidance equal gamma_i."""
-    from safe_dit.engine.guidance import sensitivity_weighted
-    from safe_dit.engine.guidance import guide, token_guidance
     from safe_dit.engine.generation import Generation
+    from safe_dit.engine.guidance import guide, sensitivity_weighted, token_guidance
 
     cfg = SafeConfig("safe-sw", cfg_context=1.5, cfg_sensitive=6.0)
     gen = Generation(cfg, 4)

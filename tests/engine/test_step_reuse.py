@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy, run_lumina as _run
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.engine.generation import Generation, combine, extrapolation_weights
 from safe_dit.engine.schedule import StepPlan
 from safe_dit.testing.kits import build_lumina_pipeline
+
+from helpers import SdpaSpy
+from helpers import run_lumina as _run
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_args
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.study import make
 from safe_dit.study.store import Study
-
-from conftest import make_args
 
 
 def manifest(folder):

@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from safe_dit.study.store import Study, Votes
-
 from conftest import Server
+from safe_dit.study.store import Study, Votes
 
 
 def raw_get(url: str, target: str) -> bytes:

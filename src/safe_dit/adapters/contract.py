@@ -17,8 +17,8 @@ import torch
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.engine.attend import PARALLEL_REFUSED, Dispatch
 from safe_dit.engine.guidance import sensitivity_weighted
-from safe_dit.engine.parallel import SequenceParallel, check_heads, gather_tokens
 from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, step_reuse, swap_processors, watch_cfg
+from safe_dit.engine.parallel import SequenceParallel, check_heads, gather_tokens
 from safe_dit.engine.runtime import Handle, Runtime
 
 logger = logging.getLogger(__name__)

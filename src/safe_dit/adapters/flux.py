@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxIPAdapterAttnProcessor,
-                                                            FluxTransformer2DModel, _get_qkv_projections)
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxIPAdapterAttnProcessor,
+    FluxTransformer2DModel,
+    _get_qkv_projections,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError

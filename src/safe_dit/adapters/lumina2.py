@@ -42,8 +42,11 @@ import math
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_lumina2 import (Lumina2AttnProcessor2_0, Lumina2RotaryPosEmbed,
-                                                               Lumina2Transformer2DModel)
+from diffusers.models.transformers.transformer_lumina2 import (
+    Lumina2AttnProcessor2_0,
+    Lumina2RotaryPosEmbed,
+    Lumina2Transformer2DModel,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError

@@ -28,8 +28,11 @@ the layered 3-D RoPE) and ControlNet residuals.
 from __future__ import annotations
 
 import torch
-from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0,
-                                                                 QwenImageTransformer2DModel, apply_rotary_emb_qwen)
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    QwenImageTransformer2DModel,
+    apply_rotary_emb_qwen,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError

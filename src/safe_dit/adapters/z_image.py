@@ -39,8 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.transformers.transformer_z_image import (SEQ_MULTI_OF, ZImageTransformer2DModel,
-                                                                ZSingleStreamAttnProcessor)
+from diffusers.models.transformers.transformer_z_image import (
+    SEQ_MULTI_OF,
+    ZImageTransformer2DModel,
+    ZSingleStreamAttnProcessor,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.bench.choices import E2E_PROMPT_VALID
-from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.bench.midt import _kernels as attention_kernels
 from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 from safe_dit.bench.runs import context_parallel_setup, schedule_kwargs, selective_free
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.testing.kits import kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from safe_dit.adapters.lumina_next import SafeLuminaAttnProcessor
 from safe_dit.api import apply_safe_dit, remove_safe_dit
+from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.inspection.environment import environment, peak_memory_mb
-from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "maskless-oracle")
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from safe_dit.bench.choices import MIDT_MASKS
+from safe_dit.bench.report import DTYPES, emit, pyplot
 from safe_dit.config import SafeDitError
 from safe_dit.inspection.environment import environment, peak_memory_mb, quiet_profiler, synchronize
-from safe_dit.bench.report import DTYPES, emit, pyplot
 
 MASKS = MIDT_MASKS
 REDUNDANT = {m: m != "key-padding" for m in MASKS}

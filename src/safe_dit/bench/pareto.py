@@ -37,14 +37,15 @@ import sys
 
 import torch
 
-from safe_dit.inspection.environment import environment
-from safe_dit.bench.quality import REFERENCE, prompt_set
-from safe_dit.bench.peers import available_hooks, peer_family
-from safe_dit.bench.report import emit
+from safe_dit.bench.pareto_report import plot_ablation, plot_pareto, table
+from safe_dit.bench.pareto_runs import reuse_scaled, run_quality, run_scaled
+
 # the parts, re-exported: settings and analysis, the two runs, the outputs
 from safe_dit.bench.pareto_settings import CORE, FAMILIES, Setting, analyse, default_settings, pareto_front, verdicts
-from safe_dit.bench.pareto_runs import reuse_scaled, run_quality, run_scaled
-from safe_dit.bench.pareto_report import plot_ablation, plot_pareto, table
+from safe_dit.bench.peers import available_hooks, peer_family
+from safe_dit.bench.quality import REFERENCE, prompt_set
+from safe_dit.bench.report import emit
+from safe_dit.inspection.environment import environment
 
 __all__ = ["CORE", "FAMILIES", "Setting", "analyse", "default_settings", "pareto_front",
            "plot_ablation", "plot_pareto", "reuse_scaled", "run", "run_quality", "run_scaled", "table", "verdicts"]
@@ -68,7 +69,6 @@ def skip_missing_peers(settings: list[Setting]) -> tuple[list[Setting], dict[str
 
 
 def run(args) -> int:
-    from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
     if args.from_json:
         with open(args.from_json) as f:

@@ -13,14 +13,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from safe_dit.embedded import world
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
-from safe_dit.config import SafeDitError
-from safe_dit.inspection.environment import peak_memory_mb
-from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, run_interleaved, summarize
-from safe_dit.bench.peers import PeerUnsupported, apply_peer, calibrate_mag_ratios, peer_family
 from safe_dit.bench.pareto_settings import Setting
+from safe_dit.bench.peers import PeerUnsupported, apply_peer, calibrate_mag_ratios, peer_family
+from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, run_interleaved, summarize
 from safe_dit.bench.replay import BlockRecorder, apply_replay
+from safe_dit.config import SafeDitError
+from safe_dit.embedded import world
+from safe_dit.inspection.environment import peak_memory_mb
 
 
 class Harness:

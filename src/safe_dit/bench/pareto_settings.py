@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from safe_dit.bench.choices import PARETO_FAMILIES
-from safe_dit.config import SafeConfig
 from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
+from safe_dit.config import SafeConfig
 
 FAMILIES = PARETO_FAMILIES
 #: The scheduling knobs of SafeConfig's safe-core defaults (read from the dataclass, never copied by hand).

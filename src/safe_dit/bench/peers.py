@@ -45,7 +45,6 @@ from typing import Any, Callable
 
 import torch
 
-
 #: Pipeline keyword arguments of LuminaNextDiT2DModel.forward that carry the CFG batch.
 _LUMINA_BATCH_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_mask")
 

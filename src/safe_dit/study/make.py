@@ -213,8 +213,9 @@ def _is_shapes_model(model: str) -> bool:
 
 def _load(model: str, device: str):
     import torch
-    from safe_dit.embedded.model import load_default_pipeline, weights_identity
+
     from safe_dit.bench.pipelines import load_pipeline
+    from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
     if _is_shapes_model(model):
         path = None if model == "default" else model
@@ -226,6 +227,7 @@ def _draw(pipe, prompt: str, seed: int, steps: int, height: int, width: int, gui
     """One image as ``safe-dit generate`` calls the pipeline (uint8 HxWx3) and its seconds."""
     import numpy as np
     import torch
+
     from safe_dit.bench.pipelines import call_kwargs
 
     kwargs = call_kwargs(pipe, SimpleNamespace(height=height, width=width, steps=steps, guidance=guidance, seed=seed,
@@ -253,12 +255,12 @@ def run(args, pipe=None, weights: dict | None = None) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from safe_dit.bench.peers import PeerUnsupported
+    from safe_dit.bench.files import write_together
     from safe_dit.bench.pareto_runs import Harness
+    from safe_dit.bench.peers import PeerUnsupported
+    from safe_dit.bench.pipelines import native_size
     from safe_dit.bench.quality import prompt_set, psnr
     from safe_dit.embedded import world
-    from safe_dit.bench.files import write_together
-    from safe_dit.bench.pipelines import native_size
     from safe_dit.inspection.environment import environment
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

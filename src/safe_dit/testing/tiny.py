@@ -15,7 +15,8 @@ def word_tokenizer(template: str, max_length: int | None = None):
     """A word-level fast tokenizer over ``TINY_WORDS`` built in code (no hub): ``template`` places the
     special tokens around the words (``"<bos> $A"`` Gemma-like, ``"<bos> $A <eos>"`` CLIP-like, ``"$A <eos>"``
     T5-like); ``max_length`` becomes ``model_max_length``."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(TINY_WORDS)}
