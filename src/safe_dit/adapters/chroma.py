@@ -110,9 +110,9 @@ class MaskPlan:
 def _rank_one(q, k, v, rows_m, scale):
     """q/k/v [B, L, H, d] with the bias m_i m_j folded into extra channels: [B, L, H, d + e], e >= 1 and
     d + e a multiple of 8; s q'.k' = s q.k + m_i m_j for ``rows_m`` [B, L] (the same rows for q and k)."""
-    b, l, h, d = q.shape
+    b, n, h, d = q.shape
     e = (-(d + 1)) % 8 + 1
-    ext = q.new_zeros(b, l, h, e)
+    ext = q.new_zeros(b, n, h, e)
     q_ext = ext.clone()
     q_ext[..., 0] = rows_m[:, :, None].to(q.dtype)
     k_ext = ext.clone()

@@ -99,10 +99,6 @@ class _Backbone:
     def vae_scale(self) -> int:
         return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
 
-    @property
-    def vae_scale(self) -> int:
-        return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
-
     def size(self, side: int) -> int:
         """Image side in pixels whose latent has ``side`` x ``side`` image tokens (per frame)."""
         patch = self.kit.latent_patch or self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
