@@ -97,7 +97,8 @@ class SafeLumina2AttnProcessor(SafeProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
                  base_sequence_length=None):
         batch, seq_len, _ = hidden_states.shape  # [B, L, D]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.to_q(hidden_states), attn.to_k(encoder_hidden_states),
+                             attn.to_v(encoder_hidden_states))
         head_dim = query.shape[-1] // attn.heads
         dtype = query.dtype
         query = query.view(batch, -1, attn.heads, head_dim)  # [B, L, H, d]

@@ -59,7 +59,8 @@ TWO_CALLS = ("safe-core on Qwen-Image needs one transformer call per sampling st
              "for true CFG, or call the transformer with a [cond; uncond] batch inside "
              "safe_dit.generation(transformer, num_steps=..., cfg_batch=True)")
 
-EDIT_INPUTS = ("safe-core on Qwen-Image supports text-to-image only: {what}. Use dense-fp for editing / layered models")
+EDIT_INPUTS = ("safe-core on Qwen-Image supports text-to-image only: {what}. "
+               "Use dense-fp for editing / layered models")
 
 
 class SafeQwenAttnProcessor(SafeProcessor):

@@ -42,7 +42,8 @@ class _OracleProcessor(SafeLuminaAttnProcessor):
 
     def _attend(self, attn, query, key, value, mask, scale):  # [B, L, H, d] in and out
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                               enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
 
 

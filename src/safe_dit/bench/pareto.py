@@ -9,13 +9,13 @@ One process, same prompts, seeds, steps, guidance and dtype for every setting:
 * peers: diffusers' own cache hooks on the same transformer (FirstBlockCache, TaylorSeer,
   FasterCache, MagCache, PyramidAttentionBroadcast, SeaCache, TextKVCache) at a few settings each,
   cache-dit's DBCache (alone, with TaylorSeer or FoCa; the optional extra ``safe-dit[peers]``, skipped with
-  one line when it is missing), and plain step reduction. Peers run on the dense-fp model (the exact fast path on, so the
-  comparison is between schedules; dense/dense-fp is its own row). A method that fails on the
+  one line when it is missing), and plain step reduction. Peers run on the dense-fp model (the exact fast
+  path on, so the comparison is between schedules; dense/dense-fp is its own row). A method that fails on the
   model, or attaches no hook to it, is listed as unsupported with the reason.
 
-Part 1, quality (the embedded shapes model: 64x64, 256 tokens, or ``--size 128``, 1024 tokens): prompt alignment graded by the
-checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense (tiny
-images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
+Part 1, quality (the embedded shapes model: 64x64, 256 tokens, or ``--size 128``, 1024 tokens): prompt
+alignment graded by the checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense
+(tiny images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
 (``--scaled-tokens``, default 4096 = a 1024² image): every setting (``--scaled-subset``: a short
 list) on a random-weight Lumina-Next with the real head dim 72, one timed call each (``--scaled-repeats``: the median
 of several); quality is not measured

@@ -128,7 +128,8 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
     if args.quick:
         transformer = build_lumina_next("tiny", num_layers=2)
     else:
-        transformer = build_lumina_next("lumina-next-2b", num_layers=args.scaled_layers, hidden_size=args.scaled_hidden,
+        transformer = build_lumina_next("lumina-next-2b", num_layers=args.scaled_layers,
+                                        hidden_size=args.scaled_hidden,
                                         num_attention_heads=args.scaled_heads, num_kv_heads=args.scaled_kv_heads)
     pipe = build_lumina_pipeline(transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -178,7 +179,8 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
             rep = rt.last_report if rt is not None and rt.config.scheduled else None
         finally:
             undo()
-        rows[s.name] = dict(status="ok", seconds=seconds, timings=timings, peak_memory_mb=None if math.isnan(mb) else mb,
+        rows[s.name] = dict(status="ok", seconds=seconds, timings=timings,
+                            peak_memory_mb=None if math.isnan(mb) else mb,
                             token_fraction=rep["token_fraction"] if rep else 1.0,
                             decisions=("replayed from the embedded model: "
                                        f"{replayed['computed']} of {replayed['of']} block-steps computed")

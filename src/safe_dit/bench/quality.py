@@ -231,7 +231,8 @@ def table(result: dict) -> str:
         )
     s = result["settings"]
     lines.append(f"{s['prompts']} prompts ({s['single']} one-object, {s['two']} two-object), {s['steps']} steps, "
-                 f"guidance {s['guidance']}, seed {s['seed']}; PSNR/SSIM paired against {REFERENCE} (identical: PSNR 100)")
+                 f"guidance {s['guidance']}, seed {s['seed']}; "
+                 f"PSNR/SSIM paired against {REFERENCE} (identical: PSNR 100)")
     note = overhead_note(result)
     if note:
         lines.append(note)

@@ -46,7 +46,8 @@ def tiny_clip(seed: int, hidden: int, projection: int | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(TINY_WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=len(TINY_WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=16, projection_dim=projection or hidden,
                          bos_token_id=TINY_WORDS.index("<bos>"), eos_token_id=TINY_WORDS.index("<eos>"),
                          pad_token_id=TINY_WORDS.index("<pad>"))
