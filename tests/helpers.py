@@ -115,8 +115,10 @@ def steps_vs_dense_fp(model, inputs, num_steps=4):
 
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense = forward(model, inputs)
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
-    with torch.no_grad(), safe_dit.generation(model, num_steps=num_steps) as g, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    with (torch.no_grad(), safe_dit.generation(model, num_steps=num_steps) as g,
+          sdpa_kernel([SDPBackend.FLASH_ATTENTION])):
         outs = [model(**inputs)[0] for _ in range(num_steps)]  # PCSP tap, anchors and selective steps
     remove_safe_dit(model)
     return dense, g, outs
@@ -131,7 +133,8 @@ def selective_flops(model, inputs, keep_ratios=(1.0, 0.25)) -> dict:
 
     flops = {}
     for keep in keep_ratios:
-        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+        apply_safe_dit(model,
+                       SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
         with torch.no_grad(), safe_dit.generation(model, num_steps=3):
             model(**inputs)  # warm-up (also the first anchor)
             with FlopCounterMode(display=False) as counter:

@@ -191,9 +191,11 @@ def test_apply_remove_round_trip_and_idempotence():
     apply_safe_dit(model, SafeConfig("dense-fp"))  # same config again: nothing changes
     again = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     assert all(again[n] is patched[n] for n in patched)
-    assert (len(model._forward_pre_hooks), len(model._forward_hooks), len(model.patch_embedder._forward_hooks)) == n_hooks
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks),
+            len(model.patch_embedder._forward_hooks)) == n_hooks
     apply_safe_dit(model, SafeConfig("dense-fp", rewrite_padding=False))  # another config replaces
-    assert (len(model._forward_pre_hooks), len(model._forward_hooks), len(model.patch_embedder._forward_hooks)) == n_hooks
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks),
+            len(model.patch_embedder._forward_hooks)) == n_hooks
     remove_safe_dit(model)
     after = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     assert all(after[n] is before[n] for n in before)

@@ -80,7 +80,8 @@ def test_audit_self_attention_has_no_mask_and_cross_attention_is_rewritten():
 def test_caption_mask_is_read_once_perforward(monkeypatch):
     reads = []
     original = KeyPaddingPlan.from_key_mask
-    monkeypatch.setattr(KeyPaddingPlan, "from_key_mask", staticmethod(lambda m: reads.append(tuple(m.shape)) or original(m)))
+    monkeypatch.setattr(KeyPaddingPlan, "from_key_mask",
+                        staticmethod(lambda m: reads.append(tuple(m.shape)) or original(m)))
     model = build_pixart(num_layers=4)
     apply_safe_dit(model, SafeConfig("dense-fp"))
     forward(model, pixart_inputs(model, 4, 4, batch=2, valid_lens=[8, 5]))
@@ -138,7 +139,8 @@ def test_apply_remove_round_trip_and_idempotence():
 
 def test_audit_cli_has_a_pixart_model(tmp_path, capsys):
     path = tmp_path / "audit.json"
-    assert main(["audit", "--model", "pixart", "--height-tokens", "3", "--width-tokens", "5", "--json", str(path)]) == 0
+    assert main(["audit", "--model", "pixart", "--height-tokens", "3", "--width-tokens", "5", "--json",
+                 str(path)]) == 0
     out = capsys.readouterr().out
     assert "PixArtTransformer2DModel" in out and "masked SDPA calls: stock 2/4  ->  safe-dit 0/6" in out
     assert path.exists()
@@ -186,7 +188,8 @@ def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     sw(type("RT", (), {"config": cfg}), gen, (sample,))
     uncond, cond = sample[:1, :4], sample[1:, :4]
     sched.step(uncond + 4.0 * (cond - uncond), 0, None)
-    gamma = token_guidance(gen.sensitivity[1:], 1.5, 6.0).view(1, 1, 2, 3).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    gamma = (token_guidance(gen.sensitivity[1:], 1.5, 6.0).view(1, 1, 2, 3)
+             .repeat_interleave(2, 2).repeat_interleave(2, 3))
     assert torch.allclose(sched.got, guide(uncond, cond, gamma), atol=1e-6)
     sw.remove()
     assert "step" not in vars(sched)
@@ -223,7 +226,8 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     inputs = pixart_inputs(model, 5, 6, batch=2, valid_lens=[8, 4])
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense = forward(model, inputs)
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
         outs = [model(**inputs)[0] for _ in range(4)]
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
@@ -239,7 +243,8 @@ def test_work_per_selective_step_scales_with_keep_ratio():
     inputs = pixart_inputs(model, 16, 16, batch=2)
     flops = {}
     for keep in (1.0, 0.25):
-        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+        apply_safe_dit(model,
+                       SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
         with torch.no_grad(), safe_dit.generation(model, num_steps=3):
             model(**inputs)  # warm-up (fills the caches)
             with FlopCounterMode(display=False) as counter:

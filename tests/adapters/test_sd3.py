@@ -88,7 +88,8 @@ def test_pcsp_reads_the_joint_softmax_image_to_text_block():
     for text in (slice(10, 14), slice(0, 4)):  # [image; text] (SD3) and [text; image] (FLUX)
         ref = full[:, :, :, text].mean(1)
         assert torch.allclose(joint_image_to_text_probs(q, k, text).double(), ref, atol=1e-6)
-        assert torch.allclose(joint_image_to_text_probs(q, k, text, chunk_bytes=1).double(), ref, atol=1e-6)  # head by head
+        # head by head
+        assert torch.allclose(joint_image_to_text_probs(q, k, text, chunk_bytes=1).double(), ref, atol=1e-6)
 
 
 # -- StableDiffusion3Pipeline -------------------------------------------------------------------------

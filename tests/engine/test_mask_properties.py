@@ -151,7 +151,8 @@ def check(case: Case, mask: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- bool masks
 
-BOOL_KINDS = ["all-true", "random", "all-false-rows", "one-false", "prefix", "scattered", "causal", "block", "all-false"]
+BOOL_KINDS = ["all-true", "random", "all-false-rows", "one-false", "prefix", "scattered", "causal", "block",
+              "all-false"]
 
 
 @st.composite

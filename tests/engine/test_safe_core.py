@@ -67,7 +67,8 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     apply_safe_dit(model, SafeConfig("dense-fp"))
     with torch.no_grad():
         dense = model(**inputs)[0]
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
         outs = [model(**inputs)[0] for _ in range(4)]
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
@@ -119,7 +120,8 @@ def test_partition_is_deterministic_and_state_is_released(pipe):
 def test_kv_cache_memory_is_accounted():
     model = build_lumina_next("tiny", num_layers=2)  # 2 KV heads of dim 16
     inputs = lumina_inputs(model, 4, 5, batch=2)
-    apply_safe_dit(model, SafeConfig("safe-core", warmup_steps=1, anchor_interval=2, tail_dense_steps=0, context_forecast=0,
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", warmup_steps=1, anchor_interval=2, tail_dense_steps=0, context_forecast=0,
                                      reuse_every=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=2) as g:
         model(**inputs), model(**inputs)
