@@ -50,7 +50,8 @@ def run(rank, world):
             Generation._localise = orig
         remove_safe_dit(pipe)
         overlap = len(set(idx[0].tolist()) & set(idx_one[0].tolist())) / idx_one.shape[1]
-        out[name] = dict(per_shard_vs_global=float((sh - one).abs().max()), global_vs_dense_fp=float((one - dense).abs().max()),
+        out[name] = dict(per_shard_vs_global=float((sh - one).abs().max()),
+                         global_vs_dense_fp=float((one - dense).abs().max()),
                          overlap=overlap, k=int(idx_one.shape[1]))
     return out
 

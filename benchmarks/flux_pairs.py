@@ -1,5 +1,6 @@
 """FLUX dense-fp vs stock per forward as many alternating pairs (the order flips every pair), the low-noise
-form of the hot-path comparison: python3 benchmarks/flux_pairs.py SIDE PAIRS (e.g. 32 41: 1024 image + 512 text tokens)."""
+form of the hot-path comparison: python3 benchmarks/flux_pairs.py SIDE PAIRS
+(e.g. 32 41: 1024 image + 512 text tokens)."""
 import json
 import statistics
 import sys
@@ -29,5 +30,6 @@ for i in range(pairs):
         f()
         t[mode] = time.perf_counter() - t0
     r.append(t["dense"] / t["dense-fp"])
-print(json.dumps({"tokens": side * side, "text_len": 512, "pairs": pairs, "median_dense_over_dense_fp": statistics.median(r),
+print(json.dumps({"tokens": side * side, "text_len": 512, "pairs": pairs,
+                  "median_dense_over_dense_fp": statistics.median(r),
                   "quartiles": statistics.quantiles(r, n=4), "ratios": r}))
