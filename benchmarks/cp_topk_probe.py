@@ -8,14 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 from diffusers import ContextParallelConfig
+
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.engine.generation import Generation
 from safe_dit.engine.partition import select_sensitive
 from safe_dit.testing.kits import kit_for
-from helpers import RUNS
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import RUNS  # noqa: E402  (tests/helpers.py: importable once tests/ is on sys.path)
+
 
 def per_shard(self, index):
     self.global_index = index
@@ -30,8 +33,11 @@ def per_shard(self, index):
 def run(rank, world):
     out = {}
     for name in ("lumina-next", "pixart", "sd3", "flux"):
-        kit = kit_for(name); pipe = kit.pipeline(); r = RUNS[name]
-        apply_safe_dit(pipe, SafeConfig("safe-core")); one = r(pipe, steps=10)
+        kit = kit_for(name)
+        pipe = kit.pipeline()
+        r = RUNS[name]
+        apply_safe_dit(pipe, SafeConfig("safe-core"))
+        one = r(pipe, steps=10)
         idx_one = pipe.transformer._safe_dit_handle.runtime.last_index
         dense = (apply_safe_dit(pipe, SafeConfig("dense-fp")), r(pipe, steps=10))[1]
         orig = Generation._localise
@@ -44,7 +50,8 @@ def run(rank, world):
             Generation._localise = orig
         remove_safe_dit(pipe)
         overlap = len(set(idx[0].tolist()) & set(idx_one[0].tolist())) / idx_one.shape[1]
-        out[name] = dict(per_shard_vs_global=float((sh - one).abs().max()), global_vs_dense_fp=float((one - dense).abs().max()),
+        out[name] = dict(per_shard_vs_global=float((sh - one).abs().max()),
+                         global_vs_dense_fp=float((one - dense).abs().max()),
                          overlap=overlap, k=int(idx_one.shape[1]))
     return out
 

@@ -47,7 +47,8 @@ def measure(model, inputs, repeats: int, gen_repeats: int) -> dict:
             times[mode].append(time.perf_counter() - t0)
     row["dense_s"], row["dense_fp_s"] = statistics.median(times["dense"]), statistics.median(times["dense-fp"])
     row["dense_over_dense_fp_pairs"] = [a / b for a, b in zip(times["dense"], times["dense-fp"])]
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=3, tail_dense_steps=0))
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=3, tail_dense_steps=0))
     kinds: dict[str, list[float]] = {}
     for _ in range(gen_repeats):
         with torch.no_grad(), safe_dit.generation(model, num_steps=6):  # warm-up x2, selective x2, anchor, selective
@@ -73,15 +74,18 @@ def main() -> None:
     torch.manual_seed(0)
     flux = build_flux("flux-dev", num_layers=1, num_attention_heads=12)
     lumina = build_lumina_next("lumina-next-2b", num_layers=1)
-    result = {"label": args.label, "tokens": {"flux": args.side ** 2, "lumina-next": args.lumina_side ** 2}, "repeats": args.repeats, "gen_repeats": args.gen_repeats, "environment": environment("cpu"),
+    result = {"label": args.label, "tokens": {"flux": args.side ** 2, "lumina-next": args.lumina_side ** 2},
+              "repeats": args.repeats, "gen_repeats": args.gen_repeats, "environment": environment("cpu"),
               "flux": measure(flux, flux_inputs(flux, args.side, args.side, batch=1, text_len=512), args.repeats,
                               args.gen_repeats),
-              "lumina-next": measure(lumina, lumina_inputs(lumina, args.lumina_side, args.lumina_side, batch=2, text_len=32),
+              "lumina-next": measure(lumina,
+                                     lumina_inputs(lumina, args.lumina_side, args.lumina_side, batch=2, text_len=32),
                                      args.repeats, args.gen_repeats)}
     for name in ("flux", "lumina-next"):
         r = result[name]
         print(f"[{args.label}] {name}: dense {r['dense_s']:.3f}s  dense-fp {r['dense_fp_s']:.3f}s "
-              f"({r['dense_over_dense_fp']:.3f}x, max|diff| {r['dense_fp_max_abs_diff']:.1e})  warm-up {r['warmup_s']:.3f}s"
+              f"({r['dense_over_dense_fp']:.3f}x, max|diff| {r['dense_fp_max_abs_diff']:.1e})  "
+              f"warm-up {r['warmup_s']:.3f}s"
               f"  anchor {r['anchor_s']:.3f}s  selective {r['selective_s']:.3f}s")
     if args.json:
         with open(args.json, "w") as f:

@@ -45,7 +45,8 @@ def parse_candidate(text: str) -> tuple[str, dict]:
         if not sep or key not in SCHEDULE_FIELDS:
             raise SafeDitError(f"--candidate {text!r}: {item!r} is not field:value over {', '.join(SCHEDULE_FIELDS)}")
         number = float(value)
-        overrides[key] = int(number) if number.is_integer() and key != "keep_ratio" and key != "anchor_growth" else number
+        overrides[key] = (int(number) if number.is_integer() and key != "keep_ratio" and key != "anchor_growth"
+                          else number)
     return name.strip(), overrides
 
 
@@ -81,7 +82,8 @@ def fit_costs(path: str) -> dict:
     (a, b, c), *_ = np.linalg.lstsq(np.array(xs, float), np.array(ys, float), rcond=None)
     fitted = {n: float(np.dot(x, (a, b, c))) for n, x in zip(names, xs)}
     return dict(source=path, dense_step_s=float(a), selective_step_s=float(b), selective_step_s_per_keep=float(c),
-                dense_s=rows["dense"]["seconds"], fit={n: dict(fitted=fitted[n], measured=y) for n, y in zip(names, ys)})
+                dense_s=rows["dense"]["seconds"],
+                fit={n: dict(fitted=fitted[n], measured=y) for n, y in zip(names, ys)})
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ import torch
 
 import safe_dit
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
+from safe_dit.engine.schedule import StepPlan
 from safe_dit.inspection.environment import environment
 from safe_dit.testing.kits import build_flux, build_sd3, flux_inputs, sd3_inputs
-from safe_dit.engine.schedule import StepPlan
 
 
 def timed(fn, repeats):
@@ -46,10 +46,12 @@ def main() -> None:
         model, text_len, batch, steps = build_sd3("sd3-medium", num_layers=1), 333, 2, args.steps or 28
         inputs = sd3_inputs(model, args.tokens_side, args.tokens_side, batch=batch, text_len=text_len)
     else:  # FLUX head dim 128 at half width (12 heads), 1 double + 1 single block, batch 1, 512 caption tokens
-        model, text_len, batch, steps = build_flux("flux-dev", num_layers=1, num_attention_heads=12), 512, 1, args.steps or 20
+        model, text_len, batch, steps = build_flux("flux-dev", num_layers=1,
+                                                   num_attention_heads=12), 512, 1, args.steps or 20
         inputs = flux_inputs(model, args.tokens_side, args.tokens_side, batch=batch, text_len=text_len)
     n = args.tokens_side ** 2
-    result = {"model": args.model, "tokens": n, "text_len": text_len, "batch": batch, "environment": environment("cpu")}
+    result = {"model": args.model, "tokens": n, "text_len": text_len, "batch": batch,
+              "environment": environment("cpu")}
 
     def forward():
         with torch.no_grad():
@@ -63,7 +65,8 @@ def main() -> None:
     apply_safe_dit(model, cfg)
     kinds: dict[str, list[float]] = {}
     for _ in range(args.repeats):
-        with torch.no_grad(), safe_dit.generation(model, num_steps=6) as g:  # warmup warmup selective selective anchor selective
+        # warmup warmup selective selective anchor selective
+        with torch.no_grad(), safe_dit.generation(model, num_steps=6) as g:
             for kind in StepPlan(6, 2, 3, 0).kinds():
                 t0 = time.perf_counter()
                 model(**inputs)
@@ -76,13 +79,16 @@ def main() -> None:
     plan = StepPlan(steps, 2, 5, 1).kinds()  # the bench e2e schedule
     per_kind = {"warmup": result["warmup_s"], "anchor": result["anchor_s"], "tail": result["dense_fp_s"],
                 "selective": result["selective_s"]}
-    result["composed"] = {"steps": steps, "dense_s": steps * result["dense_s"], "dense_fp_s": steps * result["dense_fp_s"],
+    result["composed"] = {"steps": steps, "dense_s": steps * result["dense_s"],
+                          "dense_fp_s": steps * result["dense_fp_s"],
                           "safe_core_s": sum(per_kind[kd] for kd in plan)}
     c = result["composed"]
     result["composed"]["scheduling_gain"] = c["dense_fp_s"] / c["safe_core_s"]
     result["composed"]["fast_path_gain"] = c["dense_s"] / c["dense_fp_s"]
-    lines = [f"{args.model}: {n} image + {text_len} text tokens, batch {batch}, 1 layer (per forward, median of {args.repeats})",
-             f"  dense {result['dense_s']:.2f}s  dense-fp {result['dense_fp_s']:.2f}s  warm-up (PCSP) {result['warmup_s']:.2f}s"
+    lines = [f"{args.model}: {n} image + {text_len} text tokens, batch {batch}, 1 layer "
+             f"(per forward, median of {args.repeats})",
+             f"  dense {result['dense_s']:.2f}s  dense-fp {result['dense_fp_s']:.2f}s  "
+             f"warm-up (PCSP) {result['warmup_s']:.2f}s"
              f"  anchor {result['anchor_s']:.2f}s  selective {result['selective_s']:.2f}s"
              f" ({result['selective_rows_fraction']:.2f} of the rows)",
              f"  composed {steps}-step schedule: dense/dense-fp {c['fast_path_gain']:.2f}x"

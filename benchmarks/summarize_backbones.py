@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backbone']} | {r['tokens']} | {r['steps']} | {r['repeats']} | {r['fast_path_gain']:.2f}x"
-              f" | {r['scheduling_gain']:.2f}x | {r['total_gain']:.2f}x | {r['device']}, {r['processor']} | {r['file']} |")
+              f" | {r['scheduling_gain']:.2f}x | {r['total_gain']:.2f}x | {r['device']}, {r['processor']}"
+              f" | {r['file']} |")
     if args.plot:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.3))

@@ -18,7 +18,8 @@ def main(paths: list[str]) -> None:
     env = runs["after"][0]["environment"]
     print(f"Per forward, seconds (median over {len(runs['after'])} interleaved processes of each version, each the "
           f"median of {runs['after'][0]['repeats']} calls), image tokens {runs['after'][0]['tokens']}, "
-          f"{env['processor']}, {env['cpu_count']} cores, torch {env['torch']}, diffusers {env['diffusers']}, float32.\n")
+          f"{env['processor']}, {env['cpu_count']} cores, torch {env['torch']}, diffusers {env['diffusers']}, "
+          "float32.\n")
     print(f"| model | forward | before ({runs['before'][0]['label'][7:]}) | after | after / before |")
     print("|---|---|---|---|---|")
     for model in ("flux", "lumina-next"):

@@ -77,7 +77,8 @@ def main() -> int:
                 for i in range(len(study.pairs)):
                     wait.until(lambda d: d.find_element(By.ID, "count").text == f"{i} / {len(study.pairs)} rated")
                     wait.until(lambda d: d.execute_script("return document.getElementById('right').complete"))
-                    src = [driver.find_element(By.ID, s).get_attribute("src").rsplit("/", 1)[1] for s in ("left", "right")]
+                    src = [driver.find_element(By.ID, s).get_attribute("src").rsplit("/", 1)[1]
+                           for s in ("left", "right")]
                     prompt = study.pairs[driver.find_element(By.TAG_NAME, "body").get_attribute("data-pair")]["prompt"]
                     if i == args.shot_at:
                         time.sleep(0.3)  # the progress bar's transition
@@ -90,7 +91,8 @@ def main() -> int:
             server.terminate()
             server.wait(timeout=30)
         report = subprocess.run([sys.executable, "-m", "safe_dit.cli", "study", "report", args.study, "--db", str(db),
-                                 "--plot", str(out / "report-checker.png"), "--json", str(out / "report-checker.json")],
+                                 "--plot", str(out / "report-checker.png"), "--json",
+                                 str(out / "report-checker.json")],
                                 env=env, capture_output=True, text=True, check=True)
     print("\n".join(report.stdout.splitlines()[:-1]))
     result = json.loads(report.stdout.splitlines()[-1])

@@ -108,14 +108,17 @@ run_flux = RUNS["flux"]  # batch 1 (guidance-distilled), joint text
 def steps_vs_dense_fp(model, inputs, num_steps=4):
     """dense-fp output, then ``num_steps`` safe-core forwards (keep 0.3, warm-up 1, anchor every 2, no tail) on
     the flash kernel only; returns (dense-fp output, the generation, the safe-core outputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     import safe_dit
     from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense = forward(model, inputs)
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
-    with torch.no_grad(), safe_dit.generation(model, num_steps=num_steps) as g, sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    with (torch.no_grad(), safe_dit.generation(model, num_steps=num_steps) as g,
+          sdpa_kernel([SDPBackend.FLASH_ATTENTION])):
         outs = [model(**inputs)[0] for _ in range(num_steps)]  # PCSP tap, anchors and selective steps
     remove_safe_dit(model)
     return dense, g, outs
@@ -123,13 +126,15 @@ def steps_vs_dense_fp(model, inputs, num_steps=4):
 
 def selective_flops(model, inputs, keep_ratios=(1.0, 0.25)) -> dict:
     """FLOPs of one selective safe-core forward per keep ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     import safe_dit
     from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-    from torch.utils.flop_counter import FlopCounterMode
 
     flops = {}
     for keep in keep_ratios:
-        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+        apply_safe_dit(model,
+                       SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
         with torch.no_grad(), safe_dit.generation(model, num_steps=3):
             model(**inputs)  # warm-up (also the first anchor)
             with FlopCounterMode(display=False) as counter:

@@ -135,15 +135,18 @@ class SafeConfig:
         if not isinstance(self.mode, str) or self.mode not in MODES:
             raise SafeDitError(f"invalid mode {self.mode!r}; choose one of {', '.join(MODES)}")
         _check(isinstance(self.rewrite_padding, bool), "rewrite_padding must be a bool")
-        _check(_real(self.keep_ratio) and 0 < self.keep_ratio <= 1, f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
-        _check(_int(self.warmup_steps) and self.warmup_steps >= 1, f"warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
+        _check(_real(self.keep_ratio) and 0 < self.keep_ratio <= 1,
+               f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        _check(_int(self.warmup_steps) and self.warmup_steps >= 1,
+               f"warmup_steps must be an int >= 1, got {self.warmup_steps!r}")
         _check(_int(self.anchor_interval) and self.anchor_interval >= 1,
                f"anchor_interval must be an int >= 1, got {self.anchor_interval!r}")
         _check(_int(self.tail_dense_steps) and self.tail_dense_steps >= 0,
                f"tail_dense_steps must be an int >= 0, got {self.tail_dense_steps!r}")
         _check(_int(self.final_selective_steps) and self.final_selective_steps >= 0,
                f"final_selective_steps must be an int >= 0, got {self.final_selective_steps!r}")
-        _check(_int(self.smooth_radius) and self.smooth_radius >= 0, f"smooth_radius must be an int >= 0, got {self.smooth_radius!r}")
+        _check(_int(self.smooth_radius) and self.smooth_radius >= 0,
+               f"smooth_radius must be an int >= 0, got {self.smooth_radius!r}")
         if self.pcsp_blocks is not None:
             _check(isinstance(self.pcsp_blocks, tuple) and len(self.pcsp_blocks) > 0
                    and all(_int(i) and i >= 0 for i in self.pcsp_blocks),
@@ -167,7 +170,8 @@ class SafeConfig:
                    f"anchor_steps must be a tuple of increasing step indices >= 0, got {self.anchor_steps!r}")
         _check(_real(self.anchor_growth) and self.anchor_growth >= 0,
                f"anchor_growth must be a number >= 0, got {self.anchor_growth!r}")
-        _check(_int(self.reuse_every) and self.reuse_every >= 0, f"reuse_every must be an int >= 0, got {self.reuse_every!r}")
+        _check(_int(self.reuse_every) and self.reuse_every >= 0,
+               f"reuse_every must be an int >= 0, got {self.reuse_every!r}")
         _check(_real(self.anchor_drift) and self.anchor_drift >= 0,
                f"anchor_drift must be a number >= 0 (0: off), got {self.anchor_drift!r}")
         _check(_int(self.reuse_order) and self.reuse_order in (0, 1),
@@ -176,13 +180,16 @@ class SafeConfig:
             from diffusers.models._modeling_parallel import ContextParallelConfig
 
             _check(isinstance(self.context_parallel, ContextParallelConfig),
-                   f"context_parallel must be a diffusers ContextParallelConfig, got {type(self.context_parallel).__name__}")
-            _check(self.mode != "dense", "mode='dense' is the stock model, which safe-dit leaves untouched: run it under "
+                   "context_parallel must be a diffusers ContextParallelConfig, "
+                   f"got {type(self.context_parallel).__name__}")
+            _check(self.mode != "dense",
+                   "mode='dense' is the stock model, which safe-dit leaves untouched: run it under "
                    "diffusers' enable_parallelism, or use dense-fp (exactly equal) with context_parallel")
             _check(self.mask_elision, "mask_elision=False keeps the stock masks, which cannot be sharded under "
                    "context_parallel (Lumina-Next's is [B, H, N, N])")
         _check(self.mask_elision or self.mode != "dense-fp",
-               "dense-fp without its fast path is dense: use mode='dense' (mask_elision=False is a safe-core/safe-sw ablation)")
+               "dense-fp without its fast path is dense: use mode='dense' "
+               "(mask_elision=False is a safe-core/safe-sw ablation)")
 
     @property
     def ablations(self) -> tuple[str, ...]:

@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-from helpers import RUNS, SdpaSpy, forward, processors
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import KITS
+
+from helpers import RUNS, SdpaSpy, forward, processors
 
 # backbone: (pipeline builder, one seeded run, image token grid of that run), one per kit
 BACKBONES = {name: (kit.pipeline, RUNS[name], kit.tiny_run.grid) for name, kit in KITS.items()}

@@ -16,9 +16,10 @@ from torch.overrides import TorchFunctionMode
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.adapters.chroma import _rank_one
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.chroma import build_chroma, build_chroma_pipeline, build_chroma_text_pipeline, chroma_inputs
+
 from helpers import RUNS, SdpaSpy, forward, selective_flops
 
 run = RUNS["chroma"]
@@ -129,7 +130,8 @@ def test_a_bool_mask_is_kept_as_shipped():
     assert spy.masks and all(m is not None and m.dtype == torch.bool for m in spy.masks)
     assert _close(fast, dense)
     apply_safe_dit(model, SafeConfig("safe-core", warmup_steps=1))
-    with pytest.raises(SafeDitError, match="float caption mask"), torch.no_grad(), safe_dit.generation(model, num_steps=2):
+    with (pytest.raises(SafeDitError, match="float caption mask"), torch.no_grad(),
+          safe_dit.generation(model, num_steps=2)):
         model(**inputs)
     remove_safe_dit(model)
 
@@ -166,7 +168,8 @@ def _steps(model, steps_inputs, config):
     return outs, g, spy
 
 
-@pytest.mark.parametrize("lens,dtype", [([11, 3], torch.float32), ([11, 11], torch.float32), ([11, 3], torch.bfloat16)],
+@pytest.mark.parametrize("lens,dtype",
+                         [([11, 3], torch.float32), ([11, 11], torch.float32), ([11, 3], torch.bfloat16)],
                          ids=["padded", "no-padding", "padded-bf16"])
 def test_safe_core_on_a_batch_of_two_captions(lens, dtype):
     model = build_chroma(dtype=dtype)
@@ -223,7 +226,8 @@ def test_refusals_and_true_cfg_under_dense_fp():
     assert all(m is not None and m.dim() == 4 for m in spy.masks) and _close(kept, forward(model, inputs))
     pipe = build_chroma_pipeline()
     g = torch.Generator().manual_seed(0)
-    kw = dict(prompt_embeds=torch.randn(1, 12, 24, generator=g), prompt_attention_mask=(torch.arange(12) <= 6)[None].float(),
+    kw = dict(prompt_embeds=torch.randn(1, 12, 24, generator=g),
+              prompt_attention_mask=(torch.arange(12) <= 6)[None].float(),
               negative_prompt_embeds=torch.randn(1, 12, 24, generator=g),
               negative_prompt_attention_mask=(torch.arange(12) <= 2)[None].float(),
               guidance_scale=4.0, height=32, width=48, num_inference_steps=4, output_type="latent")

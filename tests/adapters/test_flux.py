@@ -1,4 +1,5 @@
-"""FLUX (FluxTransformer2DModel): no mask to elide; safe-core through FluxPipeline; safe-sw refused (guidance-distilled)."""
+"""FLUX (FluxTransformer2DModel): no mask to elide; safe-core through FluxPipeline; safe-sw refused
+(guidance-distilled)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.testing.kits import build_flux, build_flux_pipeline, flux_inputs
-from helpers import SdpaSpy, forward, processors, selective_flops, run_flux as _run, seeded, steps_vs_dense_fp
+
+from helpers import SdpaSpy, forward, processors, seeded, selective_flops, steps_vs_dense_fp
+from helpers import run_flux as _run
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -82,7 +85,8 @@ def test_safe_sw_is_refused_with_the_reason():
     model = build_flux()
     with pytest.raises(SafeDitError, match="guidance-distilled"):
         apply_safe_dit(model, SafeConfig("safe-sw"))
-    assert runtime_of(model) is None and all(type(p).__name__ == "FluxAttnProcessor" for p in processors(model).values())
+    assert runtime_of(model) is None and all(type(p).__name__ == "FluxAttnProcessor"
+                                             for p in processors(model).values())
 
 
 def test_selective_rows_equal_dense_rows_right_after_an_anchor():
@@ -118,7 +122,8 @@ def test_every_mode_through_the_pipeline(pipe):
 
 
 def test_true_cfg_is_refused_by_safe_core_and_runs_under_dense_fp(pipe):
-    neg = dict(negative_prompt_embeds=seeded(5, 1, 8, 24), negative_pooled_prompt_embeds=seeded(6, 1, 20), true_cfg_scale=2.0)
+    neg = dict(negative_prompt_embeds=seeded(5, 1, 8, 24), negative_pooled_prompt_embeds=seeded(6, 1, 20),
+               true_cfg_scale=2.0)
     dense = _run(pipe, steps=4, **neg)
     apply_safe_dit(pipe, SafeConfig("dense-fp"))
     assert (_run(pipe, steps=4, **neg) - dense).abs().max() <= 1e-5 * dense.abs().max()

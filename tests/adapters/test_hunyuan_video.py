@@ -10,20 +10,21 @@ import weakref
 
 import pytest
 import torch
-from helpers import SdpaSpy, forward, processors, stock_vs_dense_fp
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.hunyuan_video import build_hunyuan_video, build_hunyuan_video_pipeline, hunyuan_video_inputs
 from safe_dit.testing.hunyuan_video15 import (
     build_hunyuan_video15,
     build_hunyuan_video15_pipeline,
     hunyuan_video15_inputs,
 )
+
+from helpers import SdpaSpy, forward, processors, stock_vs_dense_fp
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 

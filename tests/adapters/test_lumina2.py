@@ -10,9 +10,10 @@ import torch
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.lumina2 import build_lumina2, build_lumina2_pipeline, lumina2_inputs
+
 from helpers import RUNS, SdpaSpy, forward, selective_flops, stock_vs_dense_fp
 
 run = RUNS["lumina2"]
@@ -38,12 +39,14 @@ def test_decisions_per_stack():
     calls = {c["module"]: c["verdict"] for c in trace_forward(model, inputs)}
     remove_safe_dit(model)
     assert calls == {"context_refiner.0.attn": "rewritten: split-batch (exact)", "noise_refiner.0.attn": "no mask",
-                     "layers.0.attn": "rewritten: split-batch (exact)", "layers.1.attn": "rewritten: split-batch (exact)"}
+                     "layers.0.attn": "rewritten: split-batch (exact)",
+                     "layers.1.attn": "rewritten: split-batch (exact)"}
 
 
 def _cfg_steps(model, steps_inputs, config):
     apply_safe_dit(model, config)
-    with torch.no_grad(), safe_dit.generation(model, num_steps=len(steps_inputs), cfg_batch=True) as g, SdpaSpy() as spy:
+    with (torch.no_grad(), safe_dit.generation(model, num_steps=len(steps_inputs), cfg_batch=True) as g,
+          SdpaSpy() as spy):
         outs = [model(**inputs)[0] for inputs in steps_inputs]
     remove_safe_dit(model)
     return outs, g, spy
@@ -53,7 +56,9 @@ def _cfg_steps(model, steps_inputs, config):
 def test_safe_core_on_a_cfg_batch(lens):
     model = build_lumina2()
     base = lumina2_inputs(model, 4, 6, batch=2, text_len=8, valid_lens=lens)
-    steps = [dict(base, hidden_states=base["hidden_states"] * (1 - 0.1 * i) + 0.1 * i * torch.randn_like(base["hidden_states"]),
+    steps = [dict(base,
+                  hidden_states=(base["hidden_states"] * (1 - 0.1 * i)
+                                 + 0.1 * i * torch.randn_like(base["hidden_states"])),
                   timestep=base["timestep"] * 0 + i / 6) for i in range(6)]  # the latents move, the captions stay
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense_fp = [forward(model, inputs) for inputs in steps]
@@ -139,6 +144,7 @@ def test_cli_audit_and_generate(tmp_path, capsys):
     build_lumina2_text_pipeline().save_pretrained(tmp_path / "lumina2")  # generate --model DIR, offline
     for mode, guidance in (("dense-fp", "4"), ("safe-core", "1")):
         capsys.readouterr()
-        assert main(["generate", "a red circle", "--model", str(tmp_path / "lumina2"), "--mode", mode, "--height", "64",
+        assert main(["generate", "a red circle", "--model", str(tmp_path / "lumina2"), "--mode", mode, "--height",
+                     "64",
                      "--width", "64", "--steps", "3", "--guidance", guidance, "--out", str(tmp_path / "d.png")]) == 0
         assert json.loads((tmp_path / "d.json").read_text())["backbone"] == "lumina2"

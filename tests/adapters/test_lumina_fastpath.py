@@ -9,8 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.engine.masks import KeyPaddingPlan
+from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.testing.kits import build_lumina_next, lumina_inputs
 
 # Documented tolerances for dense-fp vs stock dense (max abs error relative to max |output|):
@@ -191,9 +191,11 @@ def test_apply_remove_round_trip_and_idempotence():
     apply_safe_dit(model, SafeConfig("dense-fp"))  # same config again: nothing changes
     again = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     assert all(again[n] is patched[n] for n in patched)
-    assert (len(model._forward_pre_hooks), len(model._forward_hooks), len(model.patch_embedder._forward_hooks)) == n_hooks
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks),
+            len(model.patch_embedder._forward_hooks)) == n_hooks
     apply_safe_dit(model, SafeConfig("dense-fp", rewrite_padding=False))  # another config replaces
-    assert (len(model._forward_pre_hooks), len(model._forward_hooks), len(model.patch_embedder._forward_hooks)) == n_hooks
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks),
+            len(model.patch_embedder._forward_hooks)) == n_hooks
     remove_safe_dit(model)
     after = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
     assert all(after[n] is before[n] for n in before)

@@ -10,7 +10,8 @@ def _run(pipe, **kw):
     g = torch.Generator().manual_seed(0)
     args = dict(
         prompt_embeds=g_randn((1, 8, 32), 1), prompt_attention_mask=torch.tensor([[1] * 6 + [0] * 2]),
-        negative_prompt_embeds=g_randn((1, 8, 32), 2), negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
+        negative_prompt_embeds=g_randn((1, 8, 32), 2),
+        negative_prompt_attention_mask=torch.tensor([[1] * 2 + [0] * 6]),
         height=48, width=80, num_inference_steps=3, guidance_scale=4.0, output_type="pt",
     )
     args.update(kw)

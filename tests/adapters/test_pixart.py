@@ -8,11 +8,13 @@ import torch
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.cli import main
 from safe_dit.engine.masks import DISCARD_BIAS, KeyPaddingPlan, key_padding_from_bias
+from safe_dit.inspection.audit import audit, trace_forward
 from safe_dit.testing.kits import build_pixart, build_pixart_pipeline, pixart_inputs
-from helpers import SdpaSpy, forward, processors, run_pixart as _run
+
+from helpers import SdpaSpy, forward, processors
+from helpers import run_pixart as _run
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # max abs error relative to max |output|, as for Lumina
 
@@ -78,7 +80,8 @@ def test_audit_self_attention_has_no_mask_and_cross_attention_is_rewritten():
 def test_caption_mask_is_read_once_perforward(monkeypatch):
     reads = []
     original = KeyPaddingPlan.from_key_mask
-    monkeypatch.setattr(KeyPaddingPlan, "from_key_mask", staticmethod(lambda m: reads.append(tuple(m.shape)) or original(m)))
+    monkeypatch.setattr(KeyPaddingPlan, "from_key_mask",
+                        staticmethod(lambda m: reads.append(tuple(m.shape)) or original(m)))
     model = build_pixart(num_layers=4)
     apply_safe_dit(model, SafeConfig("dense-fp"))
     forward(model, pixart_inputs(model, 4, 4, batch=2, valid_lens=[8, 5]))
@@ -136,7 +139,8 @@ def test_apply_remove_round_trip_and_idempotence():
 
 def test_audit_cli_has_a_pixart_model(tmp_path, capsys):
     path = tmp_path / "audit.json"
-    assert main(["audit", "--model", "pixart", "--height-tokens", "3", "--width-tokens", "5", "--json", str(path)]) == 0
+    assert main(["audit", "--model", "pixart", "--height-tokens", "3", "--width-tokens", "5", "--json",
+                 str(path)]) == 0
     out = capsys.readouterr().out
     assert "PixArtTransformer2DModel" in out and "masked SDPA calls: stock 2/4  ->  safe-dit 0/6" in out
     assert path.exists()
@@ -165,9 +169,8 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     """What the scheduler receives is u + gamma_i (c - u) on the latent channels (learned sigma split off)."""
-    from safe_dit.engine.guidance import SchedulerGuidance
-    from safe_dit.engine.guidance import guide, token_guidance
     from safe_dit.engine.generation import Generation
+    from safe_dit.engine.guidance import SchedulerGuidance, guide, token_guidance
 
     class Scheduler:
         def step(self, model_output, timestep, sample, generator=None, return_dict=True):
@@ -185,7 +188,8 @@ def test_sw_cfg_replaces_the_pipeline_guidance_per_token():
     sw(type("RT", (), {"config": cfg}), gen, (sample,))
     uncond, cond = sample[:1, :4], sample[1:, :4]
     sched.step(uncond + 4.0 * (cond - uncond), 0, None)
-    gamma = token_guidance(gen.sensitivity[1:], 1.5, 6.0).view(1, 1, 2, 3).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    gamma = (token_guidance(gen.sensitivity[1:], 1.5, 6.0).view(1, 1, 2, 3)
+             .repeat_interleave(2, 2).repeat_interleave(2, 3))
     assert torch.allclose(sched.got, guide(uncond, cond, gamma), atol=1e-6)
     sw.remove()
     assert "step" not in vars(sched)
@@ -222,7 +226,8 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     inputs = pixart_inputs(model, 5, 6, batch=2, valid_lens=[8, 4])
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense = forward(model, inputs)
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
         outs = [model(**inputs)[0] for _ in range(4)]
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
@@ -238,7 +243,8 @@ def test_work_per_selective_step_scales_with_keep_ratio():
     inputs = pixart_inputs(model, 16, 16, batch=2)
     flops = {}
     for keep in (1.0, 0.25):
-        apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+        apply_safe_dit(model,
+                       SafeConfig("safe-core", keep_ratio=keep, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
         with torch.no_grad(), safe_dit.generation(model, num_steps=3):
             model(**inputs)  # warm-up (fills the caches)
             with FlopCounterMode(display=False) as counter:

@@ -8,9 +8,10 @@ import torch
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.audit import trace_forward
 from safe_dit.cli import main
+from safe_dit.inspection.audit import trace_forward
 from safe_dit.testing.qwen_image import build_qwen_image, build_qwen_image_pipeline, qwen_image_inputs
+
 from helpers import RUNS, SdpaSpy, forward, selective_flops, stock_vs_dense_fp
 
 run = RUNS["qwen-image"]
@@ -61,7 +62,9 @@ def _steps(model, steps_inputs, config, cfg_batch=False):
 def test_safe_core_on_a_batch_of_two_captions(lens):
     model = build_qwen_image()
     base = qwen_image_inputs(model, 4, 6, batch=2, text_len=8, valid_lens=lens)
-    steps = [dict(base, hidden_states=base["hidden_states"] * (1 - 0.1 * i) + 0.1 * i * torch.randn_like(base["hidden_states"]),
+    steps = [dict(base,
+                  hidden_states=(base["hidden_states"] * (1 - 0.1 * i)
+                                 + 0.1 * i * torch.randn_like(base["hidden_states"])),
                   timestep=base["timestep"] * 0 + i / 6) for i in range(6)]
     apply_safe_dit(model, SafeConfig("dense-fp"))
     dense_fp = [forward(model, inputs) for inputs in steps]
@@ -88,7 +91,8 @@ def test_pcsp_ignores_caption_padding():
     b["encoder_hidden_states"][1, 3:] = torch.randn(5, b["encoder_hidden_states"].shape[-1])  # sample 1's padding
     index, outs = [], []
     for inputs in (a, b):
-        out, g, _ = _steps(model, [inputs] * 3, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=1, anchor_interval=3))
+        out, g, _ = _steps(model, [inputs] * 3,
+                           SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=1, anchor_interval=3))
         index.append(g._gen.index.clone())
         outs.append(out[-1])
     assert torch.equal(index[0], index[1])
@@ -110,7 +114,8 @@ def test_refusals():
     apply_safe_dit(model, SafeConfig("safe-core", warmup_steps=1))
     edit = qwen_image_inputs(model, 2, 2)
     edit["img_shapes"] = [[(1, 2, 1), (1, 2, 1)]]
-    with pytest.raises(SafeDitError, match="text-to-image only"), torch.no_grad(), safe_dit.generation(model, num_steps=2):
+    with (pytest.raises(SafeDitError, match="text-to-image only"), torch.no_grad(),
+          safe_dit.generation(model, num_steps=2)):
         model(**edit)
     remove_safe_dit(model)
     pipe = build_qwen_image_pipeline()

@@ -9,10 +9,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.inspection.audit import audit
 from safe_dit.cli import main
+from safe_dit.inspection.audit import audit
 from safe_dit.testing.kits import build_sd3, build_sd3_pipeline, sd3_inputs
-from helpers import SdpaSpy, forward, processors, selective_flops, run_sd3 as _run, seeded, steps_vs_dense_fp
+
+from helpers import SdpaSpy, forward, processors, seeded, selective_flops, steps_vs_dense_fp
+from helpers import run_sd3 as _run
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
@@ -86,7 +88,8 @@ def test_pcsp_reads_the_joint_softmax_image_to_text_block():
     for text in (slice(10, 14), slice(0, 4)):  # [image; text] (SD3) and [text; image] (FLUX)
         ref = full[:, :, :, text].mean(1)
         assert torch.allclose(joint_image_to_text_probs(q, k, text).double(), ref, atol=1e-6)
-        assert torch.allclose(joint_image_to_text_probs(q, k, text, chunk_bytes=1).double(), ref, atol=1e-6)  # head by head
+        # head by head
+        assert torch.allclose(joint_image_to_text_probs(q, k, text, chunk_bytes=1).double(), ref, atol=1e-6)
 
 
 # -- StableDiffusion3Pipeline -------------------------------------------------------------------------

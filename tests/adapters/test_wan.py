@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import _draw, forward, processors, stock_vs_dense_fp
 
 import safe_dit
 import safe_dit.adapters.wan as wan_adapter
@@ -17,6 +16,8 @@ from safe_dit.adapters import adapter_for
 from safe_dit.api import is_safe_dit_applied, runtime_of
 from safe_dit.engine.generation import Generation, gather_rows
 from safe_dit.testing.wan import KIT, build_wan, build_wan22_pipeline, build_wan_pipeline, wan_inputs
+
+from helpers import _draw, forward, processors, stock_vs_dense_fp
 
 STEPS, GUIDANCE = 10, 4.0
 SIZE = dict(height=64, width=96, num_frames=9)  # 3 latent frames x 4 x 6 tokens

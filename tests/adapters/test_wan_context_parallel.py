@@ -29,9 +29,9 @@ def _delta(a, b) -> float:
 
 def cases(rank: int, world: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from helpers import RUNS
-
     from safe_dit.testing.wan import build_wan, build_wan22_pipeline, build_wan_pipeline, wan_inputs
+
+    from helpers import RUNS
 
     out: dict = {}
     model = build_wan()

@@ -12,9 +12,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
-from safe_dit.inspection.recipes import recipe_for
 from safe_dit.cli import main
+from safe_dit.inspection.recipes import recipe_for
 from safe_dit.testing.z_image import build_z_image, build_z_image_pipeline, build_z_image_text_pipeline, z_image_inputs
+
 from helpers import RUNS, SdpaSpy, forward, processors, selective_flops
 
 RECIPE = recipe_for("ZImageTransformer2DModel")
@@ -101,7 +102,8 @@ def test_keep_ratio_one_is_dense_fp_in_bf16():
     dense_fp = [forward(model, inputs) for inputs in steps]
     remove_safe_dit(model)
     full, g, _ = _steps(model, steps, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, warmup_steps=1,
-                                                 anchor_interval=3, tail_dense_steps=0, anchor_growth=0.0), cfg_batch=True)
+                                                 anchor_interval=3, tail_dense_steps=0, anchor_growth=0.0),
+                                                 cfg_batch=True)
     assert "selective" in g.report()["steps"] and full[1][0].dtype == torch.bfloat16
     assert all(_close([a.float() for a in o], [b.float() for b in d], 1e-2) for o, d in zip(full, dense_fp))
 
@@ -113,7 +115,8 @@ def test_pcsp_reads_each_samples_own_caption():
     b = dict(a, cap_feats=[a["cap_feats"][0], torch.randn(12, model.config.cap_feat_dim)])
     index = []
     for inputs in (a, b):
-        _, g, _ = _steps(model, [inputs] * 3, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=1, anchor_interval=3))
+        _, g, _ = _steps(model, [inputs] * 3,
+                         SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=1, anchor_interval=3))
         index.append(g._gen.index.clone())
     assert torch.equal(index[0][0], index[1][0]) and not torch.equal(index[0][1], index[1][1])
 
@@ -163,7 +166,8 @@ def test_refusals():
     model = build_z_image()
     apply_safe_dit(model, SafeConfig("safe-core", warmup_steps=1))
     inputs = z_image_inputs(model, 2, 2, batch=2, valid_lens=[4, 40])
-    with pytest.raises(SafeDitError, match="text-to-image only"), torch.no_grad(), safe_dit.generation(model, num_steps=2):
+    with (pytest.raises(SafeDitError, match="text-to-image only"), torch.no_grad(),
+          safe_dit.generation(model, num_steps=2)):
         model(**dict(inputs, x=[[x] for x in inputs["x"]], cap_feats=[[c] for c in inputs["cap_feats"]]))
     with pytest.raises(SafeDitError, match="caption lengths changed"), torch.no_grad(), \
             safe_dit.generation(model, num_steps=2):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from helpers import load_benchmark_script
 
 ROOT = Path(__file__).resolve().parents[2]

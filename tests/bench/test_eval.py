@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from safe_dit.bench import quality
-
-from safe_dit.embedded import world
 from safe_dit.cli import main
+from safe_dit.embedded import world
 from safe_dit.embedded.model import file_sha256
 
 
@@ -55,7 +54,8 @@ def test_eval_cli_contract(micro_dir, tmp_path, capsys):
     modes = result["modes"]
     assert list(modes) == ["dense", "dense-fp", "safe-core", "safe-sw"]
     weights = result["settings"]["weights"]  # which trained weights the numbers belong to
-    assert weights["steps"] == 2 and weights["sha256"] == file_sha256(micro_dir / "diffusion_pytorch_model.safetensors")
+    assert weights["steps"] == 2 and weights["sha256"] == file_sha256(micro_dir
+                                                                      / "diffusion_pytorch_model.safetensors")
     for m, e in modes.items():
         for key in ("accuracy", "psnr_vs_dense_fp", "ssim_vs_dense_fp", "seconds"):
             assert isinstance(e[key], float), (m, key)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-from safe_dit.cli import main
-from safe_dit.testing.kits import build_lumina_pipeline
 from safe_dit.bench.pareto import Setting, default_settings, pareto_front, verdicts
 from safe_dit.bench.peers import PeerSetting, PeerUnsupported, apply_peer, calibrate_mag_ratios
+from safe_dit.cli import main
+from safe_dit.testing.kits import build_lumina_pipeline
 
 STEPS = 6
 

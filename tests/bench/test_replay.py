@@ -4,10 +4,11 @@ replay computes exactly the recorded share of blocks per step, then undoes clean
 from __future__ import annotations
 
 import torch
-from helpers import run_lumina
 
 from safe_dit.bench.replay import BlockRecorder, apply_replay, scaled_plan
 from safe_dit.testing.kits import build_lumina_pipeline
+
+from helpers import run_lumina
 
 
 def test_scaled_plan_keeps_the_recorded_share_of_block_steps():

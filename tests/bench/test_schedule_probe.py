@@ -4,10 +4,11 @@ recovers the costs of fabricated Pareto timings exactly."""
 import json
 
 import pytest
-from helpers import load_benchmark_script
 
 from safe_dit import SafeConfig, SafeDitError
 from safe_dit.bench.pareto_settings import CORE, SCHEDULE_FIELDS
+
+from helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def test_cost_fit_recovers_fabricated_costs(probe, tmp_path):
         settings.append(dict(name=name, family="safe-dit", mode=cfg.mode, steps=steps,
                              config={k: getattr(cfg, k) for k in SCHEDULE_FIELDS}))
         rows[name] = dict(status="ok", seconds=seconds)
-    settings.append(dict(name="x0.5", family="safe-dit", mode="safe-core", steps=15, config={}))  # other steps: skipped
+    # other steps: skipped
+    settings.append(dict(name="x0.5", family="safe-dit", mode="safe-core", steps=15, config={}))
     rows["x0.5"] = dict(status="ok", seconds=1.0)
     path = tmp_path / "pareto.json"
     path.write_text(json.dumps(dict(settings=settings, settings_common=dict(steps=steps), scaled=dict(rows=rows))))

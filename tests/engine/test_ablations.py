@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.engine.guidance import config_guidance
-from safe_dit.testing.kits import build_lumina_pipeline
 from safe_dit.engine.partition import prompt_free_partition, sensitive_count
 from safe_dit.engine.schedule import ANCHOR, DENSE, SELECTIVE, TAIL, StepPlan
+from safe_dit.testing.kits import build_lumina_pipeline
+
+from helpers import SdpaSpy
 
 STEPS = 8
 
@@ -48,7 +49,8 @@ def dense_fp(pipe):
     return _with(pipe, SafeConfig("dense-fp"))[0]
 
 
-SCHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=3, tail_dense_steps=1, anchor_growth=0.0, context_forecast=0,
+SCHED = dict(keep_ratio=0.25, warmup_steps=2, anchor_interval=3, tail_dense_steps=1, anchor_growth=0.0,
+             context_forecast=0,
              reuse_every=0)  # the published schedule, whose parts the ablations switch off
 
 
@@ -74,7 +76,8 @@ def test_prompt_free_partitions_have_the_pcsp_size():
             assert idx.shape == (2, k) and torch.equal(idx[0], idx[1])
             assert idx.unique().numel() == k and int(idx.min()) >= 0 and int(idx.max()) < n
             assert torch.equal(idx[0], idx[0].sort().values)
-    assert not torch.equal(prompt_free_partition("random", 1, 96, 0.25, 0), prompt_free_partition("random", 1, 96, 0.25, 1))
+    assert not torch.equal(prompt_free_partition("random", 1, 96, 0.25, 0),
+                           prompt_free_partition("random", 1, 96, 0.25, 1))
     assert torch.equal(prompt_free_partition("uniform", 1, 8, 0.5)[0], torch.tensor([0, 2, 4, 6]))
 
 
@@ -84,12 +87,14 @@ def test_prompt_free_partition_is_made_where_the_latents_are(kind):
     of CUDA tensors with it); 'meta' stands in for a device other than the CPU here."""
     from safe_dit.engine.generation import Generation
 
-    gen = Generation(SafeConfig("safe-core", keep_ratio=0.25, partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
+    gen = Generation(SafeConfig("safe-core", keep_ratio=0.25, partition=kind, warmup_steps=1, anchor_interval=3),
+                     num_steps=4)
     gen.begin_step(0, 16, (4, 4), batch=2, device="meta")
     gen.begin_step(1, 16, (4, 4), batch=2, device="meta")  # the partition is made when warm-up ends
     assert gen.index.device.type == "meta" and gen.sensitivity.device.type == "meta"
     assert gen.index.shape == (2, sensitive_count(16, 0.25))
-    cpu = Generation(SafeConfig("safe-core", keep_ratio=0.25, partition=kind, warmup_steps=1, anchor_interval=3), num_steps=4)
+    cpu = Generation(SafeConfig("safe-core", keep_ratio=0.25, partition=kind, warmup_steps=1, anchor_interval=3),
+                     num_steps=4)
     cpu.begin_step(0, 16, (4, 4), batch=2)
     cpu.begin_step(1, 16, (4, 4), batch=2)
     assert cpu.index.device.type == "cpu" and torch.equal(cpu.sensitivity.sum(1), torch.full((2,), 4.0))

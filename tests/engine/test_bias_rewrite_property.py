@@ -3,7 +3,6 @@ refused: never silently wrong, whatever the spread of the logits (the hardening 
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -55,7 +54,8 @@ def test_bias_rewrites_are_exact_or_refused(seed, spread, bias, lengths):
 
 def test_ordinary_logits_keep_the_rewrite_and_a_huge_spread_is_refused():
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g)
+    q, k, v = (torch.randn(2, 5, 2, 8, generator=g), torch.randn(2, 12, 2, 8, generator=g),
+               torch.randn(2, 12, 2, 8, generator=g))
     mask = torch.zeros(2, 1, 12)
     mask[0, 0, 7:], mask[1, 0, 3:] = -10000.0, -10000.0  # diffusers' padding bias
     out, refused = _rewritten(q, k, v, mask)

@@ -26,12 +26,13 @@ from diffusers.hooks import (
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiTBlock
-from helpers import RUNS
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, is_safe_dit_applied, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.engine.hooks import step_caches
 from safe_dit.testing.kits import KITS, kit_for
+
+from helpers import RUNS
 
 STEPS = 6
 CACHES = ("first-block", "faster", "taylorseer", "mag", "pab")

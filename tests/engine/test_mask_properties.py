@@ -19,10 +19,17 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_masks import F32_TOL, assert_matches_ref, ref_attention
 
 from safe_dit.config import SafeDitError
-from safe_dit.engine.masks import MAX_ELIDED_ROW_CONSTANT, KeyPaddingPlan, attention, decide, is_row_constant, sdpa_with_plan
-from test_masks import F32_TOL, assert_matches_ref, ref_attention
+from safe_dit.engine.masks import (
+    MAX_ELIDED_ROW_CONSTANT,
+    KeyPaddingPlan,
+    attention,
+    decide,
+    is_row_constant,
+    sdpa_with_plan,
+)
 
 # Examples per property; the total is what the suite's default run generates.
 BUDGET = {
@@ -144,7 +151,8 @@ def check(case: Case, mask: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- bool masks
 
-BOOL_KINDS = ["all-true", "random", "all-false-rows", "one-false", "prefix", "scattered", "causal", "block", "all-false"]
+BOOL_KINDS = ["all-true", "random", "all-false-rows", "one-false", "prefix", "scattered", "causal", "block",
+              "all-false"]
 
 
 @st.composite

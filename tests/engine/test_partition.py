@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from safe_dit.engine.partition import SensitivityAccumulator, image_to_text_probs, select_sensitive, sensitivity_map, smooth
+from safe_dit.engine.partition import (
+    SensitivityAccumulator,
+    image_to_text_probs,
+    select_sensitive,
+    sensitivity_map,
+    smooth,
+)
 from safe_dit.engine.schedule import StepPlan
 
 

@@ -6,13 +6,14 @@ import copy
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from helpers import run_lumina, run_pixart, seeded
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import build_lumina_pipeline, build_pixart_pipeline
 from safe_dit.testing.tiny import prefix_mask
+
+from helpers import run_lumina, run_pixart, seeded
 
 CORE = SafeConfig("safe-core", keep_ratio=0.25)
 
@@ -126,9 +127,9 @@ def test_caches_are_released_when_a_step_fails(pipe):
 def test_a_second_call_at_the_last_step_is_refused_as_a_second_call():
     """FLUX true CFG at 2 steps: the last step's first call ends the generation; the second call at that step is
     refused as a second call per step (not as a call outside the pipeline's loop)."""
-    from helpers import run_flux
-
     from safe_dit.testing.kits import build_flux_pipeline
+
+    from helpers import run_flux
 
     flux = build_flux_pipeline()
     apply_safe_dit(flux, SafeConfig("safe-core"))

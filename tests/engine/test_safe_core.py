@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy, run_lumina as _run
 from torch.utils.flop_counter import FlopCounterMode
 
 import safe_dit
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.testing.kits import build_lumina_next, build_lumina_pipeline, lumina_inputs
+
+from helpers import SdpaSpy
+from helpers import run_lumina as _run
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +34,8 @@ def test_equal_guidance_scales_reproduce_plain_cfg(pipe):
 
 def test_sw_cfg_matches_the_per_token_formula():
     """The rewritten cond prediction makes the pipeline's scalar guidance equal gamma_i."""
-    from safe_dit.engine.guidance import sensitivity_weighted
-    from safe_dit.engine.guidance import guide, token_guidance
     from safe_dit.engine.generation import Generation
+    from safe_dit.engine.guidance import guide, sensitivity_weighted, token_guidance
 
     cfg = SafeConfig("safe-sw", cfg_context=1.5, cfg_sensitive=6.0)
     gen = Generation(cfg, 4)
@@ -66,7 +67,8 @@ def test_selective_rows_equal_dense_rows_right_after_an_anchor():
     apply_safe_dit(model, SafeConfig("dense-fp"))
     with torch.no_grad():
         dense = model(**inputs)[0]
-    apply_safe_dit(model, SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", keep_ratio=0.3, warmup_steps=1, anchor_interval=2, tail_dense_steps=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=4) as g:
         outs = [model(**inputs)[0] for _ in range(4)]
     assert g.report()["steps"] == ["warmup", "selective", "anchor", "selective"]
@@ -118,7 +120,8 @@ def test_partition_is_deterministic_and_state_is_released(pipe):
 def test_kv_cache_memory_is_accounted():
     model = build_lumina_next("tiny", num_layers=2)  # 2 KV heads of dim 16
     inputs = lumina_inputs(model, 4, 5, batch=2)
-    apply_safe_dit(model, SafeConfig("safe-core", warmup_steps=1, anchor_interval=2, tail_dense_steps=0, context_forecast=0,
+    apply_safe_dit(model,
+                   SafeConfig("safe-core", warmup_steps=1, anchor_interval=2, tail_dense_steps=0, context_forecast=0,
                                      reuse_every=0))
     with torch.no_grad(), safe_dit.generation(model, num_steps=2) as g:
         model(**inputs), model(**inputs)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import SdpaSpy, run_lumina as _run
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, remove_safe_dit
 from safe_dit.api import runtime_of
 from safe_dit.engine.generation import Generation, combine, extrapolation_weights
 from safe_dit.engine.schedule import StepPlan
 from safe_dit.testing.kits import build_lumina_pipeline
+
+from helpers import SdpaSpy
+from helpers import run_lumina as _run
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,8 @@ def test_plan_places_reuse_steps_after_each_refresh_and_explicit_anchors():
 
 def test_final_selective_steps_follow_the_dense_tail_and_drop_anchors_there():
     plan = StepPlan(12, 2, 4, 1, reuse_every=2, final_selective_steps=2)
-    assert plan.kinds()[-4:] == ["selective", "tail", "selective", "reuse"]  # reuse counted from the tail, the last refresh
+    # reuse counted from the tail, the last refresh
+    assert plan.kinds()[-4:] == ["selective", "tail", "selective", "reuse"]
     assert StepPlan(8, 2, 2, 1, anchor_growth=0.0, final_selective_steps=1).kinds() == [
         "warmup", "warmup", "selective", "anchor", "selective", "anchor", "tail", "selective"]  # no anchor at 7
     assert StepPlan(8, 2, 2, 1, car=False, final_selective_steps=1).kinds()[-2:] == ["selective", "selective"]
@@ -99,7 +102,9 @@ def test_forecasting_with_every_row_sensitive_reproduces_dense_fp(pipe):
     apply_safe_dit(pipe, SafeConfig("dense-fp"))
     dense_fp = _run(pipe, steps=8)
     for order in (1, 2):
-        apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, context_forecast=order, anchor_interval=3))
+        apply_safe_dit(pipe,
+                       SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, context_forecast=order,
+                                  anchor_interval=3))
         out = _run(pipe, steps=8)
         assert "selective" in runtime_of(pipe).last_report["steps"]
         assert torch.allclose(out, dense_fp, atol=1e-5), order
@@ -109,7 +114,8 @@ def test_forecasting_with_every_row_sensitive_reproduces_dense_fp(pipe):
 
 
 def test_reuse_steps_skip_the_model_and_forecast_its_output(pipe):
-    config = SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=2, anchor_interval=4, tail_dense_steps=1, reuse_every=2,
+    config = SafeConfig("safe-core", keep_ratio=0.5, warmup_steps=2, anchor_interval=4, tail_dense_steps=1,
+                        reuse_every=2,
                         final_selective_steps=0)
     apply_safe_dit(pipe, config)
     transformer = pipe.transformer

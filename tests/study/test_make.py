@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_args
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.study import make
 from safe_dit.study.store import Study
-
-from conftest import make_args
 
 
 def manifest(folder):
@@ -101,15 +100,18 @@ def test_refusals_come_before_any_work_and_leave_nothing(cli, tmp_path):
         (["--a", "dense-fp", "--b", "safe-core", "--out", str(a_file / "s")], "is a file, not a folder"),
         (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--prompts", str(tmp_path / "no")],
          "no such file"),
-        (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--prompts", str(empty)], "holds no prompt"),
-        (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--steps", "0"], "--steps must be >= 1"),
+        (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--prompts", str(empty)],
+         "holds no prompt"),
+        (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--steps", "0"],
+         "--steps must be >= 1"),
         (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--height", "50"], "multiples of 16"),
         (["--a", "dense-fp", "--b", "safe-core", "--out", str(tmp_path / "s"), "--single", "0", "--two", "0"],
          "not both 0"),
     ]
     for argv, message in cases:
         code, out, err = cli("study", "make", *argv)
-        assert code == 2 and err.count("\n") == 1 and err.startswith("safe-dit: error:") and message in err, (argv, err)
+        assert (code == 2 and err.count("\n") == 1 and err.startswith("safe-dit: error:")
+                and message in err), (argv, err)
     assert not (tmp_path / "s").exists() and sorted(p.name for p in full.iterdir()) == ["notes.txt"]
 
 

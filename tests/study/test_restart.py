@@ -8,9 +8,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from safe_dit.study.store import Study, Votes
-
 from conftest import Server
+from safe_dit.study.store import Study, Votes
 
 
 def raw_get(url: str, target: str) -> bytes:
@@ -64,5 +63,6 @@ def test_raw_traversal_requests_are_refused(server, study_dir):
                    "/images/..%2fmanifest.json", "/images/%2e%2e%2fmanifest.json", "/static/../server.py",
                    "/images//etc/passwd", "/../manifest.json"):
         reply = raw_get(server.url, target)
-        assert reply.split(b"\r\n", 1)[0] in (b"HTTP/1.1 404 Not Found", b"HTTP/1.1 400 Bad Request"), (target, reply[:80])
+        assert reply.split(b"\r\n", 1)[0] in (b"HTTP/1.1 404 Not Found",
+                                             b"HTTP/1.1 400 Bad Request"), (target, reply[:80])
         assert b'"sha256"' not in reply and b"root:" not in reply

@@ -65,7 +65,8 @@ def test_each_rater_sees_every_pair_once_and_then_is_done(app):
     rows = votes.all()
     assert [r["key"] for r in rows] == ["left", "right", "same", "left", "left", "right"]
     for r in rows:  # what was pressed, mapped through what was shown, is the setting stored
-        expected = "same" if r["key"] == "same" else r["left"] if r["key"] == "left" else {"a": "b", "b": "a"}[r["left"]]
+        expected = ("same" if r["key"] == "same" else r["left"] if r["key"] == "left"
+                    else {"a": "b", "b": "a"}[r["left"]])
         assert r["choice"] == expected and r["left"] == votes.left("ann", r["pair"])
 
 

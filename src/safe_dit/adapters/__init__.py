@@ -9,7 +9,12 @@ import logging
 import pkgutil
 
 from safe_dit.adapters.contract import (  # noqa: F401
-    Adapter, SafeProcessor, adapter_for, register, registered_adapters, supported_classes,
+    Adapter,
+    SafeProcessor,
+    adapter_for,
+    register,
+    registered_adapters,
+    supported_classes,
 )
 from safe_dit.engine.runtime import Handle, Runtime  # noqa: F401
 

@@ -48,14 +48,16 @@ NOTES = ("Chroma: ChromaPipeline's caption mask is float 0/1 and each block's ou
          "dropped, a bool/integer mask kept as shipped.")
 
 NO_SW_CFG = ("safe-sw is not available for Chroma: ChromaPipeline calls the transformer separately for the "
-             "conditional and the unconditional prediction, so there is no batched (eps_c - eps_u) whose weight SW-CFG "
+             "conditional and the unconditional prediction, so there is no batched (eps_c - eps_u) whose weight "
+             "SW-CFG "
              "could vary per token. Use mode='safe-core' (guidance <= 1) or 'dense-fp'")
 
 KEPT_SCHEDULED = ("safe-core on Chroma needs the float caption mask ChromaPipeline builds (or none); this forward has "
                   "a {dtype} attention_mask, whose [B, 1, L, L] outer product cannot follow the sensitive rows. Pass "
                   "the mask as ChromaPipeline does (float), or use dense-fp")
 
-ABLATION_SCHEDULED = ("safe-core on Chroma cannot keep the masks as shipped (mask_elision=False / rewrite_padding=False): "
+ABLATION_SCHEDULED = ("safe-core on Chroma cannot keep the masks as shipped "
+                      "(mask_elision=False / rewrite_padding=False): "
                       "each block's [B, 1, L, L] bias cannot follow the sensitive rows. Use those ablations with "
                       "mode='dense-fp'")
 
@@ -110,9 +112,9 @@ class MaskPlan:
 def _rank_one(q, k, v, rows_m, scale):
     """q/k/v [B, L, H, d] with the bias m_i m_j folded into extra channels: [B, L, H, d + e], e >= 1 and
     d + e a multiple of 8; s q'.k' = s q.k + m_i m_j for ``rows_m`` [B, L] (the same rows for q and k)."""
-    b, l, h, d = q.shape
+    b, n, h, d = q.shape
     e = (-(d + 1)) % 8 + 1
-    ext = q.new_zeros(b, l, h, e)
+    ext = q.new_zeros(b, n, h, e)
     q_ext = ext.clone()
     q_ext[..., 0] = rows_m[:, :, None].to(q.dtype)
     k_ext = ext.clone()

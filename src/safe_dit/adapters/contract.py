@@ -17,8 +17,8 @@ import torch
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.engine.attend import PARALLEL_REFUSED, Dispatch
 from safe_dit.engine.guidance import sensitivity_weighted
-from safe_dit.engine.parallel import SequenceParallel, check_heads, gather_tokens
 from safe_dit.engine.hooks import forward_scope, refuse_inputs, schedule_hooks, step_reuse, swap_processors, watch_cfg
+from safe_dit.engine.parallel import SequenceParallel, check_heads, gather_tokens
 from safe_dit.engine.runtime import Handle, Runtime
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,8 @@ class SafeProcessor(Dispatch):
     def __new__(cls, runtime: Runtime | None = None, *args, **kwargs):
         if runtime is None:
             if cls.stock is None:
-                raise SafeDitError(f"{cls.__name__} belongs to a model patched by apply_safe_dit; call remove_safe_dit "
-                                   "before rebuilding its processors")
+                raise SafeDitError(f"{cls.__name__} belongs to a model patched by apply_safe_dit; "
+                                   "call remove_safe_dit before rebuilding its processors")
             return cls.stock()
         return super().__new__(cls)
 
@@ -66,7 +66,8 @@ class Adapter:
     special_trailing_tokens: int = 0  # e.g. T5's </s>, the last valid token
     refused_inputs: tuple[str, ...] = ()  # forward kwargs the scheduled modes refuse (per-token residuals)
     cfg_pairs: bool = True  # its pipelines may batch [cond; uncond] (False: guidance-distilled, one call per step)
-    context_parallel: bool = False  # its split points are declared (``parallel_hooks``); else context_parallel is refused
+    # its split points are declared (``parallel_hooks``); else context_parallel is refused
+    context_parallel: bool = False
     step_inputs: tuple[str, str] = ("hidden_states", "timestep")  # the forward's latent and timestep parameters
 
     def check(self, model: torch.nn.Module, config: SafeConfig) -> None:

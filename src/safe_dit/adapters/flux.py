@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import (FluxAttnProcessor, FluxIPAdapterAttnProcessor,
-                                                            FluxTransformer2DModel, _get_qkv_projections)
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxIPAdapterAttnProcessor,
+    FluxTransformer2DModel,
+    _get_qkv_projections,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
@@ -65,7 +69,8 @@ class SafeFluxAttnProcessor(SafeProcessor):
 
     def setup(self, model) -> None:
         single = layer_of(self.name, "single_transformer_blocks")
-        self.layer = len(model.transformer_blocks) + single if single >= 0 else layer_of(self.name, "transformer_blocks")
+        self.layer = (len(model.transformer_blocks) + single if single >= 0
+                      else layer_of(self.name, "transformer_blocks"))
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         q, k, v, n_text, double = self._joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
@@ -115,7 +120,8 @@ class SafeFluxAttnProcessor(SafeProcessor):
         if gen is None:
             return 0  # dense: the joint sequence needs no split
         if rope is None:
-            raise SafeDitError("safe-core on FLUX needs image_rotary_emb in every block (call the model as FluxPipeline does)")
+            raise SafeDitError("safe-core on FLUX needs image_rotary_emb in every block "
+                               "(call the model as FluxPipeline does)")
         return rope[0].shape[0] - gen.local_tokens  # the RoPE table covers [text; all N (this rank's) image tokens]
 
     def _rotate(self, q, k, rope, n_text: int, gen):

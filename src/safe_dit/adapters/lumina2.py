@@ -42,8 +42,11 @@ import math
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_lumina2 import (Lumina2AttnProcessor2_0, Lumina2RotaryPosEmbed,
-                                                               Lumina2Transformer2DModel)
+from diffusers.models.transformers.transformer_lumina2 import (
+    Lumina2AttnProcessor2_0,
+    Lumina2RotaryPosEmbed,
+    Lumina2Transformer2DModel,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
@@ -94,7 +97,8 @@ class SafeLumina2AttnProcessor(SafeProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None,
                  base_sequence_length=None):
         batch, seq_len, _ = hidden_states.shape  # [B, L, D]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = (attn.to_q(hidden_states), attn.to_k(encoder_hidden_states),
+                             attn.to_v(encoder_hidden_states))
         head_dim = query.shape[-1] // attn.heads
         dtype = query.dtype
         query = query.view(batch, -1, attn.heads, head_dim)  # [B, L, H, d]

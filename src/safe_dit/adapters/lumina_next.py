@@ -79,20 +79,23 @@ class SafeLuminaAttnProcessor(SafeProcessor):
             elif gen.refreshes_cache:
                 gen.store_kv(self.layer, key, value)
         elif gen is not None and gen.wants_probs(self.layer):  # PCSP, on its own small N x T softmax
-            collect_text_probs(self.runtime, gen, query, key, None if attention_mask is None else attention_mask.bool())
+            collect_text_probs(self.runtime, gen, query, key,
+                               None if attention_mask is None else attention_mask.bool())
 
         scale = None  # Lumina's proportional attention: only self-attention (RoPE on keys) rescales
         parallel = self.runtime is not None and self.runtime.parallel is not None
         if parallel and self.is_self and self.runtime.state is not None:
             seq_len = self.runtime.state.global_tokens  # context parallelism: the scale of the whole sequence
         if key_rotary_emb is not None:
-            scale = attn.scale * (1 if base_sequence_length is None else math.sqrt(math.log(seq_len, base_sequence_length)))
+            scale = attn.scale * (1 if base_sequence_length is None
+                                  else math.sqrt(math.log(seq_len, base_sequence_length)))
 
         out = self._attend(attn, query, key, value, attention_mask, scale)  # [B, Lq, H, d]
         return out.to(dtype)
 
     def _attend(self, attn, query, key, value, mask, scale):
-        """One attention call, q [B, Lq, H, d], k/v [B, Lk, Hkv, d] (bench forward's mask-free oracle overrides this)."""
+        """One attention call, q [B, Lq, H, d], k/v [B, Lk, Hkv, d]
+        (bench forward's mask-free oracle overrides this)."""
         def stock_mask():  # what the stock processor passes: the mask expanded to [B, H, Lq, Lk] bool
             return mask.bool().view(query.shape[0], 1, 1, -1).expand(-1, query.shape[2], query.shape[1], -1)
 
@@ -111,7 +114,8 @@ class LuminaNextAdapter(Adapter):
     tokens_in = None  # the patch embedder's hook gathers the sensitive rows with their RoPE rows and mask
     tokens_out = "norm_out"
     special_leading_tokens = 1  # Gemma's <bos> is not a prompt word
-    context_parallel = True  # split after the patch embedder (tokens, their mask and RoPE rows), gathered after norm_out
+    # split after the patch embedder (tokens, their mask and RoPE rows), gathered after norm_out
+    context_parallel = True
 
     def parallel_hooks(self, model, runtime, parallel) -> list:
         def split(_module, _inputs, outputs):

@@ -28,8 +28,11 @@ the layered 3-D RoPE) and ControlNet residuals.
 from __future__ import annotations
 
 import torch
-from diffusers.models.transformers.transformer_qwenimage import (QwenDoubleStreamAttnProcessor2_0,
-                                                                 QwenImageTransformer2DModel, apply_rotary_emb_qwen)
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    QwenImageTransformer2DModel,
+    apply_rotary_emb_qwen,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
@@ -56,7 +59,8 @@ TWO_CALLS = ("safe-core on Qwen-Image needs one transformer call per sampling st
              "for true CFG, or call the transformer with a [cond; uncond] batch inside "
              "safe_dit.generation(transformer, num_steps=..., cfg_batch=True)")
 
-EDIT_INPUTS = ("safe-core on Qwen-Image supports text-to-image only: {what}. Use dense-fp for editing / layered models")
+EDIT_INPUTS = ("safe-core on Qwen-Image supports text-to-image only: {what}. "
+               "Use dense-fp for editing / layered models")
 
 
 class SafeQwenAttnProcessor(SafeProcessor):

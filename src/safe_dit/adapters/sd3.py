@@ -39,7 +39,8 @@ class SafeSD3AttnProcessor(SafeProcessor):
     def setup(self, model) -> None:
         self.layer = layer_of(self.name, "transformer_blocks")
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args,
+                 **kwargs):
         batch = hidden_states.shape[0]  # hidden_states [B, n, D]: n = N, or K at selective steps
         d = attn.to_k.out_features // attn.heads
 

@@ -29,8 +29,8 @@ caption keys are attended locally (their batch padding rewritten exactly) and th
 the sequence-parallel call, merged by log-sum-exp. The final layer's grid rows are gathered. Omni inputs and
 images of different sizes in one batch are refused under it.
 
-Refused in the scheduled modes the omni inputs (several images, SigLIP features), ControlNet residuals, images of different
-sizes in one batch, a batch or caption change inside a generation (``cfg_truncation`` < 1 drops the
+Refused in the scheduled modes the omni inputs (several images, SigLIP features), ControlNet residuals,
+images of different sizes in one batch, a batch or caption change inside a generation (``cfg_truncation`` < 1 drops the
 unconditional half), and a model whose forward is not the stock one.
 """
 
@@ -39,8 +39,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers.models.transformers.transformer_z_image import (SEQ_MULTI_OF, ZImageTransformer2DModel,
-                                                                ZSingleStreamAttnProcessor)
+from diffusers.models.transformers.transformer_z_image import (
+    SEQ_MULTI_OF,
+    ZImageTransformer2DModel,
+    ZSingleStreamAttnProcessor,
+)
 
 from safe_dit.adapters.contract import Adapter, SafeProcessor, register
 from safe_dit.config import SafeDitError
@@ -56,7 +59,8 @@ NOTES = ("Z-Image: a [B, L] batch-padding mask in the noise refiner, caption ref
          "samples' (32-padded) sequence lengths differ; key padding, rewritten exactly (keys sliced, batch split by "
          "length), decided once per forward.")
 
-NO_SW_NORMALIZED = ("safe-sw on Z-Image cannot follow cfg_normalization (ZImagePipeline rescales the guided prediction "
+NO_SW_NORMALIZED = ("safe-sw on Z-Image cannot follow cfg_normalization "
+                    "(ZImagePipeline rescales the guided prediction "
                     "by the norm of the conditional one, which SW-CFG rewrites): use cfg_normalization=False, or "
                     "mode='safe-core'")
 
@@ -378,7 +382,8 @@ class ZImageAdapter(Adapter):
                 if gen.kind != SELECTIVE:
                     return None
                 rows = _refiner_rows(gen, _layout(gen))
-                freqs = gen.remember(("z-image", "refiner-rope"), lambda: gather_rows(args[2], rows))  # [B, K + P, d/2]
+                # [B, K + P, d/2]
+                freqs = gen.remember(("z-image", "refiner-rope"), lambda: gather_rows(args[2], rows))
                 x = gather_rows(args[0], rows) if index == 0 else args[0]  # [B, K + P, D]
                 return (x, args[1], freqs, *args[3:])
             return hook
@@ -406,7 +411,8 @@ class ZImageAdapter(Adapter):
             if gen is None or gen.kind != SELECTIVE:
                 return None
             rows = _unified_rows(gen, _layout(gen))
-            freqs = gen.remember(("z-image", "unified-rope"), lambda: gather_rows(args[2], rows))  # [B, K + P + T, d/2]
+            # [B, K + P + T, d/2]
+            freqs = gen.remember(("z-image", "unified-rope"), lambda: gather_rows(args[2], rows))
             return (args[0], args[1], freqs, *args[3:])
 
         def on_final(_module, _inputs, out):  # [B, L, C] unified -> [B, n, C] image rows, before the scatter

@@ -29,11 +29,11 @@ from tqdm import tqdm
 
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
 from safe_dit.bench.choices import E2E_PROMPT_VALID
-from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.bench.midt import _kernels as attention_kernels
 from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 from safe_dit.bench.runs import context_parallel_setup, schedule_kwargs, selective_free
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.inspection.environment import environment, peak_memory_mb
 from safe_dit.testing.kits import kit_for
 
 MODES = ("dense", "dense-fp", "safe-core", "safe-sw")
@@ -99,17 +99,14 @@ class _Backbone:
     def vae_scale(self) -> int:
         return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
 
-    @property
-    def vae_scale(self) -> int:
-        return getattr(self.pipe, "vae_scale_factor", None) or self.pipe.vae_scale_factor_spatial  # video: spatial
-
     def size(self, side: int) -> int:
         """Image side in pixels whose latent has ``side`` x ``side`` image tokens (per frame)."""
         patch = self.kit.latent_patch or self.transformer.config.patch_size  # FluxPipeline packs 2x2 latents
         return side * patch * self.vae_scale
 
     def call(self, size: int, steps: int, guidance: float):
-        guider = getattr(self.pipe, "guider", None)  # where a guider holds the CFG scale (HunyuanVideo 1.5): no argument
+        # where a guider holds the CFG scale (HunyuanVideo 1.5): no argument
+        guider = getattr(self.pipe, "guider", None)
         if guider is not None:
             guider.guidance_scale = guidance
         scale = {} if guider is not None else dict(guidance_scale=guidance)
@@ -187,11 +184,13 @@ def run_e2e(args, progress: bool = True, cp=None) -> dict:
             rep = reports.get(mode) or {}
             rows.append({
                 "tokens": n_tokens, "resolution": size * 8 // bb.vae_scale, "mode": mode,
-                "status": status[mode], "timed": timed, "rel_err_vs_dense_short_call": err if mode == "dense-fp" else None,
+                "status": status[mode], "timed": timed,
+                "rel_err_vs_dense_short_call": err if mode == "dense-fp" else None,
                 "max_abs_err_vs_dense_short_call": abs_err if mode == "dense-fp" else None,
                 "short_call_steps": short, "attention_kernels": kernels.get(mode),
                 "seconds": statistics.median(times[mode]) if times[mode] else None, "all_seconds": times[mode],
-                "peak_memory_mb": peaks.get(mode), # untimed (probe-only) rows ran a short call: no full-schedule token fraction to report
+                "peak_memory_mb": peaks.get(mode),
+                # untimed (probe-only) rows ran a short call: no full-schedule token fraction to report
                 "token_fraction": rep.get("token_fraction", 1.0 if times[mode] else None),
                 "cache_mb": rep.get("cache_mb", 0.0 if times[mode] else None), "steps": rep.get("steps"),
                 "tokens_per_step": rep.get("tokens_per_step"),
@@ -244,7 +243,8 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'tokens':>7} {'res':>5} {'mode':<10} {'status':<6} {'median s':>9} {'peak MB':>9} {'token frac':>10} {'cache MB':>9}"]
+    lines = [f"{'tokens':>7} {'res':>5} {'mode':<10} {'status':<6} {'median s':>9} {'peak MB':>9} "
+             f"{'token frac':>10} {'cache MB':>9}"]
     for r in result["rows"]:
         sec = f"{r['seconds']:.2f}" if r["seconds"] is not None else "-"
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
@@ -259,7 +259,8 @@ def format_table(result: dict) -> str:
             continue
         parts = [f"{s['tokens']} tokens ({s['resolution']}²)"]
         for key, label in (("fast_path_gain", "dense/dense-fp"), ("scheduling_gain", "dense-fp/safe-core"),
-                           ("total_gain", "dense/safe-core"), ("peak_memory_dense_over_safe_core", "peak mem dense/safe-core")):
+                           ("total_gain", "dense/safe-core"),
+                           ("peak_memory_dense_over_safe_core", "peak mem dense/safe-core")):
             if key in s:
                 parts.append(f"{label} {s[key]:.2f}x")
         lines.append("  ".join(parts))

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from safe_dit.adapters.lumina_next import SafeLuminaAttnProcessor
 from safe_dit.api import apply_safe_dit, remove_safe_dit
+from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 from safe_dit.config import SafeConfig, SafeDitError
 from safe_dit.inspection.environment import environment, peak_memory_mb
-from safe_dit.bench.report import DTYPES, emit, is_oom, memory_axis, pyplot, save_figure
 
 MODES = ("dense", "dense-fp", "maskless-oracle")
 
@@ -42,7 +42,8 @@ class _OracleProcessor(SafeLuminaAttnProcessor):
 
     def _attend(self, attn, query, key, value, mask, scale):  # [B, L, H, d] in and out
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, L, d]
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale,
+                                                               enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
 
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from safe_dit.bench.choices import MIDT_MASKS
+from safe_dit.bench.report import DTYPES, emit, pyplot
 from safe_dit.config import SafeDitError
 from safe_dit.inspection.environment import environment, peak_memory_mb, quiet_profiler, synchronize
-from safe_dit.bench.report import DTYPES, emit, pyplot
 
 MASKS = MIDT_MASKS
 REDUNDANT = {m: m != "key-padding" for m in MASKS}
@@ -185,7 +185,8 @@ def format_table(result: dict) -> str:
     noisy = [r for r in result["cases"] if r.get("repeat_spread", 0.0) > NOISY_SPREAD]
     if noisy:
         worst = max(r["repeat_spread"] for r in noisy)
-        lines.append(f"warning: {len(noisy)} of {len(result['cases'])} cases had repeat timings spreading by more than "
+        lines.append(f"warning: {len(noisy)} of {len(result['cases'])} cases had repeat timings spreading "
+                     "by more than "
                      f"{NOISY_SPREAD:.0%} of their median (up to {worst:.0%}): the machine is busy or noisy, so those "
                      "taxes are not to be trusted; rerun on a quiet machine, with more --repeats")
     return "\n".join(lines)
@@ -216,7 +217,8 @@ def plot(result: dict, path: str) -> None:
     axes[0][0].set_ylabel("tax = masked / mask-free latency")
     axes[0][-1].legend(fontsize=6)
     env = result["environment"]
-    fig.suptitle(f"Mask-Induced Dispatch Tax — {env.get('gpu') or env['processor'][:48]}, torch {env['torch']}", fontsize=9)
+    fig.suptitle(f"Mask-Induced Dispatch Tax — {env.get('gpu') or env['processor'][:48]}, torch {env['torch']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -229,7 +231,8 @@ def run(args) -> int:
     if "cuda" in args.devices and not torch.cuda.is_available():
         raise SafeDitError("--devices cuda requested but CUDA is not available")
     if "float16" in args.dtypes and args.devices != ["cuda"]:
-        raise SafeDitError("float16 is only measured on CUDA (CPU half-precision SDPA is not a fast path); use --devices cuda")
+        raise SafeDitError("float16 is only measured on CUDA (CPU half-precision SDPA is not a fast path); "
+                           "use --devices cuda")
     heads = args.heads or (24 if args.devices == ["cuda"] else 2)
     result = run_midt(args.seq_lens, args.head_dims, args.dtypes, args.devices, heads, args.batch, args.masks,
                       args.repeats, args.warmup, progress=not args.no_progress)

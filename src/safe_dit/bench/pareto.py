@@ -9,13 +9,13 @@ One process, same prompts, seeds, steps, guidance and dtype for every setting:
 * peers: diffusers' own cache hooks on the same transformer (FirstBlockCache, TaylorSeer,
   FasterCache, MagCache, PyramidAttentionBroadcast, SeaCache, TextKVCache) at a few settings each,
   cache-dit's DBCache (alone, with TaylorSeer or FoCa; the optional extra ``safe-dit[peers]``, skipped with
-  one line when it is missing), and plain step reduction. Peers run on the dense-fp model (the exact fast path on, so the
-  comparison is between schedules; dense/dense-fp is its own row). A method that fails on the
+  one line when it is missing), and plain step reduction. Peers run on the dense-fp model (the exact fast
+  path on, so the comparison is between schedules; dense/dense-fp is its own row). A method that fails on the
   model, or attaches no hook to it, is listed as unsupported with the reason.
 
-Part 1, quality (the embedded shapes model: 64x64, 256 tokens, or ``--size 128``, 1024 tokens): prompt alignment graded by the
-checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense (tiny
-images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
+Part 1, quality (the embedded shapes model: 64x64, 256 tokens, or ``--size 128``, 1024 tokens): prompt
+alignment graded by the checker, paired PSNR/SSIM against dense-fp, median seconds per image and the ratio to dense
+(tiny images: these latency ratios are noisy), peak memory of one call. Part 2, latency at scale
 (``--scaled-tokens``, default 4096 = a 1024² image): every setting (``--scaled-subset``: a short
 list) on a random-weight Lumina-Next with the real head dim 72, one timed call each (``--scaled-repeats``: the median
 of several); quality is not measured
@@ -37,14 +37,15 @@ import sys
 
 import torch
 
-from safe_dit.inspection.environment import environment
-from safe_dit.bench.quality import REFERENCE, prompt_set
-from safe_dit.bench.peers import available_hooks, peer_family
-from safe_dit.bench.report import emit
+from safe_dit.bench.pareto_report import plot_ablation, plot_pareto, table
+from safe_dit.bench.pareto_runs import reuse_scaled, run_quality, run_scaled
+
 # the parts, re-exported: settings and analysis, the two runs, the outputs
 from safe_dit.bench.pareto_settings import CORE, FAMILIES, Setting, analyse, default_settings, pareto_front, verdicts
-from safe_dit.bench.pareto_runs import reuse_scaled, run_quality, run_scaled
-from safe_dit.bench.pareto_report import plot_ablation, plot_pareto, table
+from safe_dit.bench.peers import available_hooks, peer_family
+from safe_dit.bench.quality import REFERENCE, prompt_set
+from safe_dit.bench.report import emit
+from safe_dit.inspection.environment import environment
 
 __all__ = ["CORE", "FAMILIES", "Setting", "analyse", "default_settings", "pareto_front",
            "plot_ablation", "plot_pareto", "reuse_scaled", "run", "run_quality", "run_scaled", "table", "verdicts"]
@@ -68,7 +69,6 @@ def skip_missing_peers(settings: list[Setting]) -> tuple[list[Setting], dict[str
 
 
 def run(args) -> int:
-    from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
     if args.from_json:
         with open(args.from_json) as f:

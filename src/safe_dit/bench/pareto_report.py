@@ -41,18 +41,23 @@ def table(result: dict) -> str:
         lines.append(f"{name:34} {s['family']:8} {s['steps']:5d} {e['speedup']:6.2f}x {sc:>7} {mem} "
                      f"{e['psnr_vs_dense_fp']:6.2f} {_tail(e, 'psnr_median')} {_tail(e, 'psnr_p10')} "
                      f"{_tail(e, 'psnr_min')} {e['ssim_vs_dense_fp']:6.4f} {e['accuracy']:6.1%} "
-                     f"{e.get('accuracy_single_object', float('nan')):6.1%} {e.get('accuracy_two_object', float('nan')):6.1%} "
+                     f"{e.get('accuracy_single_object', float('nan')):6.1%} "
+                     f"{e.get('accuracy_two_object', float('nan')):6.1%} "
                      f"{e['token_fraction']:6.3f}")
     st = result["settings_common"]
     lines.append(f"{st['prompts']} prompts ({st['single']} one-object, {st['two']} two-object), {st['steps']} steps, "
-                 f"guidance {st['guidance']}, seed {st['seed']}, float32; PSNR/SSIM paired vs dense-fp (identical: 100; "
+                 f"guidance {st['guidance']}, seed {st['seed']}, float32; "
+                 "PSNR/SSIM paired vs dense-fp (identical: 100; "
                  "PSNR = mean over prompts, med/p10/min its median, 10th percentile and minimum); "
-                 f"'x dense' = median s/image of dense over the setting's, on the embedded model ({_tokens(st)} tokens, "
+                 "'x dense' = median s/image of dense over the setting's, "
+                 f"on the embedded model ({_tokens(st)} tokens, "
                  "noisy)")
     if p2:
         lines.append(f"x@{p2['tokens']}: latency ratio vs dense at {p2['tokens']} tokens ({p2['resolution']}²), "
-                     f"Lumina-Next {p2['hidden_size']}w/{p2['layers']}L/{p2['heads']}h x {p2['head_dim']}, random weights, "
-                     f"{_timed_calls(p2)}; adaptive caches (first-block-cache, mag-cache, sea-cache, cache-dit) replay the share of "
+                     f"Lumina-Next {p2['hidden_size']}w/{p2['layers']}L/{p2['heads']}h x {p2['head_dim']}, "
+                     "random weights, "
+                     f"{_timed_calls(p2)}; adaptive caches (first-block-cache, mag-cache, sea-cache, cache-dit) "
+                     "replay the share of "
                      "blocks per step they computed on the trained embedded model (column 'replayed')")
         lines.append(f"{'scaled setting':34} {'seconds':>8} {'x dense':>8} {'x dense-fp':>10} {'peak MB':>8} replayed")
         for name, r in p2["rows"].items():
@@ -88,7 +93,8 @@ def plot_pareto(result: dict, path: str) -> None:
     panels = [("embedded", {n: e["speedup"] for n, e in q.items()},
                f"speedup vs dense, embedded model ({_tokens(result['settings_common'])} tokens, noisy)")]
     if p2:
-        panels.append((f"{p2['tokens']} tokens", {n: r["speedup"] for n, r in p2["rows"].items() if r["status"] == "ok"},
+        panels.append((f"{p2['tokens']} tokens",
+                       {n: r["speedup"] for n, r in p2["rows"].items() if r["status"] == "ok"},
                        f"speedup vs dense at {p2['tokens']} tokens (random-weight Lumina-Next, latency only)"))
     metrics = (("psnr_vs_dense_fp", "paired PSNR vs dense-fp (dB, embedded model; >= 60 drawn at 60)"),
                ("psnr_min", "worst prompt: minimum paired PSNR vs dense-fp (dB; >= 60 drawn at 60)"),
@@ -131,8 +137,10 @@ def plot_pareto(result: dict, path: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     env, st = result["environment"], result["settings_common"]
-    fig.suptitle(f"SAFE-DiT vs diffusers cache hooks, cache-dit and step reduction: {st['prompts']} prompts x {st['steps']} steps, "
-                 f"same seeds; {env['device']} ({env['processor'][:30]}), torch {env['torch']}, diffusers {env['diffusers']}",
+    fig.suptitle("SAFE-DiT vs diffusers cache hooks, cache-dit and step reduction: "
+                 f"{st['prompts']} prompts x {st['steps']} steps, "
+                 f"same seeds; {env['device']} ({env['processor'][:30]}), torch {env['torch']}, "
+                 f"diffusers {env['diffusers']}",
                  fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)

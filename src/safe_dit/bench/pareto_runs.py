@@ -13,14 +13,14 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from safe_dit.embedded import world
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
-from safe_dit.config import SafeDitError
-from safe_dit.inspection.environment import peak_memory_mb
-from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, run_interleaved, summarize
-from safe_dit.bench.peers import PeerUnsupported, apply_peer, calibrate_mag_ratios, peer_family
 from safe_dit.bench.pareto_settings import Setting
+from safe_dit.bench.peers import PeerUnsupported, apply_peer, calibrate_mag_ratios, peer_family
+from safe_dit.bench.quality import REFERENCE, Run, generate, pair_with_reference, run_interleaved, summarize
 from safe_dit.bench.replay import BlockRecorder, apply_replay
+from safe_dit.config import SafeDitError
+from safe_dit.embedded import world
+from safe_dit.inspection.environment import peak_memory_mb
 
 
 class Harness:
@@ -128,7 +128,8 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
     if args.quick:
         transformer = build_lumina_next("tiny", num_layers=2)
     else:
-        transformer = build_lumina_next("lumina-next-2b", num_layers=args.scaled_layers, hidden_size=args.scaled_hidden,
+        transformer = build_lumina_next("lumina-next-2b", num_layers=args.scaled_layers,
+                                        hidden_size=args.scaled_hidden,
                                         num_attention_heads=args.scaled_heads, num_kv_heads=args.scaled_kv_heads)
     pipe = build_lumina_pipeline(transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -178,7 +179,8 @@ def run_scaled(settings: list[Setting], args, progress: bool, patterns: dict | N
             rep = rt.last_report if rt is not None and rt.config.scheduled else None
         finally:
             undo()
-        rows[s.name] = dict(status="ok", seconds=seconds, timings=timings, peak_memory_mb=None if math.isnan(mb) else mb,
+        rows[s.name] = dict(status="ok", seconds=seconds, timings=timings,
+                            peak_memory_mb=None if math.isnan(mb) else mb,
                             token_fraction=rep["token_fraction"] if rep else 1.0,
                             decisions=("replayed from the embedded model: "
                                        f"{replayed['computed']} of {replayed['of']} block-steps computed")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from safe_dit.bench.choices import PARETO_FAMILIES
-from safe_dit.config import SafeConfig
 from safe_dit.bench.peers import DEFAULT_PEERS, PeerSetting, peer_family
+from safe_dit.config import SafeConfig
 
 FAMILIES = PARETO_FAMILIES
 #: The scheduling knobs of SafeConfig's safe-core defaults (read from the dataclass, never copied by hand).
@@ -49,7 +49,8 @@ VARIANTS = (
     ("safe-core gaps+0.5", dict(anchor_growth=0.5), "the defaults with anchor gaps growing by 0.5 (more anchors)"),
     ("safe-core k0.25", dict(keep_ratio=0.25), "the defaults at keep 0.25"),
     ("safe-core drift0.2", dict(anchor_drift=0.2), "the defaults with drift-triggered anchors at 0.2"),
-    ("safe-core 0.4", dict(keep_ratio=0.15, anchor_growth=2.0), "the 0.4 defaults: keep 0.15, anchor gaps 2, 4, 6, ..."),
+    ("safe-core 0.4", dict(keep_ratio=0.15, anchor_growth=2.0),
+     "the 0.4 defaults: keep 0.15, anchor gaps 2, 4, 6, ..."),
     ("safe-core fast", dict(keep_ratio=0.1, anchor_growth=2.0), "keep 0.10, anchor gaps 2, 4, 6, ..."),
 )
 
@@ -66,7 +67,8 @@ def default_settings() -> list[Setting]:
         out.append(Setting(name, "safe-dit", SafeConfig("safe-core", **(CORE | overrides)), scaled=True, note=note))
     out.append(Setting("safe-core x0.67 steps", "safe-dit", core, step_fraction=2 / 3, scaled=True,
                        note="the defaults at 2/3 of the steps (composed with step reduction)"))
-    out.append(Setting("safe-sw", "safe-dit", SafeConfig("safe-sw", **CORE), note="guidance 3 (context) .. 5 (sensitive)"))
+    out.append(Setting("safe-sw", "safe-dit", SafeConfig("safe-sw", **CORE),
+                       note="guidance 3 (context) .. 5 (sensitive)"))
     ablations = (
         ("no-fast-path", dict(mask_elision=False), True, "stock masks kept, scheduling on"),
         ("no-srsu", dict(srsu=False), False, "every step dense (PCSP computed, unused)"),

@@ -45,7 +45,6 @@ from typing import Any, Callable
 
 import torch
 
-
 #: Pipeline keyword arguments of LuminaNextDiT2DModel.forward that carry the CFG batch.
 _LUMINA_BATCH_KWARGS = ("hidden_states", "encoder_hidden_states", "timestep", "encoder_mask")
 
@@ -71,7 +70,8 @@ def available_hooks() -> list[str]:
     """Every ``apply_*`` cache function the installed diffusers exports from ``diffusers.hooks``."""
     import diffusers.hooks as h
 
-    return sorted(n for n in dir(h) if n.startswith("apply_") and "cache" in n or n == "apply_pyramid_attention_broadcast")
+    return sorted(n for n in dir(h)
+                  if n.startswith("apply_") and "cache" in n or n == "apply_pyramid_attention_broadcast")
 
 
 def register_lumina_block() -> None:
@@ -229,12 +229,14 @@ PEERS: tuple[PeerFamily, ...] = (
                "PyramidAttentionBroadcastConfig",
                lambda c: dict(spatial_attention_block_skip_range=c.params["block_skip"],
                               spatial_attention_timestep_skip_range=(100, 800),
-                              spatial_attention_block_identifiers=("layers",), current_timestep_callback=c.clock.timestep),
+                              spatial_attention_block_identifiers=("layers",),
+                              current_timestep_callback=c.clock.timestep),
                "apply_pyramid_attention_broadcast", settings=({"block_skip": 2}, {"block_skip": 3}),
                scaled={"block_skip": 2}, color="tab:brown"),
     PeerFamily("sea-cache", "sea_cache", ("_SEA_CACHE_POST_NORM_HOOK", "_SEA_CACHE_BLOCK_HOOK",
                                           "_SEA_CACHE_LEADER_BLOCK_HOOK", "_SEA_CACHE_ROOT_HOOK"),
-               "SeaCacheConfig", lambda c: dict(threshold=c.params["threshold"], raw_vision_callback=_lumina_raw_vision),
+               "SeaCacheConfig",
+               lambda c: dict(threshold=c.params["threshold"], raw_vision_callback=_lumina_raw_vision),
                "apply_sea_cache", settings=({"threshold": 0.25}, {"threshold": 0.5}), scaled={"threshold": 0.25},
                color="tab:pink", adaptive=True),
     PeerFamily("text-kv-cache", "text_kv_cache", ("_TEXT_KV_CACHE_TRANSFORMER_HOOK", "_TEXT_KV_CACHE_BLOCK_HOOK"),
@@ -319,7 +321,8 @@ class _ContextHooks:
         def pre(_module, _args):
             if clock.scheduler.step_index is None:  # a new pipeline call
                 HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
-            _set_cache_context(model, CacheContext("cond_uncond", step_index=clock.index, num_inference_steps=num_steps,
+            _set_cache_context(model,
+                               CacheContext("cond_uncond", step_index=clock.index, num_inference_steps=num_steps,
                                                    timestep=clock.timestep(), sigma=clock.sigma()))
 
         def post(_module, _args, _out):
@@ -354,7 +357,8 @@ def apply_peer(pipe, setting: PeerSetting, num_steps: int, mag_ratios=None) -> C
     if _block_hook_count(model, names) == 0:
         _remove(model, names)
         raise PeerUnsupported(f"attached no block hook to {type(model).__name__}: "
-                              + (_no_hook_reason(setting.method) or "its apply_* only hooks the block classes it knows"))
+                              + (_no_hook_reason(setting.method)
+                                 or "its apply_* only hooks the block classes it knows"))
     ctx = _ContextHooks(model, clock, num_steps)
 
     def undo():

@@ -25,14 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from safe_dit.embedded import grader
-
-from safe_dit.embedded import world
 from safe_dit.api import apply_safe_dit, remove_safe_dit, runtime_of
-from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.inspection.environment import environment
 from safe_dit.bench.report import emit, pyplot
 from safe_dit.bench.runs import schedule_kwargs, selective_free
+from safe_dit.config import SafeConfig, SafeDitError
+from safe_dit.embedded import grader, world
+from safe_dit.inspection.environment import environment
 
 REFERENCE = "dense-fp"
 logger = logging.getLogger(__name__)
@@ -233,7 +231,8 @@ def table(result: dict) -> str:
         )
     s = result["settings"]
     lines.append(f"{s['prompts']} prompts ({s['single']} one-object, {s['two']} two-object), {s['steps']} steps, "
-                 f"guidance {s['guidance']}, seed {s['seed']}; PSNR/SSIM paired against {REFERENCE} (identical: PSNR 100)")
+                 f"guidance {s['guidance']}, seed {s['seed']}; "
+                 f"PSNR/SSIM paired against {REFERENCE} (identical: PSNR 100)")
     note = overhead_note(result)
     if note:
         lines.append(note)

@@ -47,7 +47,8 @@ def memory_axis(ax, rows: list[dict], modes, title: str) -> None:
         for r in rows:
             if r["mode"] == mode and r["status"] == "oom":
                 ax.axvline(r["tokens"], color="red", lw=0.6, ls=":")
-                ax.annotate(f"{mode}: OOM", (r["tokens"], 0.5), xycoords=("data", "axes fraction"), fontsize=7, rotation=90)
+                ax.annotate(f"{mode}: OOM", (r["tokens"], 0.5), xycoords=("data", "axes fraction"), fontsize=7,
+                            rotation=90)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("image tokens")
@@ -59,7 +60,8 @@ def memory_axis(ax, rows: list[dict], modes, title: str) -> None:
 def save_figure(plt, fig, result: dict, path: str, what: str) -> None:
     """Title names the model shape, dtype, device and torch version; then PNG at 120 dpi."""
     env, st = result["environment"], result["settings"]
-    fig.suptitle(f"{st.get('model_label', 'Lumina-Next')} {st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {what}{st['dtype']}, "
+    fig.suptitle(f"{st.get('model_label', 'Lumina-Next')} "
+                 f"{st['hidden_size']}w/{st['layers']}L/{st['heads']}h×{st['head_dim']}, {what}{st['dtype']}, "
                  f"{env['device']} ({env.get('gpu') or env['processor'][:40]}), torch {env['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -84,8 +84,9 @@ class ForwardState:
         """Once per forward: refuse the output if a bias rewrite's exactness assumption failed in any call."""
         if self.spread_checks and bool(torch.stack(self.spread_checks).any()):
             raise SafeDitError(
-                "a caption-padding bias was rewritten as dropped keys, but in this forward the attention logits spread "
-                "so far that the dropped keys keep a nonzero weight in the stock computation: the rewrite would not be "
+                "a caption-padding bias was rewritten as dropped keys, but in this forward the attention logits "
+                "spread so far that the dropped keys keep a nonzero weight in the stock computation: "
+                "the rewrite would not be "
                 "exact. Use SafeConfig(rewrite_padding=False) (masks kept as shipped) for this model or input")
 
 

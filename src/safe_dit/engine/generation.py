@@ -230,7 +230,8 @@ class Generation:
             index = prompt_free_partition(self.config.partition, self.batch, n, self.config.keep_ratio,
                                           self.config.partition_seed)  # [B, K], made on the CPU (seeded)
             self._localise(index.to(self.device) if self.device is not None else index)
-            self.sensitivity = torch.zeros(self.batch, n, device=self.global_index.device).scatter_(1, self.global_index, 1.0)
+            self.sensitivity = torch.zeros(self.batch, n, device=self.global_index.device).scatter_(
+                1, self.global_index, 1.0)
             return
         score = self.accumulator.mean()  # [B, N] ([B, N_local] under context parallelism)
         if self.parallel is not None:  # the top-K is global: exact against one device
@@ -316,7 +317,8 @@ class Generation:
         return self.remember(("joint_valid", n_text, text_first), make)
 
     def remember(self, key, make):
-        """A value fixed with the partition (row positions, gathered RoPE rows), made once and shared by every block."""
+        """A value fixed with the partition (row positions, gathered RoPE rows), made once and shared by every
+        block."""
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]

@@ -90,8 +90,8 @@ class SchedulerGuidance:
             guided, self.pending = self.pending, None
             if self.done:  # the generation's last step: the scheduler is the pipeline's own again
                 self.remove()
-            if guided is not None and guided.shape[0] == model_output.shape[0] and guided.shape[1] >= model_output.shape[1] \
-                    and guided.shape[2:] == model_output.shape[2:]:
+            if guided is not None and guided.shape[0] == model_output.shape[0] \
+                    and guided.shape[1] >= model_output.shape[1] and guided.shape[2:] == model_output.shape[2:]:
                 model_output = guided[:, : model_output.shape[1]].to(model_output.dtype)
             return original(model_output, *args, **kwargs)
 

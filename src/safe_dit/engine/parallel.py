@@ -123,7 +123,8 @@ class SequenceParallel:
         kp = max(1, int(torch.stack(counts).max()))
         start = self.local(n)[0]
         count, low = counts[self.rank], lows[self.rank]  # [B]
-        pos = low[:, None] + torch.minimum(torch.arange(kp, device=index.device)[None], (count - 1).clamp_min(0)[:, None])
+        pos = low[:, None] + torch.minimum(torch.arange(kp, device=index.device)[None],
+                                           (count - 1).clamp_min(0)[:, None])
         rows = index.gather(1, pos.clamp_max(index.shape[1] - 1)) - start  # [B, Kp]
         has = count > 0
         rows = torch.where(has[:, None], rows, torch.zeros_like(rows))

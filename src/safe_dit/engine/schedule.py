@@ -19,8 +19,8 @@ class StepPlan:
     the first anchor: afterwards every ``anchor_interval``-th step is a dense anchor refreshing all
     tokens and the caches (or the steps listed in ``anchor_steps``), the others are selective; the
     ``tail_dense_steps`` before the last ``final_selective_steps`` are dense (and refresh the caches), and those
-    final steps update only the sensitive rows, never dense (the image has settled). With ``reuse_every = r > 0``, every r-th step after an anchor
-    that would be selective skips the model instead (``REUSE``).
+    final steps update only the sensitive rows, never dense (the image has settled). With ``reuse_every = r > 0``,
+    every r-th step after an anchor that would be selective skips the model instead (``REUSE``).
 
     Ablations: ``srsu=False`` makes every would-be selective step a plain dense step;
     ``car=False`` drops every refresh after warm-up (no anchors, no tail)."""

@@ -115,7 +115,8 @@ def parse_side(spec: str, base_steps: int) -> Side:
                 raise SafeDitError(f"setting {spec!r}: {item!r} is not FIELD=VALUE with a SafeConfig field of "
                                    f"{', '.join(settable)}")
             changes[key] = _coerce(key, value.strip(), getattr(setting.safe, key))
-        setting = dataclasses.replace(setting, name=f"{name}:{overrides}", safe=dataclasses.replace(setting.safe, **changes))
+        setting = dataclasses.replace(setting, name=f"{name}:{overrides}",
+                                      safe=dataclasses.replace(setting.safe, **changes))
     return Side(spec, setting, steps if steps is not None else setting.steps(base_steps))
 
 
@@ -133,7 +134,8 @@ def read_prompts(path: Path) -> list[str]:
     if not prompts:
         raise SafeDitError(f"--prompts {str(path)!r} holds no prompt (one a line; # starts a comment)")
     if len(prompts) > MAX_PROMPTS:
-        raise SafeDitError(f"--prompts {str(path)!r} holds {len(prompts)} prompts; a study takes at most {MAX_PROMPTS}")
+        raise SafeDitError(f"--prompts {str(path)!r} holds {len(prompts)} prompts; "
+                           f"a study takes at most {MAX_PROMPTS}")
     for i, p in enumerate(prompts):
         if len(p) > MAX_PROMPT_CHARS:
             raise SafeDitError(f"--prompts {str(path)!r}: prompt {i + 1} is {len(p)} characters long "
@@ -174,7 +176,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise SafeDitError(f"--out {str(out)!r} holds votes ({VOTES}): new images would orphan them; move the "
                                f"folder away or choose another")
         if (out / MANIFEST).is_file() and not overwrite:
-            raise SafeDitError(f"--out {str(out)!r} already holds a study: --overwrite replaces it, or choose another folder")
+            raise SafeDitError(f"--out {str(out)!r} already holds a study: "
+                               "--overwrite replaces it, or choose another folder")
         if not (out / MANIFEST).is_file() and any(out.iterdir()):
             raise SafeDitError(f"--out {str(out)!r} is not empty and holds no study: choose a new or empty folder")
     from safe_dit.bench.files import check_creatable
@@ -208,13 +211,15 @@ def _check(args) -> None:
 def _is_shapes_model(model: str) -> bool:
     """The embedded model, or a folder holding a shapes transformer alone (not a diffusers pipeline)."""
     p = Path(model)
-    return model == "default" or (p.is_dir() and (p / "config.json").is_file() and not (p / "model_index.json").exists())
+    return model == "default" or (p.is_dir() and (p / "config.json").is_file()
+                                  and not (p / "model_index.json").exists())
 
 
 def _load(model: str, device: str):
     import torch
-    from safe_dit.embedded.model import load_default_pipeline, weights_identity
+
     from safe_dit.bench.pipelines import load_pipeline
+    from safe_dit.embedded.model import load_default_pipeline, weights_identity
 
     if _is_shapes_model(model):
         path = None if model == "default" else model
@@ -226,6 +231,7 @@ def _draw(pipe, prompt: str, seed: int, steps: int, height: int, width: int, gui
     """One image as ``safe-dit generate`` calls the pipeline (uint8 HxWx3) and its seconds."""
     import numpy as np
     import torch
+
     from safe_dit.bench.pipelines import call_kwargs
 
     kwargs = call_kwargs(pipe, SimpleNamespace(height=height, width=width, steps=steps, guidance=guidance, seed=seed,
@@ -253,12 +259,12 @@ def run(args, pipe=None, weights: dict | None = None) -> int:
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from safe_dit.bench.peers import PeerUnsupported
+    from safe_dit.bench.files import write_together
     from safe_dit.bench.pareto_runs import Harness
+    from safe_dit.bench.peers import PeerUnsupported
+    from safe_dit.bench.pipelines import native_size
     from safe_dit.bench.quality import prompt_set, psnr
     from safe_dit.embedded import world
-    from safe_dit.bench.files import write_together
-    from safe_dit.bench.pipelines import native_size
     from safe_dit.inspection.environment import environment
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

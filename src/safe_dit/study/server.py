@@ -166,7 +166,8 @@ def run(args) -> int:
             logger.warning("listening on %s: anyone who can reach this machine can open the page and vote", args.host)
         port = sock.getsockname()[1]
         host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
-        print(f"serving {len(study.pairs)} pairs of {args.study} at http://{host}:{port}/  (votes: {db}; Ctrl-C stops)",
+        print(f"serving {len(study.pairs)} pairs of {args.study} at http://{host}:{port}/  "
+              f"(votes: {db}; Ctrl-C stops)",
               file=sys.stderr, flush=True)
         config = uvicorn.Config(create_app(study, votes), log_level="warning", lifespan="off", access_log=False)
         uvicorn.Server(config).run(sockets=[sock])

@@ -55,7 +55,8 @@ class Study:
             self.images = {p[k]["image"]: k for p in self.manifest["pairs"] for k in ("a", "b")}
             hashes = self.manifest["sha256"]
         except (ValueError, KeyError, TypeError) as err:
-            raise SafeDitError(f"{str(path)!r} is not a safe-dit study manifest ({type(err).__name__}: {err})") from None
+            raise SafeDitError(f"{str(path)!r} is not a safe-dit study manifest "
+                               f"({type(err).__name__}: {err})") from None
         if not self.pairs:
             raise SafeDitError(f"{str(path)!r} lists no pairs")
         for name in self.images:
@@ -99,7 +100,8 @@ class Votes:
             self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
-                raise SafeDitError(f"{str(self.path)!r}: SQLite refused WAL mode here ({mode}); put --db on a local disk")
+                raise SafeDitError(f"{str(self.path)!r}: SQLite refused WAL mode here ({mode}); "
+                                   "put --db on a local disk")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
         try:

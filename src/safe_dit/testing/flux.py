@@ -12,7 +12,8 @@ FLUX_PRESETS = {
     "tiny": dict(num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2, in_channels=16,
                  joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6)),
     # FLUX.1-dev: hidden 3072 = 24 heads of 128, 19 double + 38 single blocks, T5 states (4096), CLIP pooled (768).
-    "flux-dev": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24, in_channels=64,
+    "flux-dev": dict(num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                     in_channels=64,
                      joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)),
 }
 
@@ -82,7 +83,8 @@ def build_flux_text_pipeline(seed: int = 0):
 
     base = build_flux_pipeline(seed=seed)
     pipe = FluxPipeline(scheduler=base.scheduler, vae=base.vae, transformer=base.transformer,
-                        text_encoder=tiny_clip(seed + 1, 20), tokenizer=word_tokenizer("<bos> $A <eos>", max_length=16),
+                        text_encoder=tiny_clip(seed + 1, 20),
+                        tokenizer=word_tokenizer("<bos> $A <eos>", max_length=16),
                         text_encoder_2=tiny_t5(seed + 2, 24), tokenizer_2=word_tokenizer("$A <eos>"))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -20,22 +20,44 @@ import pkgutil
 
 from safe_dit.config import SafeDitError
 from safe_dit.testing.flux import (  # noqa: F401  (re-exported)
-    FLUX_PRESETS, build_flux, build_flux_pipeline, build_flux_text_pipeline, flux_bench_overrides, flux_image_ids,
-    flux_inputs, flux_prompt_kwargs,
-)
-from safe_dit.testing.lumina_next import (  # noqa: F401  (re-exported)
-    PRESETS, build_lumina_next, build_lumina_pipeline, build_tiny_text_pipeline, lumina_attention_shape,
-    lumina_bench_overrides, lumina_inputs, lumina_prompt_kwargs,
-)
-from safe_dit.testing.pixart import (  # noqa: F401  (re-exported)
-    PIXART_PRESETS, build_pixart, build_pixart_pipeline, build_pixart_text_pipeline, pixart_bench_overrides,
-    pixart_inputs, pixart_prompt_kwargs,
-)
-from safe_dit.testing.sd3 import (  # noqa: F401  (re-exported)
-    SD3_PRESETS, build_sd3, build_sd3_pipeline, build_sd3_text_pipeline, sd3_bench_overrides, sd3_inputs,
-    sd3_prompt_kwargs,
+    FLUX_PRESETS,
+    build_flux,
+    build_flux_pipeline,
+    build_flux_text_pipeline,
+    flux_bench_overrides,
+    flux_image_ids,
+    flux_inputs,
+    flux_prompt_kwargs,
 )
 from safe_dit.testing.kit import Kit, TinyRun  # noqa: F401  (re-exported)
+from safe_dit.testing.lumina_next import (  # noqa: F401  (re-exported)
+    PRESETS,
+    build_lumina_next,
+    build_lumina_pipeline,
+    build_tiny_text_pipeline,
+    lumina_attention_shape,
+    lumina_bench_overrides,
+    lumina_inputs,
+    lumina_prompt_kwargs,
+)
+from safe_dit.testing.pixart import (  # noqa: F401  (re-exported)
+    PIXART_PRESETS,
+    build_pixart,
+    build_pixart_pipeline,
+    build_pixart_text_pipeline,
+    pixart_bench_overrides,
+    pixart_inputs,
+    pixart_prompt_kwargs,
+)
+from safe_dit.testing.sd3 import (  # noqa: F401  (re-exported)
+    SD3_PRESETS,
+    build_sd3,
+    build_sd3_pipeline,
+    build_sd3_text_pipeline,
+    sd3_bench_overrides,
+    sd3_inputs,
+    sd3_prompt_kwargs,
+)
 from safe_dit.testing.tiny import TINY_WORDS, word_tokenizer  # noqa: F401  (re-exported)
 
 

@@ -12,8 +12,11 @@ from safe_dit.testing.tiny import prefix_mask, tiny_vae, word_tokenizer
 LUMINA2_PRESETS = {
     "tiny": dict(hidden_size=64, num_layers=2, num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2,
                  multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 512, 512), cap_feat_dim=32),
-    # Lumina-Image-2.0: hidden 2304, 26 layers + 2 refiners each, 24 heads (head dim 96), 8 KV heads, Gemma-2-2B (2304).
-    "lumina-image-2": dict(hidden_size=2304, num_layers=26, num_refiner_layers=2, num_attention_heads=24, num_kv_heads=8,
+    # Lumina-Image-2.0: hidden 2304, 26 layers + 2 refiners each, 24 heads (head dim 96), 8 KV heads,
+    # Gemma-2-2B (2304).
+
+    "lumina-image-2": dict(hidden_size=2304, num_layers=26, num_refiner_layers=2, num_attention_heads=24,
+                           num_kv_heads=8,
                            multiple_of=256, axes_dim_rope=(32, 32, 32), axes_lens=(300, 512, 512), cap_feat_dim=2304),
 }
 
@@ -47,10 +50,12 @@ def lumina2_inputs(model, height_tokens: int, width_tokens: int, batch: int = 1,
     if len(valid_lens) != batch:
         raise ValueError("valid_lens needs one length per sample")
     return dict(
-        hidden_states=torch.randn(batch, cfg.in_channels, height_tokens * p, width_tokens * p, generator=g).to(device, dtype),
+        hidden_states=torch.randn(batch, cfg.in_channels, height_tokens * p, width_tokens * p,
+                                  generator=g).to(device, dtype),
         timestep=torch.rand(batch, generator=g).to(device, dtype),
         encoder_hidden_states=torch.randn(batch, text_len, cfg.cap_feat_dim, generator=g).to(device, dtype),
-        encoder_attention_mask=(torch.arange(text_len)[None] < torch.tensor(valid_lens)[:, None]).to(device, torch.int64),
+        encoder_attention_mask=(torch.arange(text_len)[None]
+                                < torch.tensor(valid_lens)[:, None]).to(device, torch.int64),
         return_dict=False,
     )
 
@@ -76,7 +81,8 @@ def build_lumina2_text_pipeline(seed: int = 0):
 
     tokenizer = word_tokenizer("<bos> $A")
     torch.manual_seed(seed)
-    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=64,
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer.get_vocab()), hidden_size=32,
+                                            intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                             head_dim=16)).eval()
     base = build_lumina2_pipeline(seed=seed)
@@ -89,13 +95,15 @@ def build_lumina2_text_pipeline(seed: int = 0):
 def lumina2_prompt_kwargs(transformer, draw, text_len: int, valid: tuple[int, int], device="cpu") -> dict:
     """``Lumina2Pipeline`` call keywords for a pair of padded captions (see ``Kit.prompt_kwargs``)."""
     dim = transformer.config.cap_feat_dim
-    return dict(prompt_embeds=draw("prompt", 1, text_len, dim), prompt_attention_mask=prefix_mask(valid[0], text_len, device),
+    return dict(prompt_embeds=draw("prompt", 1, text_len, dim),
+                prompt_attention_mask=prefix_mask(valid[0], text_len, device),
                 negative_prompt_embeds=draw("negative", 1, text_len, dim),
                 negative_prompt_attention_mask=prefix_mask(valid[1], text_len, device))
 
 
 def lumina2_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
-    """Transformer overrides for bench e2e: ``layers`` joint blocks (and up to 2 refiners); the width with --hidden-size."""
+    """Transformer overrides for bench e2e: ``layers`` joint blocks (and up to 2 refiners); the width with
+    --hidden-size."""
     overrides = dict(num_layers=layers)
     if hidden_size:
         overrides |= dict(hidden_size=hidden_size, num_attention_heads=heads, num_kv_heads=kv_heads)

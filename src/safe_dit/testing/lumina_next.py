@@ -87,7 +87,8 @@ def build_lumina_pipeline(transformer: LuminaNextDiT2DModel | None = None, seed:
     transformer = transformer if transformer is not None else build_lumina_next("tiny", seed=seed)
     vae = tiny_vae(transformer.config.in_channels, seed)
     pipe = LuminaPipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+        tokenizer=None
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -103,7 +104,8 @@ def build_tiny_text_pipeline(seed: int = 0):
     tokenizer = word_tokenizer("<bos> $A")
     vocab = tokenizer.get_vocab()
     torch.manual_seed(seed)
-    text_encoder = GemmaModel(GemmaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text_encoder = GemmaModel(GemmaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2,
                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16)).eval()
     base = build_lumina_pipeline(seed=seed)
     pipe = LuminaPipeline(transformer=base.transformer, scheduler=base.scheduler, vae=base.vae,

@@ -9,10 +9,12 @@ from safe_dit.testing.kit import Kit, TinyRun
 from safe_dit.testing.tiny import prefix_mask, tiny_t5, tiny_vae, word_tokenizer
 
 PIXART_PRESETS = {
-    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32, caption_channels=24),
+    "tiny": dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, cross_attention_dim=32,
+                 caption_channels=24),
     # PixArt-Sigma XL/2: hidden 1152 = 16 heads of 72, 28 blocks, T5-XXL caption states (4096).
     "pixart-sigma": dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, cross_attention_dim=1152,
-                         caption_channels=4096, sample_size=128, interpolation_scale=2, use_additional_conditions=False),
+                         caption_channels=4096, sample_size=128, interpolation_scale=2,
+                         use_additional_conditions=False),
 }
 
 
@@ -101,7 +103,8 @@ def pixart_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=N
 
 
 # T5 caption padded to 300 tokens, its padding bias in cross-attention
-KIT = Kit(rank=1, name="pixart", label="PixArt", tiny_name="tiny-random-pixart", build=build_pixart, inputs=pixart_inputs,
+KIT = Kit(rank=1, name="pixart", label="PixArt", tiny_name="tiny-random-pixart", build=build_pixart,
+          inputs=pixart_inputs,
     pipeline=build_pixart_pipeline, text_pipeline=build_pixart_text_pipeline, prompt_kwargs=pixart_prompt_kwargs,
     tiny_run=TinyRun(24, 40, grid=(6, 10)), real_preset="pixart-sigma", bench_text_len=300,
     bench_overrides=pixart_bench_overrides)

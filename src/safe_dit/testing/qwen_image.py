@@ -97,5 +97,6 @@ def qwen_image_bench_overrides(layers: int, heads=None, hidden_size=None, kv_hea
 # Qwen2.5-VL captions (up to 1024 tokens, unpadded for one prompt); true CFG is two calls per step: batch 1 runs
 KIT = Kit(rank=5, name="qwen-image", label="Qwen-Image", tiny_name="tiny-random-qwen-image", build=build_qwen_image,
     inputs=qwen_image_inputs, pipeline=build_qwen_image_pipeline, text_pipeline=build_qwen_image_text_pipeline,
-    prompt_kwargs=qwen_image_prompt_kwargs, tiny_run=TinyRun(32, 48, grid=(8, 12), guidance=1.0), real_preset="qwen-image",
+    prompt_kwargs=qwen_image_prompt_kwargs, tiny_run=TinyRun(32, 48, grid=(8, 12), guidance=1.0),
+    real_preset="qwen-image",
     bench_text_len=256, bench_overrides=qwen_image_bench_overrides, guidance_distilled=True, latent_patch=2)

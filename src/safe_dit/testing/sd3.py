@@ -39,7 +39,8 @@ def sd3_inputs(model, height_tokens: int, width_tokens: int, batch: int = 1, tex
     p = cfg.patch_size
     g = torch.Generator().manual_seed(seed)
     return dict(
-        hidden_states=torch.randn(batch, cfg.in_channels, height_tokens * p, width_tokens * p, generator=g).to(device, dtype),
+        hidden_states=torch.randn(batch, cfg.in_channels, height_tokens * p, width_tokens * p,
+                                  generator=g).to(device, dtype),
         encoder_hidden_states=torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g).to(device, dtype),
         pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(device, dtype),
         timestep=(torch.rand(batch, generator=g) * 1000).to(device, dtype),
@@ -54,7 +55,8 @@ def build_sd3_pipeline(transformer=None, seed: int = 0):
 
     transformer = transformer if transformer is not None else build_sd3("tiny", seed=seed)
     vae = tiny_vae(transformer.config.in_channels, seed, shift_factor=0.0609, scaling_factor=1.5305)
-    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae,
                                     text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
@@ -89,7 +91,8 @@ def sd3_prompt_kwargs(transformer, draw, text_len: int, valid=None, device="cpu"
 
 def sd3_bench_overrides(layers: int, heads=None, hidden_size=None, kv_heads=None) -> dict:
     """Transformer overrides for bench e2e: --heads sets the width (heads x the real head dim 64)."""
-    return dict(num_layers=layers) | (dict(num_attention_heads=heads, caption_projection_dim=64 * heads) if heads else {})
+    return dict(num_layers=layers) | (dict(num_attention_heads=heads,
+                                           caption_projection_dim=64 * heads) if heads else {})
 
 
 # CLIP-L/G (77) + T5 (256) caption tokens, as StableDiffusion3Pipeline makes them

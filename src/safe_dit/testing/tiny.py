@@ -15,7 +15,8 @@ def word_tokenizer(template: str, max_length: int | None = None):
     """A word-level fast tokenizer over ``TINY_WORDS`` built in code (no hub): ``template`` places the
     special tokens around the words (``"<bos> $A"`` Gemma-like, ``"<bos> $A <eos>"`` CLIP-like, ``"$A <eos>"``
     T5-like); ``max_length`` becomes ``model_max_length``."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(TINY_WORDS)}
@@ -45,7 +46,8 @@ def tiny_clip(seed: int, hidden: int, projection: int | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=len(TINY_WORDS), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=len(TINY_WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=16, projection_dim=projection or hidden,
                          bos_token_id=TINY_WORDS.index("<bos>"), eos_token_id=TINY_WORDS.index("<eos>"),
                          pad_token_id=TINY_WORDS.index("<pad>"))

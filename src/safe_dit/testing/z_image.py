@@ -10,7 +10,8 @@ from safe_dit.testing.kit import Kit, TinyRun
 from safe_dit.testing.tiny import tiny_vae, word_tokenizer
 
 Z_IMAGE_PRESETS = {
-    "tiny": dict(dim=64, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12],
+    "tiny": dict(dim=64, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                 axes_dims=[8, 12, 12],
                  axes_lens=[256, 64, 64]),
     "z-image": dict(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30, cap_feat_dim=2560,
                     axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512]),
