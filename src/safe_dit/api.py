@@ -8,7 +8,7 @@ import torch
 
 from safe_dit.adapters import Handle, adapter_for
 from safe_dit.config import SafeConfig, SafeDitError
-from safe_dit.engine.hooks import refuse_step_caches
+from safe_dit.engine.step_caches import refuse_step_caches
 
 logger = logging.getLogger(__name__)
 

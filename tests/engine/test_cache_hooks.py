@@ -29,7 +29,7 @@ from diffusers.models.transformers.lumina_nextdit2d import LuminaNextDiTBlock
 
 from safe_dit import SafeConfig, SafeDitError, apply_safe_dit, is_safe_dit_applied, remove_safe_dit
 from safe_dit.api import runtime_of
-from safe_dit.engine.hooks import step_caches
+from safe_dit.engine.step_caches import step_caches
 from safe_dit.testing.kits import KITS, kit_for
 
 from helpers import RUNS
