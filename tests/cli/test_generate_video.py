@@ -165,3 +165,40 @@ def test_a_terminal_shows_the_sampling_progress(tmp_path, monkeypatch):
     code, _ = _gen(tmp_path)
     assert code == 0
     assert "4/4" in terminal.getvalue()  # the pipeline's own bar over the 4 steps (off when stderr is no terminal)
+
+
+def test_a_video_pipeline_directory_writes_a_video(tmp_path, capsys, monkeypatch):
+    from safe_dit.commands import generate
+    from safe_dit.testing.wan import build_wan_text_pipeline
+
+    (tmp_path / "wan").mkdir()  # a local pipeline directory: a video model is known only once it is loaded
+    monkeypatch.setattr(generate, "load_pipeline", lambda *args: build_wan_text_pipeline())
+    model = ["generate", PROMPT, "--model", str(tmp_path / "wan"), "--steps", "4"]
+    code = main([*model, "--out", str(tmp_path / "clip.webp")])  # WanPipeline's defaults: 81 frames of 480x832
+    assert code == 2 and "21 x 30 x 52 (frames x rows x columns)" in capsys.readouterr().err  # past tiny RoPE
+    sized = [*model, "--height", "32", "--width", "48", "--frames", "9"]
+    code = main([*sized, "--out", str(tmp_path / "clip.png")])
+    assert code == 2 and "must end in .webp for a video model" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [tmp_path / "wan"]
+    out = tmp_path / "clip.webp"
+    code = main([*sized, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["backbone"] == "wan" and summary["token_grid"] == [3, 2, 3]
+    decoded = video_files.read_video(out, summary["fps"])
+    assert len(decoded) == summary["frames"] == 9 and decoded[0].size == (48, 32)
+
+
+def test_a_pipeline_whose_guider_holds_the_scale_gets_no_guidance_keyword():
+    from argparse import Namespace
+
+    from safe_dit.bench.pipelines import call_kwargs, is_video
+    from safe_dit.config import SafeDitError
+    from safe_dit.testing.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    pipe = build_hunyuan_video15_pipeline()  # HunyuanVideo15Pipeline: CFG through its guider component
+    held = pipe.guider.guidance_scale
+    args = Namespace(height=16, width=24, steps=2, guidance=held, seed=0, negative_prompt="")
+    assert is_video(pipe) and "guidance_scale" not in call_kwargs(pipe, args)
+    with pytest.raises(SafeDitError, match="from its guider component"):
+        call_kwargs(pipe, Namespace(**{**vars(args), "guidance": held + 1}))  # never silently another scale

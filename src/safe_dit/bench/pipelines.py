@@ -69,6 +69,13 @@ def call_kwargs(pipe, args) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=torch.Generator().manual_seed(args.seed))
+    if "guidance_scale" not in params:  # HunyuanVideo 1.5: its guider component holds the scale
+        held = getattr(getattr(pipe, "guider", None), "guidance_scale", None)
+        if held is not None and held != args.guidance:
+            raise SafeDitError(f"{type(pipe).__name__} takes its guidance scale from its guider component "
+                               f"({held:g}), not --guidance: pass --guidance {held:g}, or set the guider's scale in "
+                               "the pipeline directory")
+        del kwargs["guidance_scale"]
     if "true_cfg_scale" in params:  # FLUX: guidance-distilled; a negative prompt would need true CFG
         if args.negative_prompt:
             raise SafeDitError("FLUX is guidance-distilled (--guidance sets its guidance embedding): FluxPipeline "
