@@ -202,3 +202,15 @@ def test_a_pipeline_whose_guider_holds_the_scale_gets_no_guidance_keyword():
     assert is_video(pipe) and "guidance_scale" not in call_kwargs(pipe, args)
     with pytest.raises(SafeDitError, match="from its guider component"):
         call_kwargs(pipe, Namespace(**{**vars(args), "guidance": held + 1}))  # never silently another scale
+
+
+def test_a_video_pipeline_without_a_default_size_asks_for_one(tmp_path, capsys, monkeypatch):
+    from safe_dit.commands import generate
+    from safe_dit.testing.hunyuan_video15 import build_hunyuan_video15_pipeline
+
+    (tmp_path / "hv15").mkdir()
+    monkeypatch.setattr(generate, "load_pipeline", lambda *args: build_hunyuan_video15_pipeline())
+    code = main(["generate", PROMPT, "--model", str(tmp_path / "hv15"), "--out", str(tmp_path / "clip.webp")])
+    err = capsys.readouterr().err
+    assert code == 2 and "HunyuanVideo15Pipeline has no default height or width: pass --height and --width" in err
+    assert list(tmp_path.iterdir()) == [tmp_path / "hv15"]

@@ -121,9 +121,9 @@ def is_video(pipe) -> bool:
     return "num_frames" in inspect.signature(pipe.__call__).parameters
 
 
-def native_video(pipe, model: str) -> tuple[int, int, int]:
+def native_video(pipe, model: str) -> tuple[int | None, int | None, int | None]:
     """(height, width, frames) of a video pipeline's default call: a tiny pipeline's kit run, else the defaults of
-    the pipeline's own ``__call__`` (``WanPipeline``: 480 x 832, 81 frames)."""
+    the pipeline's own ``__call__`` (``WanPipeline``: 480 x 832, 81 frames; None where it names none)."""
     from safe_dit.testing.kits import KITS
 
     kit = next((k for k in KITS.values() if k.tiny_name == model), None)
@@ -131,10 +131,7 @@ def native_video(pipe, model: str) -> tuple[int, int, int]:
         return kit.tiny_run.height, kit.tiny_run.width, kit.tiny_run.frames
     params = inspect.signature(pipe.__call__).parameters
     defaults = [params[name].default if name in params else None for name in ("height", "width", "num_frames")]
-    if any(not isinstance(value, int) for value in defaults):
-        raise SafeDitError(f"{type(pipe).__name__} names no default height, width and num_frames: pass --height, "
-                           "--width and --frames")
-    return tuple(defaults)
+    return tuple(value if isinstance(value, int) else None for value in defaults)
 
 
 def check_video(pipe, height: int, width: int, frames: int) -> None:

@@ -213,6 +213,10 @@ def run(args) -> int:
     if video:
         height, width, frames = native_video(pipe, args.model)
         args.height, args.width, args.frames = args.height or height, args.width or width, args.frames or frames
+        missing = [f"--{name}" for name in ("height", "width", "frames") if getattr(args, name) is None]
+        if missing:
+            raise SafeDitError(f"{type(pipe).__name__} has no default {' or '.join(m[2:] for m in missing)}: pass "
+                               f"{' and '.join(missing)}")
         args.out = args.out or DEFAULT_VIDEO_OUT
         check_out(Path(args.out), video=True)
         check_size(args)
