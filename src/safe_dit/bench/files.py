@@ -12,12 +12,23 @@ from pathlib import Path
 from safe_dit.config import SafeDitError
 
 
-def check_out(out: Path) -> None:
-    """--out names a new or existing image file in a writable directory (checked before any work)."""
+def check_out(out: Path, video: bool = False) -> None:
+    """--out names a new or existing image file (``video``: an animated .webp) in a writable directory (checked
+    before any work)."""
+    if video and out.suffix.lower() != ".webp":
+        raise SafeDitError(f"--out must end in .webp for a video model (an animated WebP), got {out.name!r}")
+    if video:
+        from PIL import features
+
+        if not features.check("webp"):
+            raise SafeDitError("this Pillow was built without WebP, which a video is written as: install Pillow's "
+                               "wheel from PyPI (pip install --force-reinstall pillow)")
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise SafeDitError(f"--out must end in .png, .jpg or .webp, got {out.name!r}")
     if out.is_dir():
-        raise SafeDitError(f"--out {str(out)!r} is a directory: name the image file, e.g. {str(out / 'image.png')!r}")
+        example = "video.webp" if video else "image.png"
+        raise SafeDitError(f"--out {str(out)!r} is a directory: name the {'video' if video else 'image'} file, "
+                           f"e.g. {str(out / example)!r}")
     check_creatable(out, out.parent if str(out.parent) else Path("."))
 
 

@@ -69,6 +69,13 @@ def call_kwargs(pipe, args) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     kwargs = dict(height=args.height, width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   generator=torch.Generator().manual_seed(args.seed))
+    if "guidance_scale" not in params:  # HunyuanVideo 1.5: its guider component holds the scale
+        held = getattr(getattr(pipe, "guider", None), "guidance_scale", None)
+        if held is not None and held != args.guidance:
+            raise SafeDitError(f"{type(pipe).__name__} takes its guidance scale from its guider component "
+                               f"({held:g}), not --guidance: pass --guidance {held:g}, or set the guider's scale in "
+                               "the pipeline directory")
+        del kwargs["guidance_scale"]
     if "true_cfg_scale" in params:  # FLUX: guidance-distilled; a negative prompt would need true CFG
         if args.negative_prompt:
             raise SafeDitError("FLUX is guidance-distilled (--guidance sets its guidance embedding): FluxPipeline "
@@ -107,3 +114,41 @@ def check_rope(pipe, args) -> None:
     if side is not None and max(args.height, args.width) > side:
         raise SafeDitError(f"--height and --width must be at most {side} pixels for this model: its pipeline has RoPE "
                            f"rows for {ROPE_TOKENS} tokens a side")
+
+
+def is_video(pipe) -> bool:
+    """A text-to-video pipeline: its ``__call__`` takes ``num_frames`` (and returns ``.frames``)."""
+    return "num_frames" in inspect.signature(pipe.__call__).parameters
+
+
+def native_video(pipe, model: str) -> tuple[int | None, int | None, int | None]:
+    """(height, width, frames) of a video pipeline's default call: a tiny pipeline's kit run, else the defaults of
+    the pipeline's own ``__call__`` (``WanPipeline``: 480 x 832, 81 frames; None where it names none)."""
+    from safe_dit.testing.kits import KITS
+
+    kit = next((k for k in KITS.values() if k.tiny_name == model), None)
+    if kit is not None and kit.tiny_run.frames:
+        return kit.tiny_run.height, kit.tiny_run.width, kit.tiny_run.frames
+    params = inspect.signature(pipe.__call__).parameters
+    defaults = [params[name].default if name in params else None for name in ("height", "width", "num_frames")]
+    return tuple(value if isinstance(value, int) else None for value in defaults)
+
+
+def check_video(pipe, height: int, width: int, frames: int) -> None:
+    """``frames`` fits the pipeline's VAE (1 + temporal factor x k) and the video's token grid fits the
+    transformer's RoPE table where it has one (Wan: ``rope_max_seq_len`` positions per axis)."""
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
+    if (frames - 1) % temporal:
+        raise SafeDitError(f"--frames must be 1 + {temporal} x k for this model's VAE (e.g. {1 + temporal}, "
+                           f"{1 + 8 * temporal}, {1 + 20 * temporal}), got {frames}")
+    cfg = pipe.transformer.config
+    rope = cfg.get("rope_max_seq_len")
+    patch = cfg.get("patch_size")
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
+    if rope is None or not isinstance(patch, (list, tuple)) or len(patch) != 3:
+        return
+    grid = (((frames - 1) // temporal + 1) // patch[0], height // (spatial * patch[1]), width // (spatial * patch[2]))
+    if max(grid) > rope:
+        raise SafeDitError(f"this model's RoPE table covers {rope} tokens an axis; {frames} frames of "
+                           f"{height}x{width} make {grid[0]} x {grid[1]} x {grid[2]} (frames x rows x columns): "
+                           "ask for fewer frames or pixels")

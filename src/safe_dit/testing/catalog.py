@@ -30,6 +30,8 @@ class Declared:
     tiny_name: str  # safe-dit generate --model
     real_preset: str  # the real model's attention shape (audit --preset, bench e2e's default)
     module: str  # safe_dit.testing.<module>
+    video: bool = False  # a video backbone (its KIT gives frame_kwargs): generate writes a video
+    text_prompts: bool = True  # its tiny pipeline takes text prompts offline (KIT's text_prompts)
 
 
 class Unreadable(Exception):
@@ -66,7 +68,13 @@ def read_declaration(source: str, module: str) -> Declared | None:
             missing = [f for f in FIELDS if f not in values]
             if missing:
                 raise Unreadable(f"{module}: KIT = Kit(...) does not name {', '.join(missing)} by keyword")
-            return Declared(**values, module=module)
+            given = {kw.arg: kw.value for kw in node.value.keywords}
+            video = "frame_kwargs" in given and not (isinstance(given["frame_kwargs"], ast.Constant)
+                                                     and given["frame_kwargs"].value is None)
+            text = given.get("text_prompts", ast.Constant(True))
+            if not isinstance(text, ast.Constant):
+                raise Unreadable(f"{module}: KIT's text_prompts is not a literal")
+            return Declared(**values, module=module, video=video, text_prompts=bool(text.value))
     return None
 
 
@@ -93,7 +101,8 @@ def declared_kits() -> list[Declared]:
     except (Unreadable, SyntaxError, OSError):
         from safe_dit.testing.kits import KITS
 
-        return [Declared(k.rank, k.name, k.label, k.tiny_name, k.real_preset, "") for k in KITS.values()]
+        return [Declared(k.rank, k.name, k.label, k.tiny_name, k.real_preset, "", k.frame_kwargs is not None,
+                         k.text_prompts) for k in KITS.values()]
 
 
 def kit_names() -> list[str]:
@@ -101,12 +110,20 @@ def kit_names() -> list[str]:
     return [d.name for d in declared_kits()]
 
 
-def tiny_names() -> list[str]:
-    """The kits' tiny pipelines (``safe-dit generate --model``), in rank order."""
-    return [d.tiny_name for d in declared_kits()]
+def tiny_names(video: bool | None = None, text_prompts: bool | None = None) -> list[str]:
+    """The kits' tiny pipelines (``safe-dit generate --model``), in rank order; ``video``/``text_prompts`` True or
+    False: only the video (image) ones, only those that take (refuse) text prompts offline."""
+    return [d.tiny_name for d in declared_kits()
+            if video in (None, d.video) and text_prompts in (None, d.text_prompts)]
 
 
-def labels(last: str = "and") -> str:
-    """The kits' labels as prose: 'Lumina-Next, PixArt, ... and Chroma'."""
-    names = [d.label for d in declared_kits()]
+def declared(tiny_name: str) -> Declared | None:
+    """The kit whose tiny pipeline is ``tiny_name`` (None: no kit's)."""
+    return next((d for d in declared_kits() if d.tiny_name == tiny_name), None)
+
+
+def labels(last: str = "and", video: bool | None = None) -> str:
+    """The kits' labels as prose: 'Lumina-Next, PixArt, ... and Chroma' (``video`` True/False: the video/image
+    backbones alone)."""
+    names = [d.label for d in declared_kits() if video in (None, d.video)]
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"

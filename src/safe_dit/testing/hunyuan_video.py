@@ -123,4 +123,4 @@ KIT = Kit(rank=9, name="hunyuan-video", label="HunyuanVideo", tiny_name="tiny-ra
           text_pipeline=build_hunyuan_video_text_pipeline, prompt_kwargs=hunyuan_video_prompt_kwargs,
           tiny_run=TinyRun(32, 48, grid=(2, 4, 6), guidance=6.0, frames=5), real_preset="hunyuan-video",
           bench_text_len=256, bench_overrides=hunyuan_video_bench_overrides, guidance_distilled=True,
-          bench_frames=16, frame_kwargs=hunyuan_video_frame_kwargs)
+          bench_frames=16, frame_kwargs=hunyuan_video_frame_kwargs, text_prompts=False)

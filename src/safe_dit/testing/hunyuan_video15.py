@@ -135,4 +135,4 @@ KIT = Kit(rank=10, name="hunyuan-video-1.5", label="HunyuanVideo 1.5", tiny_name
           text_pipeline=build_hunyuan_video15_text_pipeline, prompt_kwargs=hunyuan_video15_prompt_kwargs,
           tiny_run=TinyRun(16, 24, grid=(2, 8, 12), guidance=None, frames=2), real_preset="hunyuan-video-1.5",
           bench_text_len=256, bench_overrides=hunyuan_video15_bench_overrides, latent_patch=1, bench_frames=16,
-          frame_kwargs=hunyuan_video15_frame_kwargs, cfg_calls=True)
+          frame_kwargs=hunyuan_video15_frame_kwargs, cfg_calls=True, text_prompts=False)

@@ -42,7 +42,8 @@ class Kit:
     "negative" or "negative_pooled"; ``valid`` = (prompt, negative) valid caption tokens where captions are
     padded. ``bench_overrides(layers, heads=None, hidden_size=None, kv_heads=None)``: the config overrides bench
     e2e builds ``real_preset`` with. A video backbone's ``frame_kwargs(latent_frames)`` gives the pipeline keywords
-    for that many latent frames (``num_frames``); bench e2e makes ``bench_frames`` of them by default.
+    for that many latent frames (``num_frames``); bench e2e makes ``bench_frames`` of them by default, and
+    ``safe-dit generate`` writes a video for it.
     """
 
     rank: int  # order in KITS (and so in --model choices and reports)
@@ -65,3 +66,4 @@ class Kit:
     bench_frames: int = 1  # video backbones: latent frames of bench e2e's calls (tokens = frames x side x side)
     frame_kwargs: Callable | None = None  # video backbones: latent frames -> the pipeline call's keywords
     cfg_calls: bool = False  # its pipeline runs CFG as a conditional and an unconditional call of batch 1 per step
+    text_prompts: bool = True  # text_pipeline builds a pipeline taking text offline (False: it refuses, saying why)
