@@ -19,8 +19,8 @@ class SafeConfig:
 
     The safe-core defaults (keep 0.2, warm-up 2, anchor gaps 2, 3, 4, ..., one dense tail step before a final
     selective one, linear context K/V forecast, every 2nd step after an anchor reused) were chosen on a held-out
-    prompt set (seed 23, both embedded models) as the fastest schedule tried whose worst prompt stays above 35 dB and whose
-    median stays above 42 dB against dense-fp (``benchmarks/results/tail-sweep-cpu.txt``);
+    prompt set (seed 23, both embedded models) as the fastest schedule tried whose worst prompt stays above 35 dB
+    and whose median stays above 42 dB against dense-fp (``benchmarks/results/tail-sweep-cpu.txt``);
     ``SafeConfig(..., **PUBLISHED)`` in ``safe_dit.bench.pareto_settings`` is the published schedule.
 
     mode:
