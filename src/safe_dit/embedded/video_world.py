@@ -143,10 +143,11 @@ VOCABULARY_HINT = ("'a COLOR SHAPE MOTION [and a COLOR SHAPE MOTION] on a BACKGR
                    + f"POSITION {'/'.join(world.CELL_OF)}, BACKGROUND {'/'.join(world.BACKGROUNDS)}")
 
 
-def sample_scene(rng: random.Random, two_object_prob: float = 0.5, static_prob: float = 0.2) -> VideoScene:
+def sample_scene(rng: random.Random, two_object_prob: float = 0.5, static_prob: float = 0.2,
+                 frames: int = NUM_FRAMES, size: int = FRAME_SIZE) -> VideoScene:
     """A random scene: one or two objects, each still (probability ``static_prob``, in a random cell) or moving
     in one of the four directions, with a random colour, shape and background. Every scene it returns can be
-    rendered (two objects whose paths always collide are redrawn)."""
+    rendered at ``frames`` x ``size`` (two objects whose paths always collide there are redrawn)."""
     while True:
         background = rng.choice(sorted(world.BACKGROUNDS))
         n = 2 if rng.random() < two_object_prob else 1
@@ -158,7 +159,7 @@ def sample_scene(rng: random.Random, two_object_prob: float = 0.5, static_prob: 
             objects.append(VideoObj(rng.choice(sorted(world.COLORS)), rng.choice(world.SHAPES),
                                     STATIC if still else rng.choice(moving), cell if still else None))
         scene = VideoScene(background, tuple(objects))
-        if layout(scene, random.Random(rng.random())) is not None:
+        if layout(scene, random.Random(rng.random()), frames, size) is not None:
             return scene
 
 
