@@ -27,9 +27,7 @@ from safetensors.torch import save_file
 from safe_dit.embedded import video_world
 from safe_dit.embedded.model import load_text_encoder
 from safe_dit.embedded.train import lr_at
-from safe_dit.embedded.video_model import (
-    TEXT_TOKENS, VIDEO_WEIGHTS_DIR, build_video_transformer, encode_prompts,
-)
+from safe_dit.embedded.video_model import TEXT_TOKENS, VIDEO_WEIGHTS_DIR, build_video_transformer, encode_prompts
 from safe_dit.environment import environment
 
 RESUME_FILE = "resume.pt"
