@@ -105,8 +105,9 @@ def test_a_checkpoint_loads_into_the_stock_wan_pipeline_and_generates_a_video(ch
 
 
 def test_a_missing_checkpoint_is_refused_in_one_line(tmp_path):
-    with pytest.raises(SafeDitError, match="no trained video transformer"):
+    with pytest.raises(SafeDitError, match="no trained video transformer") as err:
         vm.load_video_pipeline(tmp_path)
+    assert "\n" not in str(err.value) and "train_video_model.py" in str(err.value)
 
 
 def tiny_argv(out) -> list[str]:
@@ -149,10 +150,12 @@ def test_the_eval_helper_grades_every_prompt_of_a_seeded_set(checkpoint, tmp_pat
 
     out = tmp_path / "eval.json"
     assert video_eval.main(["--model", str(checkpoint[0]), "--single", "1", "--two", "1", "--steps", "1",
-                            "--seed", str(video_eval.HELD_OUT_SEED), "--json", str(out)]) == 0
+                            "--seed", str(video_eval.HELD_OUT_SEED), "--json", str(out), "--record"]) == 0
     result = json.loads(out.read_text())
     assert [p["prompt"] for p in result["per_prompt"]] == [
         video_world.caption(s) for s in video_world.prompt_set(1, 1, video_eval.HELD_OUT_SEED)]
     assert set(result["accuracy"]) == {*video_eval.video_grader.ATTRIBUTES, "all"}
     assert result["accuracy"]["all"] == 0.0  # a random one-layer model draws no moving shapes
+    card = json.loads((checkpoint[0] / "training.json").read_text())
+    assert card["evaluations"][f"held-out (seed {video_eval.HELD_OUT_SEED})"]["prompts"] == 2
     assert len({video_eval.EVAL_SEED, video_eval.HELD_OUT_SEED, video_eval.SELECTION_SEED, 0}) == 4

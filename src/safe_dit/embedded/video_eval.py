@@ -14,12 +14,13 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from safe_dit.embedded import video_grader, video_world
-from safe_dit.embedded.video_model import frames_uint8, load_video_pipeline, video_weights_identity
+from safe_dit.embedded.video_model import VIDEO_WEIGHTS_DIR, frames_uint8, load_video_pipeline, video_weights_identity
 
 EVAL_SEED = 100
 HELD_OUT_SEED = 101
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--save-videos", metavar="NPZ", help="also save the generated videos (uint8) to this .npz")
     p.add_argument("--json", metavar="PATH", help="write the result here as JSON (default: stdout only)")
+    p.add_argument("--record", action="store_true",
+                   help="add the summary to the checkpoint's training.json under 'evaluations' (the model card; "
+                        "not on a directory a running training still writes to)")
     return p
 
 
@@ -91,11 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    summary = {k: result[k] for k in ("prompts", "seed", "accuracy", "accuracy_single_object", "accuracy_two_object",
-                                      "seconds")}
+    summary = {k: result[k] for k in ("prompts", "seed", "steps", "guidance", "accuracy", "accuracy_single_object",
+                                      "accuracy_two_object", "seconds")}
+    if args.record:
+        card = Path(args.model or VIDEO_WEIGHTS_DIR) / "training.json"
+        record = json.loads(card.read_text()) if card.is_file() else {}
+        role = {EVAL_SEED: "eval", HELD_OUT_SEED: "held-out", SELECTION_SEED: "selection"}.get(args.seed, "other")
+        words = sys.argv[1:] if argv is None else argv
+        summary["command"] = "python -m safe_dit.embedded.video_eval " + " ".join(words)
+        record.setdefault("evaluations", {})[f"{role} (seed {args.seed})"] = summary
+        card.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(summary))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    raise SystemExit(main())
