@@ -137,3 +137,20 @@ def test_bad_inputs_are_refused():
         vg.detect_video(np.zeros((1, vw.FRAME_SIZE, vw.FRAME_SIZE, 3), np.uint8))
     with pytest.raises(SafeDitError):
         vg.accuracy([])
+
+
+def test_two_touching_objects_of_one_colour_are_counted_as_two():
+    frame = np.empty((vw.FRAME_SIZE, vw.FRAME_SIZE, 3), np.uint8)
+    frame[:] = vw.world.BACKGROUNDS["gray"]
+    for cx in (10.0, 20.0):  # radius 5: the circles touch
+        frame[vw.world.shape_mask("circle", 16.0, cx, vw.RADIUS, vw.FRAME_SIZE)] = vw.world.COLORS["red"]
+    _, objs = vg.detect_frame(frame)
+    assert [o.color for o in objs] == ["red", "red"]
+    assert [round(o.centroid[1]) for o in sorted(objs, key=lambda o: o.centroid[1])] == [10, 20]
+
+
+def test_sixteen_frame_videos_are_graded_like_eight_frame_ones():
+    rng = random.Random(3)
+    for _ in range(10):
+        s = vw.sample_scene(rng, frames=16)
+        assert vg.grade(vw.render(s, rng, frames=16), s)["all"]
