@@ -159,3 +159,13 @@ def test_the_eval_helper_grades_every_prompt_of_a_seeded_set(checkpoint, tmp_pat
     card = json.loads((checkpoint[0] / "training.json").read_text())
     assert card["evaluations"][f"held-out (seed {video_eval.HELD_OUT_SEED})"]["prompts"] == 2
     assert len({video_eval.EVAL_SEED, video_eval.HELD_OUT_SEED, video_eval.SELECTION_SEED, 0}) == 4
+
+
+def test_training_can_continue_from_a_checkpoint_and_keeps_its_history(checkpoint, tmp_path):
+    path, model = checkpoint
+    out = tmp_path / "more"
+    argv = [a for a in tiny_argv(out) if a != "--resume"]
+    argv[argv.index("--steps") + 1] = "1"
+    assert train_video.main(argv + ["--init-from", str(path)]) == 0
+    card = json.loads((out / "training.json").read_text())
+    assert card["steps"] == 1 and card["continues"]["steps"] == 0

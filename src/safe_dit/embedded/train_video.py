@@ -82,6 +82,14 @@ def train(args) -> dict:
     captions = VideoCaptionCache(tokenizer, encoder)
     overrides = json.loads(args.config_overrides) if args.config_overrides else {}
     model = build_video_transformer(args.seed, **overrides).train()
+    previous = {}
+    if args.init_from:  # continue from a saved (EMA, fp16) checkpoint; the optimiser starts afresh
+        from diffusers import WanTransformer3DModel
+
+        start = WanTransformer3DModel.from_pretrained(args.init_from, dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
+        card = Path(args.init_from) / "training.json"
+        previous = json.loads(card.read_text()) if card.is_file() else {}
     ema = build_video_transformer(args.seed, **overrides).eval()
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -106,6 +114,8 @@ def train(args) -> dict:
         seed=args.seed, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
         caption_dropout=args.caption_dropout, environment=environment("cpu"), log=[],
     )
+    if previous:  # keep the history of the run this one continues
+        record["continues"] = {k: previous.get(k) for k in ("command", "steps", "train_seconds", "continues")}
     first, spent = 0, 0.0
     state_file = out / RESUME_FILE
     argv = [a for a in args.argv if a != "--resume"]
@@ -142,7 +152,7 @@ def train(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
+            decay = args.ema if args.init_from else min(args.ema, (1 + step) / (10 + step))
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         running.append(loss.item())
@@ -190,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"save {RESUME_FILE} (fp32 weights, optimiser, RNG) in --out at every checkpoint and, "
                         "if one is there, continue from it: run the same command again after an interruption")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--init-from", metavar="DIR", help="start from this checkpoint's weights (a new schedule and "
+                                                      "optimiser; use a new --seed)")
     p.add_argument("--config-overrides", default="", help="JSON dict of transformer config overrides (tests)")
     p.add_argument("--out", default=str(VIDEO_WEIGHTS_DIR), help="checkpoint directory")
     p.add_argument("--quiet", action="store_true", help="no log lines on stdout (training.json still has them)")
