@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-
-from safe_dit.embedded import world
-from safe_dit.embedded import model as dm
 from safe_dit.config import SafeDitError
+from safe_dit.embedded import model as dm
+from safe_dit.embedded import world
 from safe_dit.embedded.train import CaptionCache
 from safe_dit.embedded.train import main as train_main
 

@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from safe_dit import SafeConfig, apply_safe_dit, remove_safe_dit
-
-from safe_dit.embedded import grader
-
-from safe_dit.embedded import world
 from safe_dit.api import runtime_of
 from safe_dit.cli import main
+from safe_dit.embedded import grader, world
 from safe_dit.embedded.model import EMBEDDED_MODELS, load_default_pipeline
 
 # one prompt per grid cell, colours/shapes/backgrounds rotating
@@ -90,7 +87,8 @@ def test_sensitivity_map_lands_on_the_prompted_cell(pipe):
              generator=torch.Generator().manual_seed(i), output_type="latent")
         s = rt.last_sensitivity[0].reshape(side, side)
         mass = torch.zeros(world.GRID, world.GRID).index_put_(
-            (cell_of_token[:, None].expand(side, side).reshape(-1), cell_of_token[None, :].expand(side, side).reshape(-1)),
+            (cell_of_token[:, None].expand(side, side).reshape(-1),
+             cell_of_token[None, :].expand(side, side).reshape(-1)),
             s.reshape(-1), accumulate=True)
         mass = mass / mass.sum()
         target = scene.objects[0].cell

@@ -1,8 +1,9 @@
 """No ghosting: where no object is, safe-core at its defaults draws the same empty background as dense-fp.
 
 The published schedule (anchors every 5 steps, frozen context K/V) left faint blobs in empty grid cells
-(11% of their pixels off by more than 4/255 on the README's prompt, 5-13% on these white backgrounds). The threshold below is one the
-old defaults fail on the same prompts, which the test checks too, so it cannot pass vacuously."""
+(11% of their pixels off by more than 4/255 on the README's prompt, 5-13% on these white backgrounds). The
+threshold below is one the published schedule fails on the same prompts, which the test checks too, so it cannot
+pass vacuously."""
 
 from __future__ import annotations
 

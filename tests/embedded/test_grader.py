@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safe_dit.embedded import grader
-
-from safe_dit.embedded import world
 from safe_dit.config import SafeDitError
+from safe_dit.embedded import grader, world
 
 KEYS = (*grader.ATTRIBUTES, "all")
 
@@ -90,7 +88,8 @@ def test_detection_contents():
     scene = world.Scene("white", (world.Obj("blue", "triangle", (0, 2)), world.Obj("yellow", "square", (2, 0))))
     det = grader.detect(world.render(scene, random.Random(0)))
     assert det.background == "white"
-    assert [(f.color, f.shape, f.cell) for f in det.objects] == [("blue", "triangle", (0, 2)), ("yellow", "square", (2, 0))]
+    assert [(f.color, f.shape, f.cell) for f in det.objects] == [("blue", "triangle", (0, 2)),
+                                                                ("yellow", "square", (2, 0))]
     for f in det.objects:
         assert f.pixels > 100 and 0.9 <= f.color_share <= 1.0 and 0.8 < f.shape_iou <= 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -36,8 +36,8 @@ import math
 
 import numpy as np
 
-from safe_dit.embedded import world
 from safe_dit.config import SafeDitError
+from safe_dit.embedded import world
 
 #: Area of one object at ``world.IMAGE_SIZE`` in pixels (circle ~201, square ~207, triangle ~128).
 OBJECT_AREA = 200.0
@@ -309,7 +309,8 @@ def detect(image) -> Detection:
     """Background and objects seen in ``image`` (see the module docstring for how).
 
     ``image``: a square RGB image as a uint8 (or other integer) array [S, S, 3] in [0, 255], a
-    float array in [0, 1], or a PIL image (converted to RGB); any side length (geometry is scaled by ``S / 64``). Raises
+    float array in [0, 1], or a PIL image (converted to RGB); any side length (geometry is scaled by ``S / 64``).
+    Raises
     :class:`~safe_dit.config.SafeDitError` (a ``ValueError``) for anything else.
     """
     img = _as_rgb(image)

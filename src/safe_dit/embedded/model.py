@@ -188,7 +188,8 @@ def build_pipeline(transformer: LuminaNextDiT2DModel, dtype: torch.dtype = torch
                    image_size: int | None = None) -> PixelLuminaPipeline:
     tokenizer, text_encoder = load_text_encoder(dtype)
     return PixelLuminaPipeline(
-        transformer=(transformer if transformer.dtype == dtype else transformer.to(dtype)).eval(), scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=(transformer if transformer.dtype == dtype else transformer.to(dtype)).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=PixelVAE(), text_encoder=text_encoder, tokenizer=tokenizer, image_size=image_size,
     )
 

@@ -28,7 +28,11 @@ from tqdm.auto import tqdm
 
 from safe_dit.embedded import world
 from safe_dit.embedded.model import (
-    TRANSFORMER_CONFIG, WEIGHTS_DIR, encode_prompts, load_text_encoder, proportional_attention_kwargs,
+    TRANSFORMER_CONFIG,
+    WEIGHTS_DIR,
+    encode_prompts,
+    load_text_encoder,
+    proportional_attention_kwargs,
 )
 from safe_dit.inspection.environment import environment
 
@@ -140,7 +144,8 @@ def train(args) -> dict:
         command="python scripts/train_default_model.py " + " ".join(args.argv),
         image_size=size, rope_linear_factor=linear,
         transformer_config=dict(model.config), parameters=n_params, text_encoder="all-MiniLM-L6-v2",
-        seed=args.seed, batch=args.batch, fast_path=not args.no_fast_path, lr=args.lr, ema=args.ema, caption_dropout=args.caption_dropout,
+        seed=args.seed, batch=args.batch, fast_path=not args.no_fast_path, lr=args.lr, ema=args.ema,
+        caption_dropout=args.caption_dropout,
         environment=environment("cpu"), log=[],
     )
     if previous:  # keep the history of the run this one continues
@@ -211,14 +216,18 @@ RESUME_FILE = "resume.pt"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the embedded shapes Lumina-Next model (CPU is fine).")
-    p.add_argument("--steps", type=int, default=6000, help="optimiser steps (default 6000; ~1.3 s each on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=6000,
+                   help="optimiser steps (default 6000; ~1.3 s each on 2 CPU cores)")
     p.add_argument("--batch", type=int, default=32, help="images per step (default 32)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate; cosine decay to a tenth of it at the end (default 1e-3)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak AdamW learning rate; cosine decay to a tenth of it at the end (default 1e-3)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps (default 200)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights (default 0.999)")
-    p.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions, for classifier-free guidance (default 0.1)")
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="share of empty captions, for classifier-free guidance (default 0.1)")
     p.add_argument("--two-object-prob", type=float, default=0.5, help="share of two-object scenes (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the scenes, noise and timesteps (use a new one when continuing)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the scenes, noise and timesteps (use a new one when continuing)")
     p.add_argument("--log-every", type=int, default=50, help="steps between loss log lines")
     p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (each overwrites --out)")
     p.add_argument("--size", type=int, default=world.IMAGE_SIZE, choices=(64, 128),
@@ -235,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--init-from", metavar="DIR", help="start from this checkpoint (e.g. the shipped weights)")
     p.add_argument("--config-overrides", default="", help="JSON dict of transformer config overrides (tests)")
-    p.add_argument("--out", default=str(WEIGHTS_DIR), help="checkpoint directory (default: the package's embedded weights)")
+    p.add_argument("--out", default=str(WEIGHTS_DIR),
+                   help="checkpoint directory (default: the package's embedded weights)")
     p.add_argument("--quiet", action="store_true", help="JSON log lines instead of a progress bar")
     return p
 
