@@ -28,7 +28,7 @@ from safe_dit.embedded import video_world
 from safe_dit.embedded.model import load_text_encoder
 from safe_dit.embedded.train import lr_at
 from safe_dit.embedded.video_model import TEXT_TOKENS, VIDEO_WEIGHTS_DIR, build_video_transformer, encode_prompts
-from safe_dit.environment import environment
+from safe_dit.inspection.environment import environment
 
 RESUME_FILE = "resume.pt"
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
