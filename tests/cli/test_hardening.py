@@ -89,7 +89,8 @@ def test_files_of_one_run_appear_together_and_the_json_names_the_images(tmp_path
 def test_sigterm_leaves_no_temporary_file_and_no_partial_set(tmp_path):
     out = tmp_path / "img.png"
     proc = subprocess.Popen([sys.executable, "-m", "safe_dit.cli", "generate", PROMPT, "--model", "tiny-random",
-                             "--steps", "100000", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--steps", "100000", "--progress", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen, deadline = b"", time.monotonic() + 120
     while b"it/s" not in seen and time.monotonic() < deadline:  # inside the sampling loop: the progress bar runs
         seen += proc.stderr.read1(4096)

@@ -219,10 +219,11 @@ class HunyuanVideoAdapter(Adapter):
 
         handle.on_remove(undo)
 
-        def true_cfg(_model, _args, _kwargs):  # before the step tracker, at a pipeline call's first transformer call
+        # first of all pre-hooks, so a forward refused by a later one (a step cache) still closes this call's count
+        def true_cfg(_model, _args, _kwargs):  # at a pipeline call's first transformer call
             scheduler = getattr(pipe, "scheduler", None)
             if not runtime.explicit_generation and scheduler is not None and scheduler.step_index is None \
                     and encoded[0]:
                 runtime.pipeline_cfg, encoded[0] = encoded[0] >= 2, 0
 
-        return hooks + [model.register_forward_pre_hook(true_cfg, with_kwargs=True)]
+        return hooks + [model.register_forward_pre_hook(true_cfg, with_kwargs=True, prepend=True)]

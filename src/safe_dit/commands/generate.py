@@ -110,6 +110,8 @@ def configure_parser(p) -> None:
     p.add_argument("--json", metavar="PATH", default=None,
                    help="where the JSON summary goes: '-' prints it to stdout instead of a file (None: NAME.json "
                         "beside the image)")
+    p.add_argument("--progress", action="store_true",
+                   help="show the sampling progress bar even when stderr is not a terminal (a log file, a pipe)")
     add_parallel_argument(p)
     p.set_defaults(func=run)
 
@@ -237,7 +239,7 @@ def run(args) -> int:
     if video:
         kwargs["num_frames"] = args.frames
     # under torchrun every rank computes the same image; rank 0 alone shows progress (on a terminal) and writes files
-    pipe.set_progress_bar_config(disable=True if rank else None)
+    pipe.set_progress_bar_config(disable=True if rank else (False if args.progress else None))
     apply_safe_dit(pipe, config)
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
