@@ -250,13 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(parser: argparse.ArgumentParser, train_fn, argv: list[str] | None = None) -> int:
+    """A training command: parse ``argv`` (the process's by default), train, print the record's summary as JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     args.argv = argv
-    record = train(args)
+    record = train_fn(args)
     print(json.dumps({k: record[k] for k in ("steps", "train_seconds", "parameters")}))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), train, argv)
 
 
 if __name__ == "__main__":

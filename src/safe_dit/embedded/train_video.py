@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -209,12 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    record = train(args)
-    print(json.dumps({k: record[k] for k in ("steps", "train_seconds", "parameters")}))
-    return 0
+    from safe_dit.embedded.train import run_command  # the image trainer's command loop (its torch setup is shared)
+
+    return run_command(build_parser(), train, argv)
 
 
 if __name__ == "__main__":
