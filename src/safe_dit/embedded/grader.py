@@ -378,9 +378,9 @@ def grade(image, scene: world.Scene) -> dict[str, bool]:
     return g
 
 
-def accuracy(grades: list[dict]) -> dict[str, float]:
-    """Fraction of grades right per attribute (keys ``ATTRIBUTES`` and ``all``)."""
+def accuracy(grades: list[dict], attributes: tuple[str, ...] = ATTRIBUTES) -> dict[str, float]:
+    """Fraction of grades right per attribute (keys ``attributes``, by default this checker's, and ``all``)."""
     grades = list(grades)
     if not grades:
         raise SafeDitError("accuracy of an empty list of grades is undefined")
-    return {k: sum(bool(g[k]) for g in grades) / len(grades) for k in (*ATTRIBUTES, "all")}
+    return {k: sum(bool(g[k]) for g in grades) / len(grades) for k in (*attributes, "all")}

@@ -180,14 +180,7 @@ def train(args) -> dict:
         pred = model(hidden_states=xt, timestep=t, encoder_hidden_states=states, encoder_mask=mask,
                      image_rotary_emb=rope, cross_attention_kwargs=xattn, return_dict=False)[0][:, :3]
         loss = torch.nn.functional.mse_loss(pred, x0 - noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = args.ema if args.init_from else min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimise(loss, model, ema, opt, step, args.ema, warm=bool(args.init_from))
         running.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             entry = dict(step=step + 1, loss=float(np.mean(running)), seconds=time.perf_counter() - t0)
@@ -248,6 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint directory (default: the package's embedded weights)")
     p.add_argument("--quiet", action="store_true", help="JSON log lines instead of a progress bar")
     return p
+
+
+def optimise(loss: torch.Tensor, model: torch.nn.Module, ema: torch.nn.Module, opt, step: int, ema_decay: float,
+             warm: bool = False) -> None:
+    """One optimiser step (gradients clipped at 1) and the EMA update; a cold start ramps the EMA decay up from
+    1/10 (``warm``, continuing from a checkpoint: the full decay from the first step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    with torch.no_grad():
+        decay = ema_decay if warm else min(ema_decay, (1 + step) / (10 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
 
 
 def run_command(parser: argparse.ArgumentParser, train_fn, argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from safe_dit.embedded import video_world
 from safe_dit.embedded.model import load_text_encoder
-from safe_dit.embedded.train import lr_at
+from safe_dit.embedded.train import lr_at, optimise, run_command
 from safe_dit.embedded.video_model import TEXT_TOKENS, VIDEO_WEIGHTS_DIR, build_video_transformer, encode_prompts
 from safe_dit.inspection.environment import environment
 
@@ -146,14 +146,7 @@ def train(args) -> dict:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         pred = model(hidden_states=xt, timestep=sigma * 1000.0, encoder_hidden_states=states, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = args.ema if args.init_from else min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimise(loss, model, ema, opt, step, args.ema, warm=bool(args.init_from))
         running.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             now = time.perf_counter()
@@ -208,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safe_dit.embedded.train import run_command  # the image trainer's command loop (its torch setup is shared)
-
     return run_command(build_parser(), train, argv)
 
 

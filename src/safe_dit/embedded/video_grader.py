@@ -288,8 +288,6 @@ def grade(video, scene: video_world.VideoScene) -> dict[str, bool]:
 
 
 def accuracy(grades: list[dict]) -> dict[str, float]:
-    """Fraction of grades right per attribute (keys ``ATTRIBUTES`` and ``all``)."""
-    grades = list(grades)
-    if not grades:
-        raise SafeDitError("accuracy of an empty list of grades is undefined")
-    return {k: sum(bool(g[k]) for g in grades) / len(grades) for k in (*ATTRIBUTES, "all")}
+    """Fraction of grades right per attribute (keys ``ATTRIBUTES`` and ``all``): the image checker's average over
+    this checker's attributes."""
+    return grader.accuracy(grades, ATTRIBUTES)
