@@ -6,27 +6,21 @@ cd "$(dirname "$0")/.."
 out=benchmarks/results
 mkdir -p "$out"
 tag=${TAG:-cpu}
-if [ "${1:-}" = "pareto" ]; then  # only step 8 (e.g. after the embedded model's weights change)
-  exec safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
-    --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
+# Step 8 alone: the full Pareto of one embedded model (every safe-dit setting, the ablations, every peer
+# including cache-dit with the peers extra, step reduction; 2 timed calls per setting at 4096 tokens).
+# 64: 30 prompts, ~45 min; 128: 20 prompts, ~60 min; on a quiet 2-core machine.
+if [ "${1:-}" = "pareto" ]; then
+  exec safe-dit pareto --threads 2 --scaled-repeats 2 --no-progress --json "$out/pareto-$tag.json" \
+    --plot "$out/pareto-$tag.png" --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
 fi
-if [ "${1:-}" = "pareto-128" ]; then  # the same on the 1024-token model: 20 prompts, no ablations, 2 threads (~45 min)
-  exec safe-dit pareto --size 128 --single 12 --two 8 --families safe-dit peer steps --threads 2 --no-progress \
-    --json "$out/pareto-$tag-128.json" --plot "$out/pareto-$tag-128.png" > "$out/pareto-$tag-128.txt"
-fi
-if [ "${1:-}" = "pareto-128-safe-dit" ]; then  # the 1024-token model: safe-dit settings and SeaCache only, 2 timed calls each
-  exec safe-dit pareto --size 128 --single 12 --two 8 --families safe-dit peer --peers sea-cache --scaled-repeats 2 \
-    --threads 2 --no-progress --json "$out/pareto-$tag-128-safe-dit.json" --plot "$out/pareto-$tag-128-safe-dit.png" \
-    > "$out/pareto-$tag-128-safe-dit.txt"
-fi
-if [ "${1:-}" = "pareto-safe-dit" ]; then  # the safe-dit settings of step 8 (dense, dense-fp, the safe-core sweep) and SeaCache, 2 timed calls each
-  exec safe-dit pareto --threads 1 --no-progress --families safe-dit peer --peers sea-cache --scaled-repeats 2 \
-    --json "$out/pareto-$tag-safe-dit.json" \
-    --plot "$out/pareto-$tag-safe-dit.png" > "$out/pareto-$tag-safe-dit.txt"
+if [ "${1:-}" = "pareto-128" ]; then
+  exec safe-dit pareto --size 128 --single 12 --two 8 --threads 2 --scaled-repeats 2 --no-progress \
+    --json "$out/pareto-$tag-128.json" --plot "$out/pareto-$tag-128.png" \
+    --ablation-plot "$out/ablation-$tag-128.png" > "$out/pareto-$tag-128.txt"
 fi
 if [ "${1:-}" = "pareto-quality" ]; then  # step 8's quality part only, keeping its random-weight timings
   [ -f "$out/pareto-timed-$tag.json" ] || cp "$out/pareto-$tag.json" "$out/pareto-timed-$tag.json"
-  exec safe-dit pareto --threads 1 --no-progress --scaled-from "$out/pareto-timed-$tag.json" \
+  exec safe-dit pareto --threads 2 --no-progress --scaled-from "$out/pareto-timed-$tag.json" \
     --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" --ablation-plot "$out/ablation-$tag.png" \
     > "$out/pareto-$tag.txt"
 fi
@@ -72,10 +66,9 @@ safe-dit bench e2e --model flux --no-progress --tokens 9216 --layers 1 --heads 1
   --modes safe-core --time-up-to 9216 \
   --json "$out/e2e-$tag-flux-9216.json" --plot "$out/e2e-$tag-flux-9216.png" > "$out/e2e-$tag-flux-9216.txt"
 python "$(dirname "$0")/summarize_backbones.py" "$out"/e2e-$tag*.json --plot "$out/backbones-$tag.png" > "$out/backbones-$tag.md"
-# 8. Speed-quality Pareto vs diffusers' cache hooks and step reduction, with SAFE-Core ablations:
-#    30 fixed prompts x 32 settings x 30 steps on the embedded model, then latency only at 4096 tokens
-#    of every setting
-#    (random-weight Lumina-Next, head dim 72, 2 blocks x 288 wide). One torch thread: steadier ratios
-#    on a shared machine. Also runnable alone: benchmarks/run_cpu.sh pareto
-safe-dit pareto --threads 1 --no-progress --json "$out/pareto-$tag.json" --plot "$out/pareto-$tag.png" \
-  --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"
+# 8. Speed-quality Pareto vs diffusers' cache hooks, cache-dit and step reduction, with SAFE-Core ablations:
+#    30 fixed prompts x every setting x 30 steps on the embedded model, then latency only at 4096 tokens
+#    of every setting (random-weight Lumina-Next, head dim 72, 2 blocks x 288 wide; median of 2 timed calls).
+#    Also runnable alone: benchmarks/run_cpu.sh pareto (and pareto-128 for the 1024-token model)
+safe-dit pareto --threads 2 --scaled-repeats 2 --no-progress --json "$out/pareto-$tag.json" \
+  --plot "$out/pareto-$tag.png" --ablation-plot "$out/ablation-$tag.png" > "$out/pareto-$tag.txt"

@@ -306,6 +306,42 @@ def test_a_switch_during_warm_up_keeps_accumulating_the_partition():
     assert report["steps"][:3] == ["warmup"] * 3 and report["sensitive_tokens"] == 18
 
 
+# -- video-to-video: a trajectory that starts part-way into the schedule -----------------------------------------
+
+def _v2v_run(pipe, strength=0.6):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (SIZE["width"], SIZE["height"]), (40 * i % 255, 90, 200 - 20 * i)) for i in range(9)]
+    out = pipe(video=frames, **_prompts(pipe), height=SIZE["height"], width=SIZE["width"], strength=strength,
+               num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="latent",
+               generator=torch.Generator().manual_seed(0))
+    return out.frames
+
+
+def test_video_to_video_plans_the_steps_it_runs():
+    """WanVideoToVideoPipeline (strength < 1) starts at the scheduler's begin_index: dense-fp is the stock
+    computation, keep 1 equals dense-fp, and safe-core plans exactly the steps that run (6 of 10 at strength 0.6),
+    warm-up first and the tail last."""
+    from diffusers import WanVideoToVideoPipeline
+
+    base = build_wan_pipeline()
+    pipe = WanVideoToVideoPipeline(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler,
+                                   transformer=base.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    dense = _v2v_run(pipe)
+    apply_safe_dit(pipe, SafeConfig("dense-fp"))
+    dense_fp = _v2v_run(pipe)
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=1.0, reuse_every=0, warmup_steps=2, anchor_interval=3))
+    keep_one = _v2v_run(pipe)
+    apply_safe_dit(pipe, SafeConfig("safe-core", keep_ratio=0.25, warmup_steps=2, anchor_interval=3))
+    core = _v2v_run(pipe)
+    report = runtime_of(pipe).last_report
+    remove_safe_dit(pipe)
+    assert _rel(dense_fp, dense) <= 1e-5 and _rel(keep_one, dense_fp) <= 1e-5
+    assert len(report["steps"]) == 6 and report["steps"][:2] == ["warmup"] * 2 and "selective" in report["steps"]
+    assert _rel(core, dense_fp) > 1e-3
+
+
 # -- what is refused -----------------------------------------------------------------------------------
 
 def test_image_to_video_is_refused_with_what_works():

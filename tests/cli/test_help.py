@@ -85,3 +85,5 @@ def test_every_option_has_help_and_shows_its_true_default_once(words):
             assert shown[0] == str(action.default), f"{name}: help says {shown[0]!r}, default {action.default!r}"
         if action.default is None:
             assert "(default" not in text.lower(), f"{name}: defaults to None but its help claims {text!r}"
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            assert "(default" not in text.lower(), f"{name}: a switch's help shows its stored default: {text!r}"

@@ -23,6 +23,9 @@ safe-core both calls follow one step plan and the prompt's partition (PCSP reads
 its own caches; safe-sw hands the pipeline an unconditional prediction u' = (u (1 - gamma_i) + c (gamma_i - g)) /
 (1 - g), so that its own u' + g (c - u') is the per-token guidance u + gamma_i (c - u).
 
+``WanVideoToVideoPipeline`` (a text prompt over a noised input video, ``strength`` < 1) runs in every mode: it
+starts at the scheduler's ``begin_index``, and the step plan covers the steps it runs.
+
 Refused: image-to-video (``WanImageToVideoPipeline``, models with ``image_dim``/``added_kv_proj_dim``,
 ``encoder_hidden_states_image``) in every fast-path mode; per-token timesteps (Wan 2.2 TI2V,
 ``expand_timesteps=True``) in the scheduled modes and under context parallelism. VACE

@@ -64,7 +64,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if "default" in text.lower() or "None:" in text or default is None or default is False or default == "" \
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if switch or "default" in text.lower() or "None:" in text or default is None or default == "" \
                 or default is argparse.SUPPRESS:
             return text
         if not action.option_strings and action.nargs not in ("?", "*"):

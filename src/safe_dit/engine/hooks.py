@@ -203,6 +203,7 @@ class StepTracker:
                 f"mode {rt.config.mode!r} needs the sampling schedule: apply safe-dit to the pipeline, or run the "
                 "transformer inside `with safe_dit.generation(transformer, num_steps=...)`")
         index, gen = scheduler.step_index, rt.generation
+        index = None if index is None else index - rt.step_offset
         more = gen is not None and gen.call + 1 < gen.calls_per_step  # a call of the current step is to come
         if index is None:  # the first step of a pipeline call
             t = _first_timestep(timestep)
@@ -211,7 +212,8 @@ class StepTracker:
             if gen is not None and gen.step == 0 and None not in (t, gen.first_timestep) and t != gen.first_timestep:
                 rt.generation = None
                 raise SafeDitError(NOT_ADVANCING)
-            gen = rt.generation = Generation(rt.config, len(scheduler.timesteps), rt.parallel)
+            rt.step_offset = _start_index(scheduler, t)
+            gen = rt.generation = Generation(rt.config, len(scheduler.timesteps) - rt.step_offset, rt.parallel)
             gen.first_timestep, rt.finished_step = t, None
             return gen, 0, False
         if more and index == gen.step:
@@ -228,6 +230,24 @@ class StepTracker:
                 "another pipeline that shares it): apply_safe_dit(that_pipeline, config), or run it inside "
                 "`with safe_dit.generation(transformer, num_steps=...)`")
         return gen, index, False
+
+
+def _start_index(scheduler, t) -> int:
+    """Where in ``scheduler.timesteps`` a pipeline call starts: 0, or later where it starts part-way into the
+    schedule (video-to-video, img2img at strength < 1): the scheduler's ``begin_index`` where the pipeline set it,
+    else the first timestep's position (how the scheduler finds its own step index)."""
+    begin = getattr(scheduler, "begin_index", None)
+    if begin is not None:
+        return int(begin)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if t is None or timesteps is None or not len(timesteps):
+        return 0
+    timesteps = torch.as_tensor(timesteps).float().cpu()
+    for scale in (1.0, 1000.0):  # pipelines pass the scheduler's timestep, or it / 1000 (FLUX, Qwen-Image, ...)
+        hits = torch.isclose(timesteps, torch.tensor(float(t) * scale), rtol=1e-6, atol=1e-4).nonzero()
+        if len(hits):
+            return int(hits[0])
+    return 0
 
 
 CALLED_AGAIN = ("mode {mode!r} needs one transformer call per sampling step, but this pipeline called it again at "

@@ -33,6 +33,7 @@ class Runtime:
         self.pipeline_cfg: bool | None = None  # the current pipeline call batches [cond; uncond] (its encode_prompt)
         self.explicit_cfg = False  # safe_dit.generation(..., cfg_batch=...)
         self.explicit_generation = False  # set by safe_dit.generation(...) for bare transformers
+        self.step_offset = 0  # where in the scheduler's timesteps the running pipeline call started
         self.finished_step: int | None = None  # the scheduler step a pipeline call's generation ended at
         self.last_report: dict | None = None
         self.last_sensitivity: torch.Tensor | None = None  # [B, N] map of the last generation
