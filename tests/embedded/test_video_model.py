@@ -150,8 +150,16 @@ def test_the_eval_helper_grades_every_prompt_of_a_seeded_set(checkpoint, tmp_pat
 
     out = tmp_path / "eval.json"
     assert video_eval.main(["--model", str(checkpoint[0]), "--single", "1", "--two", "1", "--steps", "1",
-                            "--seed", str(video_eval.HELD_OUT_SEED), "--json", str(out), "--record"]) == 0
+                            "--seed", str(video_eval.HELD_OUT_SEED), "--json", str(out), "--record",
+                            "--strip", str(tmp_path / "strip.png")]) == 0
     result = json.loads(out.read_text())
+    from PIL import Image
+
+    picture = np.asarray(Image.open(tmp_path / "strip.png").convert("RGB"))
+    frames, size = video_world.NUM_FRAMES, video_world.FRAME_SIZE
+    assert picture.shape == (2 * 2 * size * 3, frames * size * 3, 3)  # 2 prompts x (generated, world), 3x
+    truth = video_world.render(video_world.prompt_set(1, 1, video_eval.HELD_OUT_SEED)[0], None)
+    assert (picture[size * 3:size * 6:3, ::3] == np.concatenate(list(truth), axis=1)).all()
     assert [p["prompt"] for p in result["per_prompt"]] == [
         video_world.caption(s) for s in video_world.prompt_set(1, 1, video_eval.HELD_OUT_SEED)]
     assert set(result["accuracy"]) == {*video_eval.video_grader.ATTRIBUTES, "all"}

@@ -60,6 +60,18 @@ def evaluate(pipe, scenes: list[video_world.VideoScene], seed: int, steps: int =
     return result, videos
 
 
+def strip(videos: list[np.ndarray], scenes: list[video_world.VideoScene], scale: int = 3):
+    """A PIL image: for each scene its generated frames in a row and, below, the world's render of it."""
+    from PIL import Image
+
+    rows = []
+    for video, scene in zip(videos, scenes):
+        truth = video_world.render(scene, None, frames=len(video), size=video.shape[1])
+        rows += [np.concatenate(list(video), axis=1), np.concatenate(list(truth), axis=1)]
+    picture = np.concatenate(rows, axis=0)
+    return Image.fromarray(picture).resize((picture.shape[1] * scale, picture.shape[0] * scale), Image.NEAREST)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Grade a moving-shapes video checkpoint with the checker.")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded video model)")
@@ -72,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=GUIDANCE, help=f"CFG scale (default {GUIDANCE})")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--save-videos", metavar="NPZ", help="also save the generated videos (uint8) to this .npz")
+    p.add_argument("--strip", metavar="PNG",
+                   help="also write a picture: per prompt, the generated frames left to right, and under them the "
+                        "world's own render of the prompt (a fixed draw of its lanes), scaled 3x")
     p.add_argument("--json", metavar="PATH", help="write the result here as JSON (default: stdout only)")
     p.add_argument("--record", action="store_true",
                    help="add the summary to the checkpoint's training.json under 'evaluations' (the model card; "
@@ -91,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_videos:
         np.savez_compressed(args.save_videos, videos=np.stack(videos),
                             prompts=np.array([video_world.caption(s) for s in scenes]))
+    if args.strip:
+        strip(videos, scenes).save(args.strip)
     text = json.dumps(result, indent=2)
     if args.json:
         with open(args.json, "w") as f:
